@@ -1,0 +1,134 @@
+"""Configuration of F-LMM: which frozen LMM and SAM to attach, and the shapes of the trained head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+DEFAULT_SAM = "facebook/sam-vit-large"
+
+
+def _as_dict(config: PreTrainedConfig | dict | None) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    return config.to_dict()
+
+
+class FLMMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`FLMMForGrounding`]. The frozen parts (the LMM and SAM) are *referenced*
+    by name and revision, like a PEFT adapter references its base model; their configs are kept
+    too so that the head's shapes are known without loading them.
+
+    Args:
+        lmm_name_or_path (`str`, *optional*):
+            Hub id or local folder of the frozen image-text-to-text model. `None` when the LMM was
+            built from `lmm_config` only (tests, the offline demo).
+        lmm_revision (`str`, *optional*):
+            Revision (branch, tag or commit) of `lmm_name_or_path`.
+        lmm_config (`dict` or `PreTrainedConfig`, *optional*):
+            The LMM's own config. Required: every shape of the head derives from it.
+        use_sam (`bool`, *optional*, defaults to `True`):
+            Whether to refine the coarse masks with the SAM refiner (method.md 3.6).
+        sam_name_or_path (`str`, *optional*, defaults to `"facebook/sam-vit-large"`):
+            Hub id or local folder of the SAM checkpoint (the paper uses SAM ViT-L).
+        sam_revision (`str`, *optional*):
+            Revision of `sam_name_or_path`.
+        sam_config (`dict` or `SamConfig`, *optional*):
+            SAM's config; required when `use_sam=True`.
+        attention_layers (`list[int]`, *optional*):
+            Decoder layers whose attention feeds the head. `None` = all layers (the paper).
+        merge (`str`, *optional*, defaults to `"mean"`):
+            How the attention rows of a phrase's tokens are merged: `"mean"` (the paper) or `"max"`.
+        num_grids (`int`, *optional*, defaults to 1):
+            Image-token grids per image whose maps are stacked as channels (2 for LLaVA-NeXT and
+            tiled backbones; set from the backbone's layout by `FLMMForGrounding.from_lmm`).
+        mask_head_channels (`int`, *optional*, defaults to 64):
+            Width of the first U-Net stage; later stages double it.
+        mask_head_stages (`int`, *optional*, defaults to 4):
+            Number of U-Net encoder stages.
+        mode (`str`, *optional*, defaults to `"reproduction"`):
+            `"reproduction"`: the original prompt and letterbox preprocessing (converted F-LMM
+            checkpoints); `"native"`: the backbone's own processor and chat template.
+        save_mode (`str`, *optional*, defaults to `"adapter"`):
+            `"adapter"` saves only trained weights and re-attaches the frozen parts by name on
+            load; `"full"` bundles every weight for offline use.
+    """
+
+    model_type = "flmm"
+
+    def __init__(
+        self,
+        lmm_name_or_path: str | None = None,
+        lmm_revision: str | None = None,
+        lmm_config: PreTrainedConfig | dict | None = None,
+        use_sam: bool = True,
+        sam_name_or_path: str | None = DEFAULT_SAM,
+        sam_revision: str | None = None,
+        sam_config: PreTrainedConfig | dict | None = None,
+        attention_layers: list[int] | None = None,
+        merge: str = "mean",
+        num_grids: int = 1,
+        mask_head_channels: int = 64,
+        mask_head_stages: int = 4,
+        mode: str = "reproduction",
+        save_mode: str = "adapter",
+        **kwargs: Any,
+    ):
+        if merge not in ("mean", "max"):
+            raise ValueError(f"merge must be 'mean' or 'max', got {merge!r}")
+        if mode not in ("reproduction", "native"):
+            raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
+        if save_mode not in ("adapter", "full"):
+            raise ValueError(f"save_mode must be 'adapter' or 'full', got {save_mode!r}")
+        self.lmm_name_or_path = lmm_name_or_path
+        self.lmm_revision = lmm_revision
+        self.lmm_config = _as_dict(lmm_config)
+        self.use_sam = use_sam
+        self.sam_name_or_path = sam_name_or_path
+        self.sam_revision = sam_revision
+        self.sam_config = _as_dict(sam_config)
+        self.attention_layers = list(attention_layers) if attention_layers is not None else None
+        self.merge = merge
+        self.num_grids = num_grids
+        self.mask_head_channels = mask_head_channels
+        self.mask_head_stages = mask_head_stages
+        self.mode = mode
+        self.save_mode = save_mode
+        super().__init__(**kwargs)
+
+    # ---- derived shapes -------------------------------------------------------------------
+    def get_lmm_config(self) -> PreTrainedConfig:
+        """The frozen LMM's config as a `PreTrainedConfig` instance."""
+        if self.lmm_config is None:
+            raise ValueError("FLMMConfig.lmm_config is not set: build the model with FLMMForGrounding.from_lmm(...)")
+        config = dict(self.lmm_config)
+        return AutoConfig.for_model(config.pop("model_type"), **config)
+
+    def get_sam_config(self) -> PreTrainedConfig:
+        """SAM's config as a `SamConfig`."""
+        if self.sam_config is None:
+            raise ValueError("FLMMConfig.sam_config is not set although use_sam=True")
+        config = dict(self.sam_config)
+        return AutoConfig.for_model(config.pop("model_type", "sam"), **config)
+
+    @property
+    def num_text_layers(self) -> int:
+        return self.get_lmm_config().get_text_config(decoder=True).num_hidden_layers
+
+    @property
+    def selected_layers(self) -> list[int]:
+        """Indices of the decoder layers whose attention is captured."""
+        n = self.num_text_layers
+        layers = list(range(n)) if self.attention_layers is None else list(self.attention_layers)
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"attention_layers {bad} out of range for an LMM with {n} decoder layers")
+        return [i % n for i in layers]
+
+    @property
+    def mask_head_in_channels(self) -> int:
+        """Channels the U-Net receives: grids x captured layers x attention heads (layer-major)."""
+        heads = self.get_lmm_config().get_text_config(decoder=True).num_attention_heads
+        return self.num_grids * len(self.selected_layers) * heads
