@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Build a RefCOCO / RefCOCO+ / RefCOCOg Parquet dataset (with a dataset card) from the original files.
+
+Inputs are the files of the original releases (https://github.com/lichengunc/refer):
+``instances.json`` (COCO-style images + annotations with polygons), ``refs(unc).p`` or
+``refs(umd).p`` (the refs, a Python 2 pickle, read with a restricted unpickler) and the COCO
+train2014 image folder. Output: ``<output-dir>/data/<split>-NNNNN.parquet`` with one row per ref
+(image, ids, category, all sentences, bbox, instance mask as COCO RLE), ``README.md`` and
+``build_summary.json``. Load it with ``datasets.load_dataset(<output-dir>)``.
+
+Example::
+
+    python dataset_scripts/build_refcoco.py --dataset refcoco \\
+        --instances data/refcoco/instances.json --refs "data/refcoco/refs(unc).p" \\
+        --image-dir data/coco/train2014 --output-dir build/refcoco
+
+Re-running resumes: refs already in finished shards are not written again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image as PILImage
+from tqdm.auto import tqdm
+
+from flmm_hf.datasets_io import (
+    BuildSummary,
+    ShardedParquetWriter,
+    image_cell,
+    load_refs_pickle,
+    push_folder_to_hub,
+    refcoco_features,
+    segmentation_to_rle,
+    split_num_rows,
+    write_dataset_card,
+)
+
+logger = logging.getLogger("build_refcoco")
+
+SPLIT_ORDER = ["train", "val", "testA", "testB", "test"]
+PRETTY = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
+CITATIONS = {
+    "refcoco": """@inproceedings{kazemzadeh2014referitgame,
+  title={ReferItGame: Referring to Objects in Photographs of Natural Scenes},
+  author={Kazemzadeh, Sahar and Ordonez, Vicente and Matten, Mark and Berg, Tamara},
+  booktitle={EMNLP}, year={2014}}
+@inproceedings{yu2016modeling,
+  title={Modeling Context in Referring Expressions},
+  author={Yu, Licheng and Poirson, Patrick and Yang, Shan and Berg, Alexander C and Berg, Tamara L},
+  booktitle={ECCV}, year={2016}}""",
+    "refcocog": """@inproceedings{mao2016generation,
+  title={Generation and Comprehension of Unambiguous Object Descriptions},
+  author={Mao, Junhua and Huang, Jonathan and Toshev, Alexander and Camburu, Oana and Yuille, Alan L and Murphy, Kevin},
+  booktitle={CVPR}, year={2016}}
+@inproceedings{nagaraja2016modeling,
+  title={Modeling Context Between Objects for Referring Expression Understanding},
+  author={Nagaraja, Varun K and Morariu, Vlad I and Davis, Larry S},
+  booktitle={ECCV}, year={2016}}""",
+}
+CITATIONS["refcoco+"] = CITATIONS["refcoco"]
+COCO_CITATION = """@inproceedings{lin2014microsoft,
+  title={Microsoft COCO: Common Objects in Context},
+  author={Lin, Tsung-Yi and others}, booktitle={ECCV}, year={2014}}"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=sorted(PRETTY))
+    p.add_argument("--instances", required=True, type=Path, help="instances.json of the variant")
+    p.add_argument("--refs", required=True, type=Path, help="refs(unc).p / refs(umd).p")
+    p.add_argument("--image-dir", required=True, type=Path, help="COCO train2014 images")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--split", default=None, help="build only this split (default: all in the refs file)")
+    p.add_argument("--max-samples", type=int, default=None, help="at most N rows per split")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload to this Hub dataset repo")
+    p.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
+    p.add_argument("--max-rows-per-shard", type=int, default=5000)
+    p.add_argument("--max-shard-mb", type=float, default=256.0)
+    p.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> BuildSummary:
+    """Convert the files named in ``args``; returns the summary (also saved and printed)."""
+    if args.overwrite and args.output_dir.exists():
+        shutil.rmtree(args.output_dir)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    summary = BuildSummary()
+
+    instances = json.loads(args.instances.read_text())
+    images = {img["id"]: img for img in instances["images"]}
+    anns = {ann["id"]: ann for ann in instances["annotations"]}
+    categories = {c["id"]: c["name"] for c in instances.get("categories", [])}
+    refs = load_refs_pickle(args.refs)
+
+    # Group refs by split, keeping file order (deterministic output, so resuming is well defined).
+    by_split: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for ref in refs:
+        split = str(ref.get("split", "train"))
+        if args.split is None or split == args.split:
+            by_split.setdefault(split, []).append(ref)
+    if args.split is not None and not by_split:
+        summary.skip("requested split not in refs file", f"split {args.split!r}")
+
+    features = refcoco_features()
+    sizes_checked: dict[int, str | None] = {}  # image id -> error (None = fine), checked once
+    for split, split_refs in by_split.items():
+        writer = ShardedParquetWriter(
+            args.output_dir, split, features, key_column="ref_id",
+            max_rows_per_shard=args.max_rows_per_shard,
+            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+        )
+        summary.already_present[split] = len(writer.existing_keys)
+        budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
+        with writer:
+            for ref in tqdm(split_refs, desc=f"{args.dataset} {split}", unit="ref"):
+                if budget is not None and writer.num_new >= budget:
+                    break
+                ref_id = int(ref["ref_id"])
+                if writer.has(ref_id):
+                    continue
+                row = _ref_to_row(ref, images, anns, categories, args, summary, sizes_checked)
+                if row is not None:
+                    writer.write(row)
+        summary.written[split] = writer.rows_written
+
+    write_dataset_card(
+        args.output_dir,
+        pretty_name=f"{PRETTY[args.dataset]} (referring expression segmentation, Parquet)",
+        features=features,
+        description=(
+            f"{PRETTY[args.dataset]} converted from the original `instances.json` and refs pickle of "
+            "https://github.com/lichengunc/refer. One row per referred object (ref): the COCO train2014 "
+            "image, image/ref/annotation ids, category, all referring sentences (`sentences`: the "
+            "tokenised `sent` strings; `raw_sentences`: the annotators' raw text), the COCO xywh `bbox` "
+            "and the instance `mask` as COCO RLE. Images keep their Flickr licences; annotations are "
+            "CC BY 4.0 (COCO); the RefCOCO releases carry no licence file of their own."
+        ),
+        license="cc-by-4.0",
+        citation=CITATIONS[args.dataset] + "\n" + COCO_CITATION,
+        build_command=" ".join(shlex.quote(a) for a in ["python", "dataset_scripts/build_refcoco.py", *args.argv]),
+        summary=summary,
+        split_order=SPLIT_ORDER,
+    )
+    summary.save(args.output_dir)
+    return summary
+
+
+def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, sizes_checked) -> dict | None:
+    """One ref -> one row, or None (with the reason recorded) when its data are incomplete."""
+    ref_id, ann_id, image_id = int(ref["ref_id"]), ref.get("ann_id"), int(ref["image_id"])
+    what = f"ref {ref_id} (image {image_id}, ann {ann_id})"
+    image = images.get(image_id)
+    if image is None:
+        summary.skip("image id not in instances.json", what)
+        return None
+    ann = anns.get(ann_id)
+    if ann is None:
+        summary.skip("ann id not in instances.json", what)
+        return None
+    sentences = [s for s in ref.get("sentences", []) if str(s.get("sent", "")).strip()]
+    if not sentences:
+        summary.skip("ref without sentences", what)
+        return None
+    path = args.image_dir / image["file_name"]
+    height, width = int(image["height"]), int(image["width"])
+    if image_id not in sizes_checked:
+        sizes_checked[image_id] = _check_image(path, height, width)
+    if sizes_checked[image_id] is not None:
+        summary.skip(sizes_checked[image_id], f"{what}: {path.name}")
+        return None
+    try:
+        rle = segmentation_to_rle(ann["segmentation"], height, width)
+    except (ValueError, KeyError, TypeError) as err:
+        summary.skip("bad segmentation", f"{what}: {err}")
+        return None
+    return {
+        "image": image_cell(path, embed=not args.no_embed_images),
+        "image_id": image_id,
+        "file_name": image["file_name"],
+        "height": height,
+        "width": width,
+        "ref_id": ref_id,
+        "ann_id": int(ann_id),
+        "category_id": int(ref.get("category_id", ann.get("category_id", -1))),
+        "category": categories.get(ref.get("category_id", ann.get("category_id")), ""),
+        "sentences": [str(s["sent"]) for s in sentences],
+        # Sources without raw text (e.g. re-exported refs) fall back to the tokenised sentence.
+        "raw_sentences": [str(s.get("raw", s["sent"])) for s in sentences],
+        "sent_ids": [int(s.get("sent_id", -1)) for s in sentences],
+        "bbox": [float(v) for v in ann["bbox"]],
+        "mask": rle,
+    }
+
+
+def _check_image(path: Path, height: int, width: int) -> str | None:
+    """None if the image exists, opens and has the annotated size; else the skip reason."""
+    if not path.is_file():
+        return "image file missing"
+    try:
+        with PILImage.open(path) as im:  # reads the header only
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - any decode failure means the file is unusable
+        return "image file unreadable"
+    if (h, w) != (height, width):
+        return "image size differs from annotation"
+    return None
+
+
+def main(argv: list[str] | None = None) -> BuildSummary:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    summary = build(args)
+    print(summary.report())
+    print({k: v for k, v in split_num_rows(args.output_dir).items()})
+    if args.push_to_hub:
+        print("pushed to", push_folder_to_hub(args.output_dir, args.push_to_hub))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""From dataset rows to model inputs: the row transform, RefCOCO grouping helpers and the collator.
+
+The transform (:class:`FLMMTransform`) turns one row into the processor's per-example inputs:
+
+- ``image``: PIL RGB image; ``text``: the answer text; ``phrases``: ``[start, end)`` character
+  spans of the grounded phrases in ``text`` (``text[start:end]`` is exactly the expression or
+  utterance, without surrounding spaces); ``masks``: ``BoolTensor [K, H, W]`` at the original
+  image size; ``plural`` / ``isthing``: one bool per phrase (PNG metrics; RefCOCO refs are
+  singular things); ``image_id``.
+
+Row kinds (detected from the columns):
+
+- PNG row (``caption`` + ``segments``): the answer is the caption; every segment with
+  ``segment_ids`` is a phrase (method.md section 2).
+- RefCOCO row grouped by image (``ref_ids``, see :func:`group_refs_by_image`): the reference
+  "concat" prompt: the expressions of all refs of the image, each followed by ``"."``,
+  joined by a space (``"man texting. guy on right."``), as the original tokenises each
+  expression and appends the ``.`` token.
+- RefCOCO row with one ref (``ref_id``, the Parquet layout): one expression per example,
+  also followed by ``"."``. :func:`explode_sentences` gives one row per sentence (RES evaluation).
+
+Sentence choice per ref: a random one in training (``train=True``, seeded and reproducible,
+a fresh draw each time the row is read, different per DataLoader worker and epoch) and the
+first one in evaluation. By default, as in the original (mmdet's RefCocoDataset), the
+annotators' ``raw`` sentence lower-cased is used; ``sentence_field="sentences"`` picks the
+tokenised ``sent`` strings instead.
+
+Use with ``datasets``::
+
+    ds = load_dataset(folder)["train"]
+    ds = group_refs_by_image(ds)                      # concat mode (RefCOCO)
+    ds.set_transform(FLMMTransform(train=True))       # batched dict-of-lists in, dict-of-lists out
+    collator = FLMMCollator(processor)                # calls the processor on the whole batch
+    Trainer(..., train_dataset=ds, data_collator=collator,
+            args=TrainingArguments(..., remove_unused_columns=False))
+
+``remove_unused_columns=False`` is required: the Trainer would otherwise drop every dataset
+column not named in ``forward`` (``image``, ``sentences``, ...) before the transform runs.
+The collator returns exactly the processor's output (the model's forward inputs), plus any
+``extra_keys`` asked for (for evaluation).
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .datasets_io import rle_feature, rle_to_mask
+
+EXAMPLE_KEYS = ("image", "text", "phrases", "masks", "plural", "isthing", "image_id")
+
+
+# --------------------------------------------------------------------------------------
+# Dataset-level helpers
+# --------------------------------------------------------------------------------------
+def grouped_refcoco_features():
+    """Features of a RefCOCO row grouped by image (one row per image, lists over its refs)."""
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "image": Image(),
+            "image_id": Value("int64"),
+            "file_name": Value("string"),
+            "height": Value("int32"),
+            "width": Value("int32"),
+            "ref_ids": List(Value("int64")),
+            "ann_ids": List(Value("int64")),
+            "category_ids": List(Value("int64")),
+            "categories": List(Value("string")),
+            "sentences": List(List(Value("string"))),
+            "raw_sentences": List(List(Value("string"))),
+            "bboxes": List(List(Value("float64"), length=4)),
+            "masks": List(rle_feature()),
+        }
+    )
+
+
+def group_refs_by_image(dataset, cache_dir: str | None = None, keep_in_memory: bool = False):
+    """Per-ref RefCOCO rows -> one row per image with all its refs (the "concat" prompt mode).
+
+    Images are passed through as stored bytes (no re-encoding). Image order follows the first
+    appearance in ``dataset``; refs keep their order. Written with ``Dataset.from_generator``
+    (cached like any ``datasets`` result, in ``cache_dir`` if given).
+    """
+    from datasets import Dataset, Image
+
+    src = dataset.cast_column("image", Image(decode=False))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, image_id in enumerate(src["image_id"]):
+        groups[int(image_id)].append(i)
+    index_lists = list(groups.values())
+
+    def gen(index_lists: list[list[int]]):
+        for idxs in index_lists:
+            rows = src[idxs]
+            yield {
+                "image": rows["image"][0],
+                "image_id": rows["image_id"][0],
+                "file_name": rows["file_name"][0],
+                "height": rows["height"][0],
+                "width": rows["width"][0],
+                "ref_ids": rows["ref_id"],
+                "ann_ids": rows["ann_id"],
+                "category_ids": rows["category_id"],
+                "categories": rows["category"],
+                "sentences": rows["sentences"],
+                "raw_sentences": rows["raw_sentences"],
+                "bboxes": rows["bbox"],
+                "masks": rows["mask"],
+            }
+
+    return Dataset.from_generator(
+        gen,
+        features=grouped_refcoco_features(),
+        gen_kwargs={"index_lists": index_lists},
+        cache_dir=cache_dir,
+        keep_in_memory=keep_in_memory,
+        # the fingerprint of the source makes the cache specific to this dataset
+        config_name=f"grouped-{dataset._fingerprint}",
+    )
+
+
+def explode_sentences(dataset):
+    """Per-ref RefCOCO rows -> one row per sentence (each row keeps a single sentence).
+
+    RES benchmarks score every sentence; evaluate such rows with ``FLMMTransform(train=False)``.
+    """
+    from datasets import Image
+
+    src = dataset.cast_column("image", Image(decode=False))
+    per_sentence = ("sentences", "raw_sentences", "sent_ids")
+
+    def explode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in batch}
+        for i in range(len(batch["ref_id"])):
+            for j in range(len(batch["sentences"][i])):
+                for k in batch:
+                    out[k].append([batch[k][i][j]] if k in per_sentence else batch[k][i])
+        return out
+
+    return src.map(explode, batched=True).cast_column("image", Image())
+
+
+# --------------------------------------------------------------------------------------
+# Row -> example
+# --------------------------------------------------------------------------------------
+def _decode_masks(rles: Sequence[dict], height: int, width: int) -> torch.Tensor:
+    """RLEs -> BoolTensor [K, H, W]; every RLE must have the image's size."""
+    masks = []
+    for rle in rles:
+        if [int(s) for s in rle["size"]] != [height, width]:
+            raise ValueError(f"mask size {list(rle['size'])} != image size {[height, width]}")
+        masks.append(rle_to_mask(rle))
+    if not masks:
+        return torch.zeros(0, height, width, dtype=torch.bool)
+    return torch.from_numpy(np.stack(masks))
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """Shrink [start, end) so that it neither starts nor ends with whitespace."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def build_concat_answer(expressions: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """``["a b", "c"]`` -> ``("a b. c.", [(0, 3), (5, 6)])``: each expression followed by ``.``."""
+    parts, spans, pos = [], [], 0
+    for k, expr in enumerate(expressions):
+        if k:
+            parts.append(" ")
+            pos += 1
+        spans.append((pos, pos + len(expr)))
+        parts.append(expr + ".")
+        pos += len(expr) + 1
+    return "".join(parts), spans
+
+
+class FLMMTransform:
+    """Row(s) -> model-input examples; usable as ``datasets`` ``set_transform``/``with_transform``.
+
+    Args:
+        train: random sentence per ref (True) or the first one (False).
+        seed: base seed of the sentence draws.
+        sentence_field: ``"raw_sentences"`` (lower-cased, as the original) or ``"sentences"``.
+    """
+
+    def __init__(self, train: bool = False, seed: int = 0, sentence_field: str = "raw_sentences") -> None:
+        if sentence_field not in ("raw_sentences", "sentences"):
+            raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {sentence_field!r}")
+        self.train = train
+        self.seed = seed
+        self.sentence_field = sentence_field
+        self._draws: dict[Any, int] = defaultdict(int)
+
+    # -- datasets entry point ----------------------------------------------------------
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """Batched dict of lists -> dict of lists with :data:`EXAMPLE_KEYS`."""
+        n = len(next(iter(batch.values())))
+        examples = [self.example({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        return {k: [ex[k] for ex in examples] for k in EXAMPLE_KEYS}
+
+    # -- one row -----------------------------------------------------------------------
+    def example(self, row: dict) -> dict:
+        """One decoded row -> one example dict (see the module docstring)."""
+        image = row["image"]
+        if not hasattr(image, "convert"):  # undecoded {"bytes", "path"} (e.g. Image(decode=False))
+            from datasets import Image as ImageFeature
+
+            image = ImageFeature().decode_example(image)
+        image = image.convert("RGB")
+        height, width = image.height, image.width
+        if "segments" in row:
+            return self._png_example(row, image)
+        if "ref_ids" in row:
+            keys = [int(r) for r in row["ref_ids"]]
+            sentences = row[self.sentence_field] if self.sentence_field in row else row["sentences"]
+            rles = row["masks"]
+        elif "ref_id" in row:
+            keys = [int(row["ref_id"])]
+            sentences = [row[self.sentence_field] if self.sentence_field in row else row["sentences"]]
+            rles = [row["mask"]]
+        else:
+            raise ValueError(f"unknown row layout with columns {sorted(row)}")
+        expressions = [self._choose(key, sents) for key, sents in zip(keys, sentences)]
+        text, phrases = build_concat_answer(expressions)
+        k = len(phrases)
+        return {
+            "image": image,
+            "text": text,
+            "phrases": [list(p) for p in phrases],
+            "masks": _decode_masks(rles, height, width),
+            "plural": [False] * k,
+            "isthing": [True] * k,
+            "image_id": int(row["image_id"]),
+        }
+
+    def _choose(self, key: int, sentences: Sequence[str]) -> str:
+        """First sentence (eval) or a seeded random one (train); whitespace normalised."""
+        if not sentences:
+            raise ValueError(f"ref {key} has no sentences")
+        if self.train and len(sentences) > 1:
+            count = self._draws[key]
+            self._draws[key] += 1
+            info = torch.utils.data.get_worker_info()
+            # The worker seed changes per worker and per epoch (DataLoader draws it from the seeded
+            # main RNG), the draw count per read in one process: reproducible yet not frozen.
+            worker_seed = info.seed if info is not None else 0
+            idx = random.Random(f"{self.seed}:{key}:{count}:{worker_seed}").randrange(len(sentences))
+        else:
+            idx = 0
+        sentence = " ".join(str(sentences[idx]).split())
+        return sentence.lower() if self.sentence_field == "raw_sentences" else sentence
+
+    def _png_example(self, row: dict, image) -> dict:
+        caption = row["caption"]
+        phrases, rles, plural, isthing = [], [], [], []
+        for seg in row["segments"]:
+            if not seg["segment_ids"]:
+                continue
+            start, end = int(seg["start"]), int(seg["end"])
+            if caption[start:end] != seg["utterance"]:
+                raise ValueError(f"segment span {start}:{end} does not index {seg['utterance']!r}")
+            phrases.append(list(_strip_span(caption, start, end)))
+            rles.append(seg["mask"])
+            plural.append(bool(seg["plural"]))
+            isthing.append(bool(seg["isthing"]))
+        return {
+            "image": image,
+            "text": caption,
+            "phrases": phrases,
+            "masks": _decode_masks(rles, image.height, image.width),
+            "plural": plural,
+            "isthing": isthing,
+            "image_id": int(row["image_id"]),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Collator
+# --------------------------------------------------------------------------------------
+class FLMMCollator:
+    """Examples -> one padded batch, by calling the processor once on the whole batch.
+
+    Args:
+        processor: an ``FLMMProcessor`` (or any callable with its signature).
+        transform: if given, applied to each item first, so the collator also accepts raw rows
+            (then no ``set_transform`` is needed; ``remove_unused_columns=False`` still is).
+        with_masks: pass the ground-truth masks (training / evaluation with targets).
+        extra_keys: example keys copied to the batch as lists (e.g. ``("plural", "isthing",
+            "image_id")`` for the PNG metrics). Empty by default, so the batch keys are exactly
+            the processor's outputs, the model's forward arguments.
+    """
+
+    def __init__(
+        self,
+        processor: Callable,
+        transform: FLMMTransform | None = None,
+        with_masks: bool = True,
+        extra_keys: Sequence[str] = (),
+    ) -> None:
+        self.processor = processor
+        self.transform = transform
+        self.with_masks = with_masks
+        self.extra_keys = tuple(extra_keys)
+
+    def __call__(self, items: list[dict]) -> dict:
+        examples = [self.transform.example(it) for it in items] if self.transform is not None else items
+        kwargs = {}
+        if self.with_masks:
+            kwargs["masks"] = [ex["masks"] for ex in examples]
+        batch = self.processor(
+            images=[ex["image"] for ex in examples],
+            texts=[ex["text"] for ex in examples],
+            phrases=[[tuple(int(v) for v in p) for p in ex["phrases"]] for ex in examples],
+            return_tensors="pt",
+            **kwargs,
+        )
+        out = dict(batch)
+        for key in self.extra_keys:
+            out[key] = [ex[key] for ex in examples]
+        return out
