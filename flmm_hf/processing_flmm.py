@@ -1,0 +1,721 @@
+"""Processor of F-LMM: prompt + answer text, phrase token ids, LMM image inputs, SAM inputs, masks.
+
+`FLMMProcessor` wraps the frozen LMM's own processor (e.g. `LlavaProcessor`, `Idefics3Processor`)
+and turns (image, answer text, grounded phrases[, masks]) into the model's forward inputs:
+
+- the prompt is the backbone's chat template around the question (default: the original F-LMM
+  question `Please give me a description of the image.`, method.md 2) with the generation prompt,
+  and the answer is appended as if the assistant had said it;
+- `phrase_ids` marks, per token of the *final* sequence (image placeholders expanded), which
+  phrase the token grounds (-1: none);
+- fixed-size backbones see a letterboxed image (pad to square with the mean colour, then resize,
+  no centre crop) and the letterbox geometry is returned in original pixel units
+  (`canvas_sizes`, `content_boxes`); dynamic-resolution backbones see the original image.
+
+This file is also shipped as Hub custom code: it imports only torch, numpy, PIL and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor, BatchFeature
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "Please give me a description of the image."
+"""The user question of the original F-LMM prompt (`<image>\\n` + this, in the chat template)."""
+
+CONFIG_NAME = "flmm_processor_config.json"
+
+SAM_IMAGE_SIZE = 1024
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+# Processors whose image handling is dynamic-resolution or tiled: they keep their own resizing and
+# the canvas is the original image. Every other backbone is treated as fixed-size.
+DYNAMIC_RESOLUTION_PROCESSORS = frozenset(
+    {
+        "LlavaNextProcessor",
+        "LlavaNextVideoProcessor",
+        "LlavaOnevisionProcessor",
+        "Qwen2VLProcessor",
+        "Qwen2_5_VLProcessor",
+        "Qwen3VLProcessor",
+        "Idefics2Processor",
+        "Idefics3Processor",
+        "SmolVLMProcessor",
+        "InternVLProcessor",
+        "Mistral3Processor",
+        "PixtralProcessor",
+        "AyaVisionProcessor",
+        "Glm4vProcessor",
+    }
+)
+
+PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
+
+
+def letterbox_geometry(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Canvas size and content box of the pad-to-square letterbox, in original pixel units.
+
+    The square has side `max(H, W)`; the padding is split evenly, the odd pixel going after
+    (bottom/right), as in the original F-LMM. Returns `((S, S), (top, left, bottom, right))`.
+    """
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return (side, side), (top, left, top + height, left + width)
+
+
+def to_rgb(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Return `image` as an RGB `PIL.Image`.
+
+    Accepts PIL images of any mode and uint8 numpy arrays (HxW or HxWx3/4). Images with an alpha
+    channel (RGBA, LA, P with transparency) are composited onto `background`: the processor passes
+    the image processor's mean colour, so transparent areas look like the letterbox padding, which
+    the LMM reads as "nothing". Other modes (L, P, CMYK, I;16, ...) use PIL's own RGB conversion.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(
+                f"numpy images must be uint8 HxW or HxWxC arrays, got dtype {image.dtype} and shape {image.shape}"
+            )
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"images must be PIL images or uint8 numpy arrays, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's "I" -> "RGB" clips instead of scaling; bring 16-bit data to 8 bits first.
+        array = np.asarray(image, dtype=np.float64)
+        array = 255.0 * array / max(array.max(), 1.0)
+        image = Image.fromarray(array.round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def sam_preprocess(image: Image.Image, image_size: int = SAM_IMAGE_SIZE) -> torch.Tensor:
+    """SAM's image preprocessing without torchvision: [3, image_size, image_size] float32.
+
+    Same as `segment_anything`'s `ResizeLongestSide` + `Sam.preprocess`: the longest side is
+    resized to `image_size` (new side = int(side * scale + 0.5), PIL bilinear), pixels are
+    normalised with SAM's mean/std (0-255 scale), then zero-padded at the bottom/right.
+    """
+    width, height = image.size
+    scale = image_size / max(height, width)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR), dtype=np.float32)
+    resized = (resized - np.array(SAM_PIXEL_MEAN, dtype=np.float32)) / np.array(SAM_PIXEL_STD, dtype=np.float32)
+    out = torch.zeros(3, image_size, image_size, dtype=torch.float32)
+    out[:, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
+    return out
+
+
+def resolve_phrase_spans(text: str, phrases: Sequence[PhraseSpec], example: int = 0) -> list[tuple[int, int]]:
+    """Character spans `(start, end)` of `phrases` in `text`.
+
+    A phrase is either a substring, searched for from the end of the previous phrase (so repeated
+    words resolve in reading order), or an explicit `(start, end)` span. Spans are shrunk to exclude
+    leading/trailing whitespace so that token overlap is decided on visible characters only.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for k, phrase in enumerate(phrases):
+        if isinstance(phrase, str):
+            if not phrase.strip():
+                raise ValueError(f"example {example}: phrase {k} is empty")
+            start = text.find(phrase, cursor)
+            if start < 0:
+                where = "in the text" if text.find(phrase) < 0 else "after the previous phrase"
+                raise ValueError(f"example {example}: phrase {k} {phrase!r} not found {where}: {text!r}")
+            end = start + len(phrase)
+        else:
+            if not _is_span(phrase):
+                raise ValueError(f"example {example}: phrase {k} must be a string or an (start, end) pair, got {phrase!r}")
+            start, end = int(phrase[0]), int(phrase[1])
+            if not 0 <= start < end <= len(text):
+                raise ValueError(
+                    f"example {example}: phrase {k} span {(start, end)} is empty or outside the text (length {len(text)})"
+                )
+            if not text[start:end].strip():
+                raise ValueError(f"example {example}: phrase {k} span {(start, end)} covers only whitespace")
+        while text[start].isspace():
+            start += 1
+        while text[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+class FLMMProcessor:
+    r"""
+    Processor of [`FLMMForGrounding`]: wraps the frozen LMM's processor.
+
+    It is a plain class, not a `ProcessorMixin`: `ProcessorMixin` describes a processor as a flat
+    set of sub-processors with fixed classes, while this one wraps a *whole* backbone processor of
+    any family, whose own settings (image token, patch size, image_seq_len, chat template, ...)
+    must round-trip untouched. `save_pretrained` therefore writes the backbone processor as is
+    (the folder stays loadable as that backbone's processor) plus `flmm_processor_config.json`
+    with our settings, a copy of this file, and an `auto_map` entry so that
+    `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns an `FLMMProcessor`.
+
+    Args:
+        processor (`ProcessorMixin`):
+            The backbone's processor (`AutoProcessor.from_pretrained(lmm_name_or_path)`).
+        mode (`str`, *optional*, defaults to `"reproduction"`):
+            `"reproduction"`: fixed-size backbones are letterboxed (as in the original F-LMM);
+            `"native"`: the backbone's own image processing, except that a centre crop is
+            replaced by the letterbox so that no pixel is lost. Dynamic-resolution/tiled
+            backbones always keep their own resizing (canvas = the original image).
+            Both modes use the backbone's chat template around `question`.
+        question (`str`, *optional*, defaults to `DEFAULT_QUESTION`):
+            The user turn after the image (the original F-LMM prompt's question).
+        letterbox (`bool`, *optional*):
+            Force the letterbox on or off; `None` decides from `mode` and the backbone.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        mode: str = "reproduction",
+        question: str = DEFAULT_QUESTION,
+        letterbox: bool | None = None,
+    ):
+        if mode not in ("reproduction", "native"):
+            raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise ValueError(
+                f"processor must be a multimodal processor with a tokenizer and an image processor, got {type(processor).__name__}"
+            )
+        self.processor = processor
+        self.mode = mode
+        self.question = question
+        self._letterbox = letterbox
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def is_dynamic_resolution(self) -> bool:
+        """Whether the backbone resizes/tiles images itself (then no letterbox, canvas = image)."""
+        return type(self.processor).__name__ in DYNAMIC_RESOLUTION_PROCESSORS
+
+    @property
+    def letterbox(self) -> bool:
+        """Whether images are padded to a square with the mean colour before the backbone sees them."""
+        if self._letterbox is not None:
+            return self._letterbox
+        if self.is_dynamic_resolution:
+            return False
+        if self.mode == "reproduction":
+            return True
+        # Native mode: keep the backbone's resizing unless it would centre-crop (and lose pixels
+        # that can then never be segmented); LLaVA-1.5 itself was trained on such a letterbox.
+        return bool(getattr(self.image_processor, "do_center_crop", False))
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """The image processor's mean colour as 0-255 ints (truncated, as the original F-LMM does)."""
+        mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        if isinstance(mean, (int, float)):
+            mean = (mean,) * 3
+        return tuple(int(m * 255) for m in mean)
+
+    def _fixed_size(self) -> tuple[int, int] | None:
+        """(height, width) the fixed-size backbone feeds its vision tower, or None if unknown."""
+        ip = self.image_processor
+        if getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None) is not None:
+            size = ip.crop_size
+        else:
+            size = getattr(ip, "size", None)
+        if size is None:
+            return None
+        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        if get("height") and get("width"):
+            return int(get("height")), int(get("width"))
+        if get("shortest_edge"):
+            return int(get("shortest_edge")), int(get("shortest_edge"))
+        return None
+
+    def _image_kwargs(self) -> dict[str, Any]:
+        """Overrides for the backbone image processor: never centre-crop, resize the square to the full size."""
+        kwargs: dict[str, Any] = {}
+        if self.is_dynamic_resolution:
+            return kwargs
+        size = self._fixed_size()
+        if getattr(self.image_processor, "do_center_crop", None) is not None:
+            kwargs["do_center_crop"] = False
+            if size is not None:
+                # Without the crop, a shortest_edge resize would give a non-square image.
+                kwargs["size"] = {"height": size[0], "width": size[1]}
+        return kwargs
+
+    # ------------------------------------------------------------------ prompt
+    def build_prompt(self, question: str | None = None) -> str:
+        """The templated prompt up to and including the assistant's generation prompt."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or self.question}]}
+        ]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @staticmethod
+    def _separator(prompt: str, answer: str) -> str:
+        # The answer is appended the way the LMM would generate it: after "ASSISTANT:" a token
+        # with a leading space (" the" -> "▁the"), exactly what the original F-LMM's separate
+        # encoding of the caption gave. Templates ending in whitespace/newline need none.
+        if not answer or not prompt or prompt[-1].isspace() or answer[0].isspace():
+            return ""
+        return " "
+
+    # ------------------------------------------------------------------ call
+    def __call__(
+        self,
+        images: Any,
+        texts: str | Sequence[str] | None = None,
+        phrases: Sequence[PhraseSpec] | Sequence[Sequence[PhraseSpec]] | None = None,
+        masks: Any = None,
+        prompt: str | None = None,
+        return_sam_inputs: bool = True,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """Build a padded batch of model inputs.
+
+        Args:
+            images: one image or a list (PIL, or uint8 numpy arrays); non-RGB modes are converted
+                (alpha composited on the mean colour, see `to_rgb`).
+            texts: the answer text(s), appended after the assistant prompt. `None`: prompt only
+                (for generation); then `phrases` must be `None` too.
+            phrases: per example a list of phrases, each a substring of the answer (first
+                occurrence after the previous phrase) or a `(start, end)` character span in it.
+                For a single example a flat list is accepted.
+            masks: optional, per example a `[K, H, W]` boolean array/tensor (or a list of K HxW
+                arrays) at the original image size, K = number of phrases.
+            prompt: the user question, replacing `self.question` for this call.
+            return_sam_inputs: also return `sam_pixel_values` [B, 3, 1024, 1024].
+            max_length: cut each sequence to at most this many tokens; a `ValueError` is raised if
+                that would cut the prompt/image tokens or any phrase token.
+            return_tensors: only `"pt"` is supported.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
+            index), the backbone's image inputs (`pixel_values`, ...), `original_sizes` [B, 2]
+            (H, W), `canvas_sizes` [B, 2], `content_boxes` [B, 4] (top, left, bottom, right) in
+            original pixel units, optionally `sam_pixel_values`, and `masks` (list of BoolTensor
+            [K_b, H_b, W_b]) when masks are given.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        batch = len(images)
+        if batch == 0:
+            raise ValueError("no images given")
+        if isinstance(texts, str):
+            texts = [texts]
+        if texts is None:
+            if phrases is not None or masks is not None:
+                raise ValueError("phrases/masks need the answer texts")
+            texts = [""] * batch
+            phrases = [[] for _ in range(batch)]
+        texts = list(texts)
+        if phrases is None:
+            phrases = [[] for _ in range(batch)]
+        elif batch == 1 and (len(phrases) == 0 or not _is_phrase_list(phrases[0])):
+            phrases = [phrases]  # a flat list of phrases for one example
+        if not (len(texts) == len(phrases) == batch):
+            raise ValueError(f"got {batch} images, {len(texts)} texts and {len(phrases)} phrase lists")
+        if masks is not None and len(masks) != batch and not (batch == 1 and _looks_like_one_mask_stack(masks)):
+            raise ValueError(f"got {batch} images and {len(masks)} mask sets")
+        if masks is not None and batch == 1 and _looks_like_one_mask_stack(masks):
+            masks = [masks]
+
+        # ---- images: RGB, letterbox geometry
+        pad_color = self.pad_color
+        letterbox = self.letterbox
+        rgb_images, lmm_images = [], []
+        original_sizes, canvas_sizes, content_boxes = [], [], []
+        for image in images:
+            image = to_rgb(image, background=pad_color)
+            width, height = image.size
+            rgb_images.append(image)
+            original_sizes.append((height, width))
+            if letterbox:
+                canvas, box = letterbox_geometry(height, width)
+                square = Image.new("RGB", (canvas[1], canvas[0]), pad_color)
+                square.paste(image, (box[1], box[0]))
+                lmm_images.append(square)
+            else:
+                canvas, box = (height, width), (0, 0, height, width)
+                lmm_images.append(image)
+            canvas_sizes.append(canvas)
+            content_boxes.append(box)
+
+        # ---- text: prompt + answer, phrase spans in full-string coordinates
+        prompt_text = self.build_prompt(prompt)
+        full_texts, answer_starts, spans = [], [], []
+        for b, (answer, example_phrases) in enumerate(zip(texts, phrases)):
+            if not isinstance(answer, str):
+                raise ValueError(f"example {b}: text must be a string, got {type(answer).__name__}")
+            sep = self._separator(prompt_text, answer)
+            full_texts.append(prompt_text + sep + answer)
+            answer_starts.append(len(prompt_text) + len(sep))
+            spans.append(resolve_phrase_spans(answer, example_phrases, example=b))
+
+        # ---- the backbone does the image-token expansion, image tensors and batch padding
+        encoded = self.processor(
+            images=[[image] for image in lmm_images],
+            text=full_texts,
+            padding=True,
+            return_tensors="pt",
+            **self._image_kwargs(),
+        )
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+
+        # ---- phrase ids on the final sequence
+        phrase_ids = torch.full_like(input_ids, -1)
+        keep_lengths: list[int | None] = []
+        for b in range(batch):
+            positions = attention_mask[b].nonzero().flatten()
+            tail_ids, tail_phrase = self._answer_token_phrases(
+                full_texts[b], len(prompt_text), answer_starts[b], spans[b], texts[b], b
+            )
+            real_ids = input_ids[b, positions].tolist()
+            if len(tail_ids) > len(real_ids) or real_ids[len(real_ids) - len(tail_ids):] != tail_ids:
+                raise RuntimeError(
+                    f"example {b}: the backbone processor tokenised the answer differently from its tokenizer; "
+                    "cannot place the phrase tokens"
+                )
+            tail_positions = positions[len(real_ids) - len(tail_ids):]
+            phrase_ids[b, tail_positions] = torch.tensor(tail_phrase, dtype=phrase_ids.dtype)
+            keep_lengths.append(
+                self._check_truncation(max_length, len(real_ids), len(tail_ids), tail_phrase, texts[b], spans[b], b)
+            )
+
+        data: dict[str, Any] = dict(encoded)
+        data["phrase_ids"] = phrase_ids
+        if any(n is not None for n in keep_lengths):
+            data = self._truncate(data, keep_lengths)
+        data["original_sizes"] = torch.tensor(original_sizes, dtype=torch.long)
+        data["canvas_sizes"] = torch.tensor(canvas_sizes, dtype=torch.long)
+        data["content_boxes"] = torch.tensor(content_boxes, dtype=torch.long)
+        if return_sam_inputs:
+            data["sam_pixel_values"] = torch.stack([sam_preprocess(image) for image in rgb_images])
+        if masks is not None:
+            data["masks"] = [
+                _to_mask_tensor(m, original_sizes[b], len(spans[b]), b) for b, m in enumerate(masks)
+            ]
+        return BatchFeature(data=data)
+
+    def _answer_token_phrases(
+        self,
+        full_text: str,
+        prompt_end: int,
+        answer_start: int,
+        spans: list[tuple[int, int]],
+        answer: str,
+        example: int,
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of the answer tail of `full_text` and, per token, its phrase index (-1: none).
+
+        `full_text` is tokenised once (with the image placeholder unexpanded: it is one special
+        token, so the text around it tokenises the same as in the backbone's expanded string);
+        the tail = tokens from the first one ending after the prompt. A token belongs to phrase k
+        if its character span overlaps phrase k's span (sentencepiece "▁"/byte-level "Ġ" spaces
+        are part of the token's span but not of the phrase, so the space never decides).
+        """
+        if not answer:
+            return [], []
+        enc = self.tokenizer(full_text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        first = next((i for i, (s, e) in enumerate(offsets) if e > prompt_end), len(ids))
+        tail_ids = list(ids[first:])
+        global_spans = [(answer_start + s, answer_start + e) for s, e in spans]
+        tail_phrase = []
+        for s, e in offsets[first:]:
+            hits = [k for k, (ps, pe) in enumerate(global_spans) if s < pe and e > ps and s < e]
+            if len(hits) > 1:
+                raise ValueError(
+                    f"example {example}: token {full_text[s:e]!r} overlaps phrases {hits}; "
+                    "phrases must be separated by at least a token boundary"
+                )
+            tail_phrase.append(hits[0] if hits else -1)
+        for k, (ps, pe) in enumerate(global_spans):
+            covered = [offsets[first + j] for j, p in enumerate(tail_phrase) if p == k]
+            if not covered:
+                raise ValueError(f"example {example}: phrase {k} {answer[ps - answer_start:pe - answer_start]!r} has no token")
+            lo, hi = min(s for s, _ in covered), max(e for _, e in covered)
+            while lo < hi and full_text[lo].isspace():
+                lo += 1
+            if (lo, hi) != (ps, pe):
+                # The phrase starts/ends inside a token ("man" in "woman"): the token is kept
+                # whole, so the grounded tokens decode to more than the phrase.
+                logger.warning(
+                    "example %d: phrase %d %r does not fall on token boundaries; its tokens cover %r",
+                    example, k, full_text[ps:pe], full_text[lo:hi],
+                )
+        return tail_ids, tail_phrase
+
+    @staticmethod
+    def _check_truncation(
+        max_length: int | None,
+        length: int,
+        tail_length: int,
+        tail_phrase: list[int],
+        answer: str,
+        spans: list[tuple[int, int]],
+        example: int,
+    ) -> int | None:
+        """Length to keep for one example (None: no cut); ValueError if the cut is not allowed."""
+        if max_length is None or length <= max_length:
+            return None
+        cut = length - max_length  # tokens removed from the end
+        if cut > tail_length:
+            raise ValueError(
+                f"example {example}: max_length={max_length} would cut the prompt/image tokens "
+                f"(the prompt alone has {length - tail_length} tokens)"
+            )
+        cut_phrases = sorted({p for p in tail_phrase[tail_length - cut:] if p >= 0})
+        if cut_phrases:
+            names = ", ".join(f"{k} {answer[spans[k][0]:spans[k][1]]!r}" for k in cut_phrases)
+            raise ValueError(
+                f"example {example}: max_length={max_length} (sequence has {length} tokens) cuts phrase(s) {names}"
+            )
+        return max_length
+
+    def _truncate(self, data: dict[str, Any], keep_lengths: list[int | None]) -> dict[str, Any]:
+        """Drop tokens at the end of the too-long examples and re-pad every [B, L] token tensor."""
+        input_ids, attention_mask = data["input_ids"], data["attention_mask"]
+        batch, length = input_ids.shape
+        token_keys = [k for k, v in data.items() if torch.is_tensor(v) and v.shape[:2] == (batch, length)]
+        kept_positions = []
+        for b in range(batch):
+            positions = attention_mask[b].nonzero().flatten()
+            if keep_lengths[b] is not None:
+                positions = positions[: keep_lengths[b]]
+            kept_positions.append(positions)
+        new_length = max(len(p) for p in kept_positions)
+        pad_values = {"input_ids": self.tokenizer.pad_token_id or 0, "phrase_ids": -1}
+        left = self.tokenizer.padding_side == "left"
+        out = dict(data)
+        for key in token_keys:
+            tensor = data[key]
+            new = torch.full((batch, new_length) + tuple(tensor.shape[2:]), pad_values.get(key, 0), dtype=tensor.dtype)
+            for b, positions in enumerate(kept_positions):
+                n = len(positions)
+                if left:
+                    new[b, new_length - n:] = tensor[b, positions]
+                else:
+                    new[b, :n] = tensor[b, positions]
+            out[key] = new
+        return out
+
+    # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def post_process_masks(
+        logits: Sequence[torch.Tensor] | torch.Tensor,
+        original_sizes: torch.Tensor | Sequence[Sequence[int]],
+        threshold: float = 0.5,
+        return_probabilities: bool = False,
+    ) -> list[torch.Tensor]:
+        """Masks at the original image size from mask logits.
+
+        Args:
+            logits: per example `[K, h, w]` logits (a list, or a `[B, K, h, w]` tensor). They must
+                already cover the image content only: the letterbox padding is removed by the
+                model (`crop_to_content`), not here.
+            original_sizes: `[B, 2]` (H, W) per example (the processor's `original_sizes`).
+            threshold: probability threshold for the boolean masks.
+            return_probabilities: return the float sigmoid probabilities instead of booleans.
+
+        Returns:
+            list of `[K, H, W]` BoolTensors (or float probabilities): bilinear resize of the
+            logits (align_corners=False), sigmoid, `> threshold`.
+        """
+        if torch.is_tensor(logits) and logits.dim() == 3:
+            logits = [logits]
+        if len(logits) != len(original_sizes):
+            raise ValueError(f"got {len(logits)} logit sets and {len(original_sizes)} original sizes")
+        results = []
+        for example_logits, size in zip(logits, original_sizes):
+            height, width = (int(s) for s in size)
+            if example_logits.dim() != 3:
+                raise ValueError(f"logits must be [K, h, w] per example, got shape {tuple(example_logits.shape)}")
+            if example_logits.shape[0] == 0:
+                probs = example_logits.new_zeros((0, height, width), dtype=torch.float32)
+            else:
+                resized = F.interpolate(
+                    example_logits[:, None].float(), size=(height, width), mode="bilinear", align_corners=False
+                )[:, 0]
+                probs = resized.sigmoid()
+            results.append(probs if return_probabilities else probs > threshold)
+        return results
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """Called by `AutoProcessor` on remote-code classes; `save_pretrained` always writes the auto_map."""
+        if auto_class != "AutoProcessor":
+            raise ValueError(f"FLMMProcessor can only be registered for AutoProcessor, got {auto_class!r}")
+        cls._auto_class = auto_class
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings stored in `flmm_processor_config.json`."""
+        return {
+            "processor_class": type(self).__name__,
+            "backbone_processor_class": type(self.processor).__name__,
+            "mode": self.mode,
+            "question": self.question,
+            "letterbox": self._letterbox,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Save the backbone processor, our settings, and this file as custom code (for AutoProcessor)."""
+        os.makedirs(save_directory, exist_ok=True)
+        files = list(self.processor.save_pretrained(save_directory, **kwargs) or [])
+        config_file = os.path.join(save_directory, CONFIG_NAME)
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        files.append(config_file)
+        # AutoProcessor reads "auto_map" from processor_config.json; "processor_class" stays the
+        # backbone's, so without trust_remote_code the folder still loads as the backbone processor.
+        processor_config = os.path.join(save_directory, "processor_config.json")
+        if os.path.isfile(processor_config):
+            with open(processor_config, encoding="utf-8") as f:
+                config = json.load(f)
+            if "auto_map" not in config:
+                config["auto_map"] = {"AutoProcessor": f"processing_flmm.{type(self).__name__}"}
+                with open(processor_config, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+                code_file = os.path.join(save_directory, "processing_flmm.py")
+                if os.path.abspath(__file__) != os.path.abspath(code_file):
+                    shutil.copyfile(__file__, code_file)
+                files.append(code_file)
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FLMMProcessor:
+        """Load a saved `FLMMProcessor`, or wrap a plain backbone processor (Hub id or folder).
+
+        `mode`, `question` and `letterbox` given here override the saved settings; the other
+        kwargs go to the backbone processor's `from_pretrained`.
+        """
+        overrides = {key: kwargs.pop(key) for key in ("mode", "question", "letterbox") if key in kwargs}
+        kwargs.pop("_from_auto", None)
+        settings: dict[str, Any] = {}
+        config_file = _cached_file(pretrained_model_name_or_path, CONFIG_NAME, kwargs)
+        backbone_class = None
+        if config_file is not None:
+            with open(config_file, encoding="utf-8") as f:
+                settings = json.load(f)
+            backbone_class = _library_processor_class(settings.get("backbone_processor_class"))
+        if backbone_class is not None:
+            processor = backbone_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        else:
+            # Our auto_map in processor_config.json would send AutoProcessor back here with remote code on.
+            kwargs.pop("trust_remote_code", None)
+            processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        init = {key: settings[key] for key in ("mode", "question", "letterbox") if key in settings}
+        init.update(overrides)
+        return cls(processor, **init)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r}, letterbox={self.letterbox}, processor={type(self.processor).__name__})"
+
+
+# ---------------------------------------------------------------------- helpers
+def _is_span(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(i, (int, np.integer)) for i in value)
+    )
+
+
+def _is_phrase_list(value: Any) -> bool:
+    """A list of phrases (strings or spans), as opposed to a single phrase or span."""
+    return isinstance(value, (list, tuple)) and (
+        len(value) == 0 or not all(isinstance(i, (int, np.integer)) for i in value)
+    )
+
+
+def _looks_like_one_mask_stack(masks: Any) -> bool:
+    """A single example's masks: one [K, H, W] array/tensor, or a list of 2-D arrays."""
+    if torch.is_tensor(masks) or isinstance(masks, np.ndarray):
+        return masks.ndim == 3
+    return len(masks) > 0 and all(getattr(m, "ndim", None) == 2 for m in masks)
+
+
+def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example: int) -> torch.Tensor:
+    """[K, H, W] BoolTensor from an array/tensor or a list of HxW masks, checked against the image."""
+    if isinstance(masks, (list, tuple)):
+        masks = (
+            torch.stack([torch.as_tensor(np.asarray(m)) for m in masks])
+            if len(masks)
+            else torch.zeros((0,) + tuple(size), dtype=torch.bool)
+        )
+    masks = torch.as_tensor(masks)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(size) or masks.shape[0] != num_phrases:
+        raise ValueError(
+            f"example {example}: masks must be [K={num_phrases}, H={size[0]}, W={size[1]}] "
+            f"(one per phrase, at the original image size), got {tuple(masks.shape)}"
+        )
+    return masks.bool() if masks.dtype == torch.bool else masks > 0
+
+
+def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any]) -> str | None:
+    """Local path of `filename` in a folder or Hub repo, None if it does not exist."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, kwargs.get("subfolder", "") or "", filename)
+        return candidate if os.path.isfile(candidate) else None
+    from transformers.utils import cached_file
+
+    hub_keys = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+    return cached_file(
+        path,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **{key: kwargs[key] for key in hub_keys if key in kwargs},
+    )
+
+
+def _library_processor_class(name: str | None):
+    """The transformers processor class called `name`, or None (remote-code or unknown processor)."""
+    if not name:
+        return None
+    import transformers
+
+    return getattr(transformers, name, None)
+
+
+__all__ = ["FLMMProcessor", "letterbox_geometry", "sam_preprocess", "to_rgb", "resolve_phrase_spans"]
