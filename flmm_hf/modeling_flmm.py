@@ -83,11 +83,10 @@ class FLMMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # The head uses PyTorch's default initialisation; the layer weights start equal (the paper).
+        # The head modules initialise themselves as the original does (mmcv's Kaiming convs);
+        # only the per-layer text weights need their value restated (equal, as in the paper).
         if isinstance(module, TextProjection):
             module.layer_weights.fill_(1.0)
-        elif hasattr(module, "reset_parameters") and not list(module.children()):
-            module.reset_parameters()
 
 
 class FLMMForGrounding(FLMMPreTrainedModel):
@@ -352,28 +351,20 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         return output
 
     def _add_losses(self, output: FLMMOutput, masks: list[torch.Tensor]) -> None:
-        """Per-example losses weighted by phrase count, exactly as the original's per-example loop."""
+        """Coarse and refined BCE + Dice: means over all phrases of the batch, which equal the
+        original's per-example losses weighted by phrase count."""
         if len(masks) != len(output.coarse_logits):
             raise ValueError(f"got {len(masks)} mask tensors for {len(output.coarse_logits)} examples")
         groups = {"": output.coarse_logits}
         if output.refined_logits is not None:
             groups["sam_"] = output.refined_logits
-        total = None
+        loss = 0
         for prefix, predictions in groups.items():
-            sums: dict[str, torch.Tensor] = {}
-            count = 0
-            for pred, gt in zip(predictions, masks):
-                if gt.shape[0] != pred.shape[0]:
-                    raise ValueError(f"an example has {pred.shape[0]} phrases but {gt.shape[0]} ground-truth masks")
-                parts = mask_losses(pred, gt.to(pred.device))
-                for name, value in parts.items():
-                    sums[name] = sums.get(name, 0) + value * pred.shape[0]
-                count += pred.shape[0]
-            for name, value in sums.items():
-                setattr(output, prefix + name, value / count)
-            part_loss = getattr(output, prefix + "loss_mask") + getattr(output, prefix + "loss_dice")
-            total = part_loss if total is None else total + part_loss
-        output.loss = total
+            parts = mask_losses(predictions, masks)
+            for name, value in parts.items():
+                setattr(output, prefix + name, value)
+            loss = loss + parts["loss_mask"] + parts["loss_dice"]
+        output.loss = loss
 
     # ---- convenience -------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,10 +8,10 @@ and turns (image, answer text, grounded phrases[, masks]) into the model's forwa
   and the answer is appended as if the assistant had said it;
 - `phrase_ids` marks, per token of the *final* sequence (image placeholders expanded), which
   phrase the token grounds (-1: none);
-- fixed-size backbones see a letterboxed image (pad to square with the mean colour, then resize,
-  no centre crop) and the letterbox geometry is returned in original pixel units
-  (`canvas_sizes`, `content_boxes`); dynamic-resolution backbones see the original image.
-
+- fixed-size backbones see a letterboxed image (longer side resized to the input size, then
+  padded to a square with the mean colour, no centre crop), as the original F-LMM; the geometry
+  (`canvas_sizes`, `content_boxes`) is in the LMM's input pixels; dynamic-resolution backbones
+  see the original image (canvas = the image, in original pixels).
 This file is also shipped as Hub custom code: it imports only torch, numpy, PIL and transformers.
 """
 
@@ -65,15 +65,19 @@ DYNAMIC_RESOLUTION_PROCESSORS = frozenset(
 PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
 
 
-def letterbox_geometry(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """Canvas size and content box of the pad-to-square letterbox, in original pixel units.
+def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Canvas size and content box of the letterbox, in the LMM's input pixels (as the original F-LMM).
 
-    The square has side `max(H, W)`; the padding is split evenly, the odd pixel going after
-    (bottom/right), as in the original F-LMM. Returns `((S, S), (top, left, bottom, right))`.
+    The image is resized so its longer side is `side` (the shorter one truncated to an int), then
+    padded to a `side` x `side` square, the padding split evenly with the odd pixel after
+    (bottom/right). Returns `((side, side), (top, left, bottom, right))`.
     """
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    return (side, side), (top, left, top + height, left + width)
+    if height > width:
+        resized = (side, int(width * side / height))
+    else:
+        resized = (int(height * side / width), side)
+    top, left = (side - resized[0]) // 2, (side - resized[1]) // 2
+    return (side, side), (top, left, top + resized[0], left + resized[1])
 
 
 def to_rgb(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -258,6 +262,15 @@ class FLMMProcessor:
             return int(get("shortest_edge")), int(get("shortest_edge"))
         return None
 
+    def _letterbox_side(self) -> int:
+        size = self._fixed_size()
+        if size is None or size[0] != size[1]:
+            raise ValueError(
+                f"cannot letterbox for {type(self.image_processor).__name__}: its input size {size} is not a "
+                "known square; pass letterbox=False"
+            )
+        return size[0]
+
     def _image_kwargs(self) -> dict[str, Any]:
         """Overrides for the backbone image processor: never centre-crop, resize the square to the full size."""
         kwargs: dict[str, Any] = {}
@@ -322,7 +335,7 @@ class FLMMProcessor:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
             index), the backbone's image inputs (`pixel_values`, ...), `original_sizes` [B, 2]
             (H, W), `canvas_sizes` [B, 2], `content_boxes` [B, 4] (top, left, bottom, right) in
-            original pixel units, optionally `sam_pixel_values`, and `masks` (list of BoolTensor
+            the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of BoolTensor
             [K_b, H_b, W_b]) when masks are given.
         """
         if return_tensors != "pt":
@@ -362,9 +375,12 @@ class FLMMProcessor:
             rgb_images.append(image)
             original_sizes.append((height, width))
             if letterbox:
-                canvas, box = letterbox_geometry(height, width)
+                # Resize the longer side first, then pad: the original's order and pixel units.
+                side = self._letterbox_side()
+                canvas, box = letterbox_geometry(height, width, side)
+                resized = image.resize((box[3] - box[1], box[2] - box[0]), Image.BICUBIC)
                 square = Image.new("RGB", (canvas[1], canvas[0]), pad_color)
-                square.paste(image, (box[1], box[0]))
+                square.paste(resized, (box[1], box[0]))
                 lmm_images.append(square)
             else:
                 canvas, box = (height, width), (0, 0, height, width)

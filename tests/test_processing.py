@@ -112,9 +112,10 @@ def test_llava_prompt_and_image_tokens(llava, cats):
 def test_llava_letterbox(llava, cats):
     out = llava(cats, "a white bear.", ["white bear"])
     assert out["original_sizes"].tolist() == [[480, 640]]
-    assert out["canvas_sizes"].tolist() == [[640, 640]]
-    assert out["content_boxes"].tolist() == [[80, 0, 560, 640]]
-    assert letterbox_geometry(500, 375) == ((500, 500), (0, 62, 500, 437))
+    # the original's geometry: 480x640 -> 252x336, then 42 rows of padding above and below
+    assert out["canvas_sizes"].tolist() == [[336, 336]]
+    assert out["content_boxes"].tolist() == [[42, 0, 294, 336]]
+    assert letterbox_geometry(500, 375, 336) == ((336, 336), (0, 42, 336, 294))  # 375*336/500 = 252
     pixels = out["pixel_values"]
     assert pixels.shape == (1, 3, 336, 336)
 
@@ -128,19 +129,19 @@ def test_llava_letterbox(llava, cats):
     for row in (44, 168, 291):
         assert (pixels[0, :, row, :] - normalised_pad[:, None]).abs().max() > 0.5  # image content
 
-    # independent construction: pad at full resolution, PIL bicubic to 336, normalise
-    square = Image.new("RGB", (640, 640), tuple(int(v) for v in pad))
-    square.paste(cats, (0, 80))
-    expected = np.asarray(square.resize((336, 336), Image.BICUBIC), dtype=np.float64) / 255
+    # independent construction as the original: PIL bicubic to 252x336, pad to 336, normalise
+    square = Image.new("RGB", (336, 336), tuple(int(v) for v in pad))
+    square.paste(cats.resize((336, 252), Image.BICUBIC), (0, 42))
+    expected = np.asarray(square, dtype=np.float64) / 255
     expected = torch.tensor(((expected - mean) / std).transpose(2, 0, 1), dtype=torch.float32)
-    assert (pixels[0] - expected).abs().max() < 0.02
+    assert (pixels[0] - expected).abs().max() < 1e-5  # bit-exact pixels up to float rounding
 
 
 def test_llava_native_mode_still_letterboxes_instead_of_cropping(fixtures_dir, cats):
     native = FLMMProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf", mode="native")
     assert native.letterbox  # CLIP would centre-crop and lose pixels
     out = native(cats, "a white bear.", ["white bear"], return_sam_inputs=False)
-    assert out["content_boxes"].tolist() == [[80, 0, 560, 640]]
+    assert out["content_boxes"].tolist() == [[42, 0, 294, 336]]
     forced = FLMMProcessor(native.processor, mode="native", letterbox=False)
     out = forced(cats, "a white bear.", ["white bear"], return_sam_inputs=False)
     assert out["pixel_values"].shape == (1, 3, 336, 336)
