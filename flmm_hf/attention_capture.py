@@ -1,0 +1,413 @@
+"""Exact attention probabilities from an SDPA language model, without eager attention.
+
+F-LMM reads, for every layer and head, the attention probabilities from some query tokens (the answer or the
+phrase tokens) to the image tokens. transformers runs SDPA by default and SDPA never materialises those
+probabilities, while eager attention with `output_attentions=True` materialises all of them (every query, every key,
+every layer) and is slower. This module registers an attention function named `"flmm_sdpa"`:
+
+- it always returns the output of transformers' own `sdpa_attention_forward`, so the model's outputs are bit-identical
+  to `attn_implementation="sdpa"`;
+- only on the attention modules where an [`AttentionCapture`] is active, it also computes
+  `softmax(Q K^T * scaling + mask)` in float32 over ALL keys (exactly like eager attention), for the selected query
+  rows only, and keeps the selected key columns.
+
+Typical use:
+
+```python
+>>> enable_capture(lmm)  # the language model now runs "flmm_sdpa" (the vision tower is untouched)
+>>> with torch.no_grad(), AttentionCapture(lmm, layers=None, query_mask=answer_mask, key_mask=image_mask) as capture:
+...     outputs = lmm(**inputs)
+>>> capture.attentions[0].shape  # [layers, heads, n_query_0, n_key_0]
+```
+
+With `generation=True`, every forward pass after the first (the decoding steps of `generate`) appends the rows of all
+its new tokens, so that after `generate` one has the rows of the generated tokens that were fed to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+
+ATTN_IMPLEMENTATION = "flmm_sdpa"
+# Name of the attribute an active `AttentionCapture` sets on the attention modules it captures.
+_CAPTURE_ATTRIBUTE = "_flmm_attention_capture"
+
+
+def flmm_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """
+    SDPA attention (transformers' `sdpa_attention_forward`, unchanged) that also hands the attention probabilities of
+    the selected rows to the [`AttentionCapture`] active on `module`, if any.
+
+    Args:
+        module: the attention module calling us (carries `num_key_value_groups`, `is_causal`, `layer_idx`).
+        query: `[batch, heads, query, head_dim]`, RoPE applied.
+        key: `[batch, kv_heads, key, head_dim]`, RoPE applied, cache included.
+        value: `[batch, kv_heads, key, head_dim]`.
+        attention_mask: `None`, a boolean mask (True = attend) or an additive float mask,
+            `[batch, 1 or heads, query, key]`.
+    """
+    attn_output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+    capture = getattr(module, _CAPTURE_ATTRIBUTE, None)
+    if capture is not None:
+        if kwargs.get("position_bias") is not None:
+            raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
+        capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal)
+    return attn_output, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, flmm_sdpa_attention_forward)
+# Without a registered mask function, `create_causal_mask` would find no mask for "flmm_sdpa" and drop the padding.
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def selected_attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    query_index: torch.LongTensor,
+    scaling: float | None = None,
+    is_causal: bool = True,
+    num_key_value_groups: int = 1,
+) -> torch.Tensor:
+    """
+    Attention probabilities of some query rows over all keys, in float32, as eager attention computes them.
+
+    Args:
+        query: `[batch, heads, query, head_dim]`.
+        key: `[batch, kv_heads, key, head_dim]`.
+        attention_mask: `None`, boolean (True = attend) or additive float, broadcastable to
+            `[batch, heads, query, key]`.
+            `None` follows `sdpa_attention_forward`: causal with sdpa's upper-left alignment when `is_causal` and more
+            than one query, no masking otherwise.
+        query_index: `[batch, n]` rows of `query` to compute.
+        scaling: the softmax scale; `head_dim ** -0.5` when `None` (sdpa's default).
+        is_causal: whether a `None` mask means causal attention.
+        num_key_value_groups: query heads per key head (GQA).
+
+    Returns:
+        `torch.FloatTensor` of shape `[batch, heads, n, key]`.
+    """
+    batch, heads, q_length, head_dim = query.shape
+    kv_length = key.shape[2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+
+    rows = query_index[:, None, :, None]  # [batch, 1, n, 1]
+    query = query.gather(2, rows.expand(-1, heads, -1, head_dim)).float()  # [batch, heads, n, head_dim]
+    key = repeat_kv(key, num_key_value_groups).float()  # [batch, heads, key, head_dim]
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, n, key]
+
+    min_value = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        if is_causal and q_length > 1:
+            # Same as sdpa's `is_causal=True`: query i sees keys 0..i (upper-left alignment).
+            key_positions = torch.arange(kv_length, device=scores.device)
+            allowed = key_positions[None, None, None, :] <= rows  # [batch, 1, n, key]
+            scores = scores.masked_fill(~allowed, min_value)
+    else:
+        mask = attention_mask[..., :kv_length]
+        mask = mask.expand(batch, -1, q_length, kv_length)  # [batch, 1 or heads, query, key]
+        mask = mask.gather(2, rows.expand(-1, mask.shape[1], -1, kv_length))  # [batch, 1 or heads, n, key]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, min_value)
+        else:
+            scores = scores + mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
+def _language_model(lmm: PreTrainedModel) -> PreTrainedModel:
+    """The (outermost) sub-model of `lmm` that runs on the text config: the language model of a VLM."""
+    text_config = lmm.config.get_text_config()
+    for module in lmm.modules():
+        if isinstance(module, PreTrainedModel) and module.config is text_config:
+            return module
+    raise ValueError(f"Could not find the language model of {type(lmm).__name__} (no sub-model uses its text config).")
+
+
+def language_attention_modules(lmm: PreTrainedModel) -> list[nn.Module]:
+    """
+    The self-attention modules of the decoder layers of `lmm`'s language model, in layer order.
+
+    They are found generically: modules under the language model whose class name contains "Attention" and that
+    carry an integer `layer_idx` (exactly one per layer).
+    """
+    language_model = _language_model(lmm)
+    by_layer: dict[int, nn.Module] = {}
+    for name, module in language_model.named_modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if isinstance(layer_idx, int) and "Attention" in type(module).__name__:
+            if layer_idx in by_layer:
+                raise ValueError(f"Two attention modules claim layer {layer_idx} in {type(lmm).__name__} ({name}).")
+            by_layer[layer_idx] = module
+    if not by_layer:
+        raise ValueError(f"No attention module with a `layer_idx` in the language model of {type(lmm).__name__}.")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ValueError(f"Attention layer indices of {type(lmm).__name__} are not 0..n-1: {sorted(by_layer)}.")
+    return [by_layer[i] for i in range(len(by_layer))]
+
+
+def enable_capture(lmm: PreTrainedModel) -> PreTrainedModel:
+    """
+    Switch the language model of `lmm` to the `"flmm_sdpa"` attention (the vision tower keeps its own). Outputs are
+    unchanged (SDPA); [`AttentionCapture`] can then be used on `lmm`. Returns `lmm`.
+    """
+    _language_model(lmm).set_attn_implementation(ATTN_IMPLEMENTATION)
+    return lmm
+
+
+def disable_capture(lmm: PreTrainedModel, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """Switch the language model of `lmm` back to `attn_implementation` (default `"sdpa"`). Returns `lmm`."""
+    _language_model(lmm).set_attn_implementation(attn_implementation)
+    return lmm
+
+
+def _padded_positions(mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`[batch, length]` boolean mask -> positions `[batch, max_count]` (padded with 0) and counts `[batch]`."""
+    counts = mask.sum(dim=1)
+    max_count = int(counts.max()) if mask.shape[0] > 0 else 0
+    # A stable sort puts the selected positions first, in increasing order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :max_count]
+    valid = torch.arange(max_count, device=mask.device)[None, :] < counts[:, None]
+    return order.masked_fill(~valid, 0), counts
+
+
+class AttentionCapture:
+    """
+    Context manager capturing exact attention probabilities from some query rows to some key columns.
+
+    Inside the `with` block, every forward pass of `lmm` (which must have gone through [`enable_capture`]) records,
+    for each selected layer, the float32 softmax over all keys of the selected query rows, restricted to the selected
+    key columns. Nothing is changed in the model's outputs.
+
+    Args:
+        lmm: the vision-language (or language) model, after `enable_capture(lmm)`.
+        layers: indices of the decoder layers to capture (negative indices count from the end); `None` for all.
+        query_mask: `BoolTensor [batch, length]`, True at the query rows to keep, over the tokens of the (first)
+            forward pass. In `generation` mode it may be `None` (no prompt rows).
+        key_mask: `BoolTensor [batch, length]`, True at the key columns to keep (e.g. the image tokens), as positions
+            in the key sequence (the prompt, for generation).
+        generation: if True, the first forward pass is the prompt (rows chosen by `query_mask`) and every following
+            forward pass (a decoding step of `generate` with a KV cache) appends the rows of ALL its tokens. Note that
+            `generate(max_new_tokens=n)` feeds only the first n - 1 generated tokens back to the model, so n - 1 rows
+            are appended; run a forward over the full sequence to get the last one. With `False`, a second forward
+            pass inside the block is an error.
+
+    After the forward pass:
+        - `capture.attentions`: list over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]`;
+        - `capture.maps(layer)`: list over examples of `FloatTensor [heads, n_query_b, n_key_b]` for one layer;
+        - `capture.stacked()`: `FloatTensor [batch, n_layers, heads, max_query, max_key]`, zero-padded, with
+          `capture.query_counts` / `capture.key_counts` (`LongTensor [batch]`) the valid sizes.
+        Rows and columns are in increasing sequence order (generated rows after the prompt rows).
+
+    Supports padding on either side, GQA (key heads are repeated), `None` masks (causal as in SDPA), sliding windows
+    and non-causal prefixes (the mask transformers gives is used as is), and DynamicCache generation (including
+    sliding-window layers that keep only the last keys; key columns that fell out of the window get probability 0,
+    as they are masked). A StaticCache with sliding-window (rolling) layers is not supported.
+    """
+
+    def __init__(
+        self,
+        lmm: PreTrainedModel,
+        layers: Sequence[int] | None = None,
+        query_mask: torch.BoolTensor | None = None,
+        key_mask: torch.BoolTensor | None = None,
+        generation: bool = False,
+    ):
+        modules = language_attention_modules(lmm)
+        not_enabled = [
+            m.layer_idx for m in modules if getattr(m.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION
+        ]
+        if not_enabled:
+            raise ValueError(
+                f"The language model of {type(lmm).__name__} does not run '{ATTN_IMPLEMENTATION}' attention (layers "
+                f"{not_enabled}); call `enable_capture(lmm)` first."
+            )
+
+        num_layers = len(modules)
+        if layers is None:
+            layers = list(range(num_layers))
+        layers = [int(layer) for layer in layers]
+        for layer in layers:
+            if not -num_layers <= layer < num_layers:
+                raise IndexError(f"Layer index {layer} out of range: the language model has {num_layers} layers.")
+        layers = [layer % num_layers for layer in layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"Duplicate layer indices in {layers}.")
+
+        self._check_mask("key_mask", key_mask)
+        if query_mask is None:
+            if not generation:
+                raise ValueError("`query_mask` is required (it may be None only with `generation=True`).")
+        else:
+            self._check_mask("query_mask", query_mask)
+            if query_mask.shape != key_mask.shape:
+                raise ValueError(
+                    f"`query_mask` {tuple(query_mask.shape)} and `key_mask` {tuple(key_mask.shape)} must have the "
+                    "same shape [batch, length]."
+                )
+
+        self.layers: list[int] = layers
+        self.generation = generation
+        self.batch_size = key_mask.shape[0]
+        self.query_length = None if query_mask is None else query_mask.shape[1]
+        self._modules = [modules[layer] for layer in layers]
+        self._num_heads: int | None = None
+
+        if query_mask is None:
+            query_mask = key_mask.new_zeros(self.batch_size, 0)
+        self._query_positions, self._prompt_query_counts = _padded_positions(query_mask)
+        self._key_positions, self.key_counts = _padded_positions(key_mask)
+        key_slots = torch.arange(self._key_positions.shape[1], device=key_mask.device)
+        self._key_valid = key_slots[None, :] < self.key_counts[:, None]  # [batch, max_key]
+
+        # Per captured layer: list of chunks [batch, heads, rows, max_key] (first chunk: the prompt rows, padded),
+        # and the number of tokens seen so far (to locate the key columns in a sliding-window cache).
+        self._chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        self._seen: dict[int, int] = {layer: 0 for layer in layers}
+
+    @staticmethod
+    def _check_mask(name: str, mask: torch.Tensor | None) -> None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"`{name}` must be a BoolTensor [batch, length], got {type(mask).__name__}.")
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(
+                f"`{name}` must be a BoolTensor [batch, length], got {mask.dtype} of shape {tuple(mask.shape)}."
+            )
+
+    def __enter__(self) -> AttentionCapture:
+        for module in self._modules:
+            if getattr(module, _CAPTURE_ATTRIBUTE, None) is not None:
+                raise RuntimeError(f"Layer {module.layer_idx} is already captured by another active AttentionCapture.")
+        for layer in self.layers:
+            self._chunks[layer] = []
+            self._seen[layer] = 0
+        for module in self._modules:
+            setattr(module, _CAPTURE_ATTRIBUTE, self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module in self._modules:
+            if getattr(module, _CAPTURE_ATTRIBUTE, None) is self:
+                delattr(module, _CAPTURE_ATTRIBUTE)
+
+    def _record(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        is_causal: bool | None,
+    ) -> None:
+        """Called by `flmm_sdpa_attention_forward` on a captured module: store the selected probabilities."""
+        layer = module.layer_idx
+        batch, heads, q_length, _ = query.shape
+        kv_length = key.shape[2]
+        if batch != self.batch_size:
+            raise ValueError(f"The forward batch has {batch} sequences but the capture masks have {self.batch_size}.")
+        chunks = self._chunks[layer]
+        if not chunks:
+            if self.query_length is not None and q_length != self.query_length:
+                raise ValueError(
+                    f"The forward pass has {q_length} query tokens but `query_mask` has length {self.query_length}."
+                )
+            query_index = self._query_positions.to(query.device)
+        elif self.generation:
+            query_index = torch.arange(q_length, device=query.device).expand(batch, -1)
+        else:
+            raise RuntimeError(
+                f"Layer {layer} ran twice inside one AttentionCapture; use `generation=True` to append decoding steps."
+            )
+
+        # Key j of this call is token (total - kv_length + j): a sliding-window cache returns only its last keys
+        # (offset > 0); a static cache returns empty slots after the seen tokens (offset 0).
+        total = self._seen[layer] + q_length
+        key_offset = max(total - kv_length, 0)
+        columns = self._key_positions.to(key.device) - key_offset  # [batch, max_key]
+        valid = self._key_valid.to(key.device) & (columns >= 0) & (columns < kv_length)
+
+        n = query_index.shape[1]
+        if n == 0:
+            kept = query.new_zeros(batch, heads, 0, columns.shape[1], dtype=torch.float32)
+        else:
+            is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            probs = selected_attention_probs(
+                query,
+                key,
+                attention_mask,
+                query_index,
+                scaling=scaling,
+                is_causal=is_causal,
+                num_key_value_groups=getattr(module, "num_key_value_groups", 1),
+            )  # [batch, heads, n, key]
+            gather_index = columns.clamp(0, kv_length - 1)[:, None, None, :].expand(-1, heads, n, -1)
+            kept = probs.gather(3, gather_index)  # [batch, heads, n, max_key]
+            kept = kept.masked_fill(~valid[:, None, None, :], 0.0)
+        chunks.append(kept)
+        self._seen[layer] = total
+        self._num_heads = heads
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Results
+
+    def _check_ran(self) -> None:
+        missing = [layer for layer in self.layers if not self._chunks[layer]]
+        if missing:
+            raise RuntimeError(f"No forward pass went through layers {missing} inside this AttentionCapture.")
+
+    @property
+    def query_counts(self) -> torch.LongTensor:
+        """`LongTensor [batch]`: number of captured query rows per example."""
+        self._check_ran()
+        generated = sum(chunk.shape[2] for chunk in self._chunks[self.layers[0]][1:])
+        return self._prompt_query_counts + generated
+
+    def maps(self, layer: int) -> list[torch.Tensor]:
+        """One captured decoder `layer`: list over examples of `FloatTensor [heads, n_query_b, n_key_b]`."""
+        if layer not in self._chunks:
+            raise KeyError(f"Layer {layer} was not captured (captured layers: {self.layers}).")
+        self._check_ran()
+        prompt, *generated = self._chunks[layer]
+        maps = []
+        for b in range(self.batch_size):
+            rows = [prompt[b, :, : self._prompt_query_counts[b]]] + [chunk[b] for chunk in generated]
+            maps.append(torch.cat(rows, dim=1)[..., : self.key_counts[b]])
+        return maps
+
+    @property
+    def attentions(self) -> list[torch.Tensor]:
+        """List over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]` (layers as in `self.layers`)."""
+        per_layer = [self.maps(layer) for layer in self.layers]
+        return [torch.stack([maps[b] for maps in per_layer]) for b in range(self.batch_size)]
+
+    def stacked(self) -> torch.Tensor:
+        """`FloatTensor [batch, n_layers, heads, max_query, max_key]`, zero-padded; valid sizes in `*_counts`."""
+        self._check_ran()
+        if not self.generation or len(self._chunks[self.layers[0]]) == 1:
+            return torch.stack([self._chunks[layer][0] for layer in self.layers], dim=1)
+        attentions = self.attentions
+        counts = self.query_counts
+        out = attentions[0].new_zeros(
+            self.batch_size, len(self.layers), self._num_heads, int(counts.max()), self._key_positions.shape[1]
+        )
+        for b, maps in enumerate(attentions):
+            out[b, :, :, : maps.shape[2], : maps.shape[3]] = maps
+        return out

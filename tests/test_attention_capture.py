@@ -1,0 +1,364 @@
+"""Tests of `flmm_hf.attention_capture`: exact attention probabilities under SDPA.
+
+Every captured map is compared with eager attention (`output_attentions=True`) of the same weights, or with the
+transformers-4.39.1 reference the original F-LMM code ran on.
+"""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from flmm_hf.attention_capture import (
+    ATTN_IMPLEMENTATION,
+    AttentionCapture,
+    disable_capture,
+    enable_capture,
+    language_attention_modules,
+    selected_attention_probs,
+)
+
+from tiny_models import FAMILIES, answer_mask, build_tiny, image_token_mask
+
+
+TOL = 1e-5
+IMAGE_ID = 99
+N_IMAGE = 16  # 56 px / patch 14 = 4 x 4 image tokens
+
+
+def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    """A tiny random LLaVA: CLIP (2 layers) + Llama (4 layers, 4 query heads, 2 key/value heads: GQA)."""
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=56, patch_size=14, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_ID)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_batch(padding: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two examples `[bos][prefix][16 image tokens][text]` of lengths 30 and 25 (or both 30 with `padding="none"`)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [30, 30] if padding == "none" else [30, 25]
+    length = max(lengths)
+    input_ids = torch.zeros(2, length, dtype=torch.long)
+    attention_mask = torch.zeros(2, length, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids = torch.randint(3, IMAGE_ID, (n,), generator=generator)
+        ids[0] = 1
+        ids[3 + b : 3 + b + N_IMAGE] = IMAGE_ID
+        span = slice(length - n, length) if padding == "left" else slice(0, n)
+        input_ids[b, span] = ids
+        attention_mask[b, span] = 1
+    pixel_values = torch.randn(2, 3, 56, 56, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def last_tokens(attention_mask: torch.Tensor, n: int) -> torch.BoolTensor:
+    """BoolTensor [B, L]: the last `n` real tokens of each row."""
+    mask = attention_mask.bool()
+    return mask & (mask.flip(-1).long().cumsum(-1).flip(-1) <= n)
+
+
+def eager_rows(
+    attentions: tuple[torch.Tensor, ...], layers: list[int], query_mask: torch.Tensor, key_mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per example, the eager probabilities [layers, heads, n_query_b, n_key_b] at the selected rows/columns."""
+    return [
+        torch.stack([attentions[layer][b][:, query_mask[b]][:, :, key_mask[b]] for layer in layers])
+        for b in range(query_mask.shape[0])
+    ]
+
+
+def max_abs_diff(captured: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    assert [c.shape for c in captured] == [e.shape for e in expected]
+    return max((c - e).abs().max().item() for c, e in zip(captured, expected))
+
+
+def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights with eager attention everywhere."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. capture == eager on LLaVA (GQA), with left / right / no padding and a subset of layers
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "none"])
+def test_capture_matches_eager_llava(padding, tmp_path):
+    model = tiny_llava()
+    model.save_pretrained(tmp_path)
+    eager = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    enable_capture(model)
+    assert model.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
+    assert model.config.vision_config._attn_implementation == "sdpa"  # the vision tower is untouched
+
+    inputs = llava_batch(padding)
+    # query rows: the last 6 tokens plus the first 3 image tokens; key columns: the image tokens
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 6) | (key_mask & (key_mask.long().cumsum(-1) <= 3))
+    layers = [3, 0, 2]
+    with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask) as capture:
+        model(**inputs)
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True).attentions
+    expected = eager_rows(reference, layers, query_mask, key_mask)
+
+    assert capture.attentions[0].shape == (3, 4, 9, N_IMAGE)
+    assert max_abs_diff(capture.attentions, expected) <= TOL
+    # the comparison can fail: another layer's rows are far off
+    assert max_abs_diff(capture.attentions, eager_rows(reference, [0, 2, 3], query_mask, key_mask)) > 1e-3
+
+    # the other views agree with `attentions`
+    stacked = capture.stacked()
+    assert stacked.shape == (2, 3, 4, 9, N_IMAGE)
+    for b in range(2):
+        torch.testing.assert_close(stacked[b], capture.attentions[b], rtol=0, atol=0)
+        torch.testing.assert_close(capture.maps(0)[b], expected[b][1], rtol=0, atol=TOL)
+    assert capture.query_counts.tolist() == [9, 9] and capture.key_counts.tolist() == [N_IMAGE, N_IMAGE]
+
+
+def test_capture_examples_with_different_counts():
+    """Examples select different numbers of rows and columns (batched gather with padding)."""
+    model = enable_capture(tiny_llava())
+    eager = eager_copy(model)
+    inputs = llava_batch("right")
+    query_mask = last_tokens(inputs["attention_mask"], 4)
+    query_mask[1] = last_tokens(inputs["attention_mask"], 2)[1]
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    key_mask[1, :10] = False  # example 1 keeps only part of its image
+    key_mask[0, 0] = True  # and example 0 a text column (the <bos>) too
+    with torch.no_grad(), AttentionCapture(model, None, query_mask, key_mask) as capture:
+        model(**inputs)
+        reference = eager(**inputs, output_attentions=True).attentions
+    assert [a.shape for a in capture.attentions] == [(4, 4, 4, N_IMAGE + 1), (4, 4, 2, int(key_mask[1].sum()))]
+    assert max_abs_diff(capture.attentions, eager_rows(reference, [0, 1, 2, 3], query_mask, key_mask)) <= TOL
+    assert capture.stacked().shape == (2, 4, 4, 4, N_IMAGE + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. the transformers-4.39.1 reference (the version the original F-LMM ran on)
+
+
+def test_capture_matches_transformers_439_reference(fixtures_dir):
+    folder = fixtures_dir / "reference" / "attention_llava_t439"
+    info = json.loads((folder / "reference.json").read_text())
+    reference = load_file(folder / "reference.safetensors")
+    # The 4.39 key layout (`language_model.model.*`, ...) is mapped by from_pretrained itself.
+    model, loading = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    enable_capture(model.eval())
+
+    input_ids = torch.tensor([info["input_ids_expanded"]])
+    key_mask = input_ids == info["image_token_id"]
+    assert key_mask[0, slice(*info["image_token_span"])].all() and int(key_mask.sum()) == 576
+    query_mask = torch.zeros_like(key_mask)
+    query_mask[0, slice(*info["answer_token_span"])] = True
+
+    with torch.no_grad(), AttentionCapture(model, None, query_mask, key_mask) as capture:
+        outputs = model(input_ids=input_ids, pixel_values=reference["pixel_values"], output_hidden_states=True)
+    attentions = capture.attentions[0]  # [layers, heads, answer tokens, image tokens]
+    assert attentions.shape == reference["attentions"].shape == (4, 4, 24, 576)
+    assert (attentions - reference["attentions"]).abs().max() <= TOL
+    hidden_states = torch.stack([h[0, query_mask[0]] for h in outputs.hidden_states])
+    assert hidden_states.shape == reference["hidden_states"].shape
+    assert (hidden_states - reference["hidden_states"]).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. generation with a KV cache
+
+
+def extend_inputs(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs of one forward over prompt + generated tokens (per-token inputs extended like `generate` does)."""
+    n_new = sequences.shape[1] - inputs["input_ids"].shape[1]
+    full = dict(inputs, input_ids=sequences)
+    for name in ("attention_mask", "token_type_ids", "mm_token_type_ids"):
+        if name in inputs:
+            fill = 1 if name == "attention_mask" else 0
+            full[name] = torch.cat([inputs[name], inputs[name].new_full((inputs[name].shape[0], n_new), fill)], 1)
+    return full
+
+
+def check_generation(model, inputs, key_mask, layers, prompt_rows: int, max_new_tokens: int = 5) -> float:
+    """Capture during greedy `generate`; compare with eager attention of one forward over the whole sequence."""
+    eager = eager_copy(model)
+    enable_capture(model)
+    prompt_length = inputs["input_ids"].shape[1]
+    query_mask = last_tokens(inputs["attention_mask"], prompt_rows) if prompt_rows else None
+    with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask, generation=True) as capture:
+        sequences = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+        )
+    assert sequences.shape[1] == prompt_length + max_new_tokens
+
+    full = extend_inputs(inputs, sequences)
+    with torch.no_grad():
+        reference = eager(**full, output_attentions=True).attentions
+    # rows: the prompt rows, then the generated tokens that were fed back (all but the last one)
+    rows = torch.zeros_like(sequences, dtype=torch.bool)
+    if prompt_rows:
+        rows[:, :prompt_length] = query_mask
+    rows[:, prompt_length : prompt_length + max_new_tokens - 1] = True
+    columns = torch.zeros_like(rows)
+    columns[:, :prompt_length] = key_mask
+    expected = eager_rows(reference, layers, rows, columns)
+    assert capture.query_counts.tolist() == [prompt_rows + max_new_tokens - 1] * 2
+    assert capture.stacked().shape[3] == prompt_rows + max_new_tokens - 1
+    return max_abs_diff(capture.attentions, expected)
+
+
+@pytest.mark.parametrize("padding", ["left", "none"])
+@pytest.mark.parametrize("prompt_rows", [0, 2])
+def test_capture_during_generation_llava(padding, prompt_rows):
+    model = tiny_llava()
+    inputs = llava_batch(padding)
+    assert check_generation(model, inputs, inputs["input_ids"] == IMAGE_ID, [0, 3], prompt_rows) <= TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_capture_during_generation_families(family):
+    """mrope positions (Qwen2-VL); sliding-window cache layers and a bidirectional image block (Gemma3)."""
+    model, inputs = build_tiny(family, padding_side="left")
+    # key columns: every prompt token, so that Gemma3's sliding window (16) cuts through them
+    key_mask = inputs["attention_mask"].bool()
+    assert check_generation(model, inputs, key_mask, [0, 1], prompt_rows=1) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. SDPA outputs are unchanged
+
+
+def test_outputs_unchanged_by_capture():
+    model = tiny_llava()
+    inputs = llava_batch("left")
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True)
+        enable_capture(model)
+        key_mask = inputs["input_ids"] == IMAGE_ID
+        with AttentionCapture(model, None, inputs["attention_mask"].bool(), key_mask):
+            captured = model(**inputs, output_hidden_states=True)
+    assert torch.equal(plain.logits, captured.logits)
+    for a, b in zip(plain.hidden_states, captured.hidden_states):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. other families: capture == eager
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_matches_eager_families(family, padding_side):
+    model, inputs = build_tiny(family, padding_side=padding_side)
+    eager = eager_copy(model)
+    enable_capture(model)
+    key_mask = image_token_mask(inputs)
+    # answer rows, and the image rows too (bidirectional inside the image for Gemma3 / PaliGemma)
+    query_mask = answer_mask(inputs) | key_mask
+    layers = list(range(len(language_attention_modules(model))))
+    with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask) as capture:
+        model(**inputs)
+        reference = eager(**inputs, output_attentions=True).attentions
+    assert inputs["input_ids"].shape[0] >= 2
+    assert max_abs_diff(capture.attentions, eager_rows(reference, layers, query_mask, key_mask)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API: modules, errors, clean-up
+
+
+def test_selected_attention_probs_mask_kinds():
+    """Boolean, additive float (per head) and None masks give eager's softmax; GQA repeats the key heads."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, generator=generator)
+    key = torch.randn(2, 2, 7, 8, generator=generator)  # 2 key heads for 4 query heads
+    rows = torch.tensor([[0, 4], [3, 1]])
+    scores = query @ key.repeat_interleave(2, dim=1).transpose(2, 3) * 0.3  # [batch, heads, query, key]
+    allowed = torch.rand(2, 4, 5, 7, generator=generator) > 0.4
+    allowed[..., 0] = True
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = (scores + additive).softmax(-1)
+    picked = torch.stack([expected[b][:, rows[b]] for b in range(2)])
+    for mask in (allowed, additive):
+        probs = selected_attention_probs(query, key, mask, rows, scaling=0.3, num_key_value_groups=2)
+        assert (probs - picked).abs().max() <= 1e-6
+    # None: sdpa's causal (upper-left: query i sees keys 0..i), or everything when not causal
+    causal = torch.ones(5, 7, dtype=torch.bool).tril()
+    expected = scores.masked_fill(~causal, torch.finfo(torch.float32).min).softmax(-1)
+    probs = selected_attention_probs(query, key, None, rows, scaling=0.3, num_key_value_groups=2)
+    assert (probs - torch.stack([expected[b][:, rows[b]] for b in range(2)])).abs().max() <= 1e-6
+    probs = selected_attention_probs(query, key, None, rows, scaling=0.3, is_causal=False, num_key_value_groups=2)
+    assert (probs - torch.stack([scores.softmax(-1)[b][:, rows[b]] for b in range(2)])).abs().max() <= 1e-6
+
+
+def test_enable_and_disable_capture():
+    model = tiny_llava()
+    assert enable_capture(model) is model
+    assert all(m.config._attn_implementation == ATTN_IMPLEMENTATION for m in language_attention_modules(model))
+    disable_capture(model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="enable_capture"):
+        AttentionCapture(model, None, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_language_attention_modules_in_layer_order():
+    model = tiny_llava()
+    modules = language_attention_modules(model)
+    assert [m.layer_idx for m in modules] == [0, 1, 2, 3]
+    assert all(m is layer.self_attn for m, layer in zip(modules, model.model.language_model.layers))
+
+
+def test_errors():
+    model = tiny_llava()
+    inputs = llava_batch("right")
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 2)
+    with pytest.raises(ValueError, match="enable_capture"):
+        AttentionCapture(model, None, query_mask, key_mask)
+    enable_capture(model)
+    with pytest.raises(IndexError, match="out of range"):
+        AttentionCapture(model, [4], query_mask, key_mask)
+    with pytest.raises(ValueError, match="Duplicate"):
+        AttentionCapture(model, [1, -3], query_mask, key_mask)
+    with pytest.raises(ValueError, match="same shape"):
+        AttentionCapture(model, None, query_mask[:, 1:], key_mask)
+    with pytest.raises(ValueError, match="BoolTensor"):
+        AttentionCapture(model, None, query_mask.long(), key_mask)
+    with pytest.raises(ValueError, match="BoolTensor"):
+        AttentionCapture(model, None, query_mask[0], key_mask[0])
+    with pytest.raises(ValueError, match="query_mask"):
+        AttentionCapture(model, None, None, key_mask)
+
+    with torch.no_grad():
+        capture = AttentionCapture(model, [1], query_mask, key_mask)
+        with pytest.raises(RuntimeError, match="No forward pass"):
+            capture.attentions
+        with capture:
+            with pytest.raises(RuntimeError, match="already captured"):
+                AttentionCapture(model, [1], query_mask, key_mask).__enter__()
+            with pytest.raises(ValueError, match="batch"):
+                model(**{k: v[:1] for k, v in inputs.items()})
+        with AttentionCapture(model, [1], query_mask, key_mask) as capture:
+            model(**inputs)
+            with pytest.raises(RuntimeError, match="ran twice"):
+                model(**inputs)
+        with pytest.raises(KeyError, match="not captured"):
+            capture.maps(0)
+        short = {k: v[:, :-1] if k != "pixel_values" else v for k, v in inputs.items()}
+        with pytest.raises(ValueError, match="query tokens"), AttentionCapture(model, [1], query_mask, key_mask):
+            model(**short)
+
+    # after the `with` blocks nothing is left on the modules: outputs run without capture
+    assert not any(hasattr(m, "_flmm_attention_capture") for m in language_attention_modules(model))
+    with torch.no_grad():
+        model(**inputs)
