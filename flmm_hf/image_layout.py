@@ -1,0 +1,537 @@
+"""Where the image tokens of each backbone family sit, arranged in image geometry.
+
+F-LMM reads attention from text tokens to image tokens and reshapes the image axis to the
+image's spatial grid (method.md 3.2-3.3). Every backbone family lays its image tokens out
+differently, so each family gets one small adapter (an :class:`ImageLayout`) that answers,
+for one example:
+
+* ``grids(input_ids, image_inputs)`` -> a list of ``num_grids`` LongTensors ``[h_g, w_g]``
+  holding the SEQUENCE POSITIONS of the image tokens, row-major in image geometry
+  (``grid[r, c]`` is the position of the token that looks at row ``r``, column ``c``);
+* ``num_grids``: constant per backbone config, so the mask head's input width is fixed;
+* ``main_grid``: the index of the grid whose size every grid is resized to by
+  :meth:`ImageLayout.merge` / :func:`merge_grids` (channels are concatenated in grid order).
+
+Image tokens are ``input_ids == config.image_token_id`` (``image_token_index`` in older
+configs; for Gemma3 it is the id of the MODEL config, not the processor's boi token).
+
+Grid -> original image. Every grid of every family spans the whole *canvas* the LMM saw
+(``canvas_sizes`` in the processor output: the letterboxed square in reproduction mode, the
+original image for native dynamic-resolution processors): cell ``(r, c)`` of an ``h x w`` grid
+covers ``[r * H / h, (r + 1) * H / h) x [c * W / w, (c + 1) * W / w)`` of a canvas ``H x W``
+(:func:`cell_box`, :func:`cell_at`). This holds because the tiles of the tiled families
+partition the resized image, the global / thumbnail / base views are the whole image resized,
+and the dynamic-resolution families resize the whole image (to multiples of their patch size,
+so the mapping is exact up to that rounding; LLaVA-NeXT's un-padded grid is exact up to the
+one-cell rounding of ``unpad_image``).
+
+``image_inputs`` of one example is a mapping holding that example's row of the per-image
+inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
+``image_rows`` / ``image_cols``, ``tile_grid``); :func:`example_image_inputs` picks them
+from a batch. One image per example is supported.
+
+To support a new family: subclass :class:`ImageLayout`, implement ``grids`` and
+register it with :func:`register_image_layout`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# per-example image inputs an adapter may read (everything else, e.g. pixel_values, is ignored)
+PER_EXAMPLE_KEYS = (
+    "image_sizes",
+    "image_grid_thw",
+    "original_sizes",
+    "image_rows",
+    "image_cols",
+    "rows",  # Idefics3/SmolVLM image processors' names for image_rows / image_cols
+    "cols",
+    "tile_grid",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def image_token_id(config) -> int:
+    """The image placeholder id of a multimodal config (``image_token_id`` or ``image_token_index``)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        f"The {getattr(config, 'model_type', type(config).__name__)!r} config has no image_token_id / "
+        "image_token_index: cannot find its image tokens."
+    )
+
+
+def _row(value) -> list[int]:
+    """One example's row of a per-image input as a flat list of ints; rejects several images."""
+    t = torch.as_tensor(value)
+    if t.dim() > 1:
+        if t.shape[0] != 1:
+            raise ValueError(
+                f"Got image inputs for {t.shape[0]} images in one example; only one image per example is supported."
+            )
+        t = t[0]
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _image_positions(input_ids: torch.Tensor, token_id: int) -> torch.LongTensor:
+    if input_ids.dim() != 1:
+        raise ValueError(f"grids() takes one example's input_ids [L], got shape {tuple(input_ids.shape)}")
+    return torch.nonzero(input_ids == token_id).flatten()
+
+
+def _check_count(model_type: str, found: int, expected: int, detail: str = "") -> None:
+    """Clear errors for a placeholder count that does not match what the image inputs imply."""
+    if found == expected:
+        return
+    if expected > 0 and found > expected and found % expected == 0:
+        raise ValueError(
+            f"{model_type}: the example has {found} image tokens, {found // expected} times the {expected} "
+            "of one image; only one image per example is supported."
+        )
+    raise ValueError(
+        f"{model_type}: token count mismatch: input_ids hold {found} image tokens but the image inputs "
+        f"give {expected}{' (' + detail + ')' if detail else ''}."
+    )
+
+
+def _count_runs(input_ids: torch.Tensor, token_id: int) -> int:
+    """Number of maximal runs of consecutive image tokens."""
+    is_img = (input_ids == token_id).long()
+    starts = is_img.clone()
+    starts[1:] = is_img[1:] & (1 - is_img[:-1])
+    return int(starts.sum())
+
+
+def _tile_grid_from_aspect(n_tiles: int, original_size: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == n_tiles whose aspect ratio cols/rows is closest to W/H.
+
+    Tiling processors (InternVL's GotOcr2 ``crop_to_patches``, Idefics3's splitting) choose the
+    tile grid from the image's aspect ratio; given the number of tiles they produced, the chosen
+    grid is the factorisation closest in (log) aspect ratio. Used when the processor output
+    carries no explicit row/column counts.
+    """
+    h, w = (float(v) for v in original_size)
+    target = math.log(w / h)
+    pairs = [(r, n_tiles // r) for r in range(1, n_tiles + 1) if n_tiles % r == 0]
+    return min(pairs, key=lambda rc: (abs(math.log(rc[1] / rc[0]) - target), rc[0]))
+
+
+def _stitch(tiles: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """Row-major tiles [s, s] -> one [rows*s, cols*s] grid."""
+    return torch.cat([torch.cat(tiles[r * cols : (r + 1) * cols], dim=1) for r in range(rows)], dim=0)
+
+
+def merge_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> torch.Tensor:
+    """Resize every grid's maps to the main grid's size and concatenate their channels.
+
+    Args:
+        maps_per_grid: one tensor ``[K, C, h_g, w_g]`` per grid (K phrases, C = layers*heads).
+        main_grid: index of the grid whose ``(h, w)`` the others are resized to.
+
+    Returns:
+        ``[K, num_grids * C, h, w]``, channels in grid order. Resizing is bilinear with
+        ``align_corners=False`` (as the reference does for LLaVA-NeXT); the main grid is untouched.
+    """
+    if not maps_per_grid:
+        raise ValueError("merge_grids needs at least one grid")
+    size = tuple(maps_per_grid[main_grid].shape[-2:])
+    out = []
+    for maps in maps_per_grid:
+        if maps.dim() != 4:
+            raise ValueError(f"each grid's maps must be [K, C, h, w], got shape {tuple(maps.shape)}")
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        out.append(maps)
+    return torch.cat(out, dim=1)
+
+
+def cell_box(row: int, col: int, grid_size: Sequence[int], canvas_size: Sequence[int]) -> tuple[float, ...]:
+    """(top, left, bottom, right) in canvas pixels covered by cell ``(row, col)`` of a grid."""
+    gh, gw = grid_size
+    ch, cw = (float(v) for v in canvas_size)
+    return (row * ch / gh, col * cw / gw, (row + 1) * ch / gh, (col + 1) * cw / gw)
+
+
+def cell_at(y: float, x: float, grid_size: Sequence[int], canvas_size: Sequence[int]) -> tuple[int, int]:
+    """The (row, col) of the grid cell that covers canvas pixel (y, x)."""
+    gh, gw = grid_size
+    ch, cw = (float(v) for v in canvas_size)
+    return min(int(y * gh / ch), gh - 1), min(int(x * gw / cw), gw - 1)
+
+
+def example_image_inputs(inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Example ``index``'s row of the per-example image inputs a layout reads (see PER_EXAMPLE_KEYS).
+
+    Only valid with one image per example (then per-image rows are per-example rows).
+    """
+    out = {}
+    for key in PER_EXAMPLE_KEYS:
+        value = inputs.get(key)
+        if value is not None:
+            out[key] = torch.as_tensor(value)[index]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+class ImageLayout:
+    """Base adapter: one backbone config's image-token geometry.
+
+    Attributes:
+        model_type: the config's ``model_type``.
+        image_token_id: the placeholder id of image tokens.
+        num_grids: grids returned per example (constant for a config).
+        main_grid: index of the grid the others are resized to by :meth:`merge`.
+        grid_names: a short name per grid, for documentation and debugging.
+    """
+
+    num_grids: int = 1
+    main_grid: int = 0
+    grid_names: tuple[str, ...] = ("image",)
+
+    def __init__(self, config):
+        self.config = config
+        self.model_type = getattr(config, "model_type", type(config).__name__)
+        self.image_token_id = image_token_id(config)
+
+    def grids(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Sequence positions of one example's image tokens: ``num_grids`` LongTensors [h_g, w_g]."""
+        raise NotImplementedError
+
+    def batch_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``grids`` of every example of a padded processor batch."""
+        return [
+            self.grids(inputs["input_ids"][b], example_image_inputs(inputs, b))
+            for b in range(inputs["input_ids"].shape[0])
+        ]
+
+    def merge(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:func:`merge_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
+        if len(maps_per_grid) != self.num_grids:
+            raise ValueError(f"{self.model_type}: expected {self.num_grids} grids, got {len(maps_per_grid)}")
+        return merge_grids(maps_per_grid, self.main_grid)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_type={self.model_type!r}, grids={self.grid_names}, main={self.main_grid})"
+
+
+class SquareLayout(ImageLayout):
+    """A fixed ``side x side`` grid of consecutive image tokens (PaliGemma, Gemma3, DeepSeek-VL, LLaVA).
+
+    ``side`` None means "take it from the token count" (generic fallback); a count that is not
+    a perfect square is then an error.
+    """
+
+    def __init__(self, config, side: int | None, n_extra_leading: int = 0):
+        super().__init__(config)
+        self.side = side
+        # leading tokens that are not patches (a CLS kept by vision_feature_select_strategy="full")
+        self.n_extra_leading = n_extra_leading
+
+    def grids(self, input_ids, image_inputs=None):
+        pos = _image_positions(input_ids, self.image_token_id)
+        side = self.side
+        if side is None:
+            side = math.isqrt(pos.numel())
+            if side * side != pos.numel() or side == 0:
+                raise _unknown_family_error(self.model_type, pos.numel())
+        _check_count(self.model_type, pos.numel(), side * side + self.n_extra_leading,
+                     f"a {side}x{side} grid" + (f" + {self.n_extra_leading} CLS" if self.n_extra_leading else ""))
+        if _count_runs(input_ids, self.image_token_id) != 1:
+            raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is supported.")
+        return [pos[self.n_extra_leading :].view(side, side)]
+
+
+def _llava_side(config) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def _has_cls(vision_config) -> bool:
+    # CLIP-style towers prepend a CLS token; SigLIP and most others do not
+    return getattr(vision_config, "model_type", "").startswith("clip")
+
+
+class LlavaLayout(SquareLayout):
+    """LLaVA(-1.5): ``P x P`` with ``P = image_size // patch_size``.
+
+    With ``vision_feature_select_strategy == "full"`` and a CLS-bearing tower (CLIP) the
+    first image token is the CLS feature: it has no place in the grid and is dropped.
+    """
+
+    def __init__(self, config):
+        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        super().__init__(config, _llava_side(config), int(full and _has_cls(config.vision_config)))
+
+
+def _llava_next_unpadded_shape(config, image_size: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of LLaVA-NeXT's un-padded high-res grid for an original image size (H, W).
+
+    Mirrors ``LlavaNextModel.pack_image_features`` + ``unpad_image``: the best pinpoint
+    resolution is tiled into base-size crops, each crop gives ``P x P`` features, and the rows
+    (or columns) added by the aspect-preserving padding are cut off.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    size = config.vision_config.image_size
+    p = size // config.vision_config.patch_size
+    best_h, best_w = select_best_resolution(list(image_size), config.image_grid_pinpoints)
+    n_h, n_w = best_h // size, best_w // size
+    cur_h, cur_w = p * n_h, p * n_w
+    h, w = image_size
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        cur_h -= ((cur_h - new_h) // 2) * 2
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        cur_w -= ((cur_w - new_w) // 2) * 2
+    return cur_h, cur_w
+
+
+class LlavaNextLayout(ImageLayout):
+    """LLaVA-NeXT: [base ``P x P`` grid, un-padded high-res grid]; the high-res grid is main.
+
+    Sequence: ``P*P`` base tokens, then the high-res grid row by row, each row followed by
+    one ``image_newline`` token (also an image placeholder; its column is dropped). As in the
+    reference F-LMM, both grids are resized to the high-res grid size and concatenated
+    (base first). Needs ``image_sizes`` (the ORIGINAL H, W the processor reports).
+    If ``pixel_values`` hold the base crop only, the model keeps the base features (+ one
+    newline); the base grid is then returned twice so that ``num_grids`` stays 2.
+    """
+
+    num_grids = 2
+    main_grid = 1
+    grid_names = ("base", "high_res")
+
+    def grids(self, input_ids, image_inputs=None):
+        if image_inputs is None or "image_sizes" not in image_inputs:
+            raise ValueError("llava_next: grids() needs image_inputs['image_sizes'] (the original H, W)")
+        hw = _row(image_inputs["image_sizes"])
+        pos = _image_positions(input_ids, self.image_token_id)
+        p = _llava_side(self.config)
+        base = p * p
+        if _count_runs(input_ids, self.image_token_id) != 1:
+            raise ValueError("llava_next: image tokens are not contiguous; only one image per example is supported.")
+        if pos.numel() == base + 1:
+            # pixel_values with the base crop only: the model appends one newline to the base
+            grid = pos[:base].view(p, p)
+            return [grid, grid]
+        h, w = _llava_next_unpadded_shape(self.config, hw)
+        _check_count(self.model_type, pos.numel(), base + h * (w + 1),
+                     f"{p}x{p} base + {h}x{w} high-res + {h} newlines for image size {tuple(hw)}")
+        return [pos[:base].view(p, p), pos[base:].view(h, w + 1)[:, :-1]]
+
+
+class QwenVLLayout(ImageLayout):
+    """Qwen2-VL / Qwen2.5-VL: ``(h / m) x (w / m)`` merged tokens from ``image_grid_thw = (t, h, w)``.
+
+    ``m = vision_config.spatial_merge_size``. The vision tower returns merged tokens row-major
+    (Qwen2.5-VL's window reordering is undone inside the tower), wrapped in
+    ``<|vision_start|> ... <|vision_end|>`` (not image tokens). Images have ``t == 1``.
+    """
+
+    def grids(self, input_ids, image_inputs=None):
+        if image_inputs is None or "image_grid_thw" not in image_inputs:
+            raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_grid_thw']")
+        t, h, w = _row(image_inputs["image_grid_thw"])
+        if t != 1:
+            raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
+        m = self.config.vision_config.spatial_merge_size
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}")
+        return [pos.view(h // m, w // m)]
+
+
+class Mistral3Layout(ImageLayout):
+    """Mistral3 (Pixtral tower): ``(H / s) x (W / s)`` with ``s = patch_size * spatial_merge_size``.
+
+    ``image_sizes`` holds the PROCESSED image size (H, W). Each row of ``[IMG]`` tokens is
+    followed by ``[IMG_BREAK]`` (``[IMG_END]`` after the last): they are not image tokens,
+    so the image tokens alone reshape to the grid.
+    """
+
+    def grids(self, input_ids, image_inputs=None):
+        if image_inputs is None or "image_sizes" not in image_inputs:
+            raise ValueError("mistral3: grids() needs image_inputs['image_sizes'] (the processed H, W)")
+        H, W = _row(image_inputs["image_sizes"])
+        s = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        h, w = H // s, W // s
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), h * w, f"{h}x{w} for processed size {(H, W)}")
+        if _count_runs(input_ids, self.image_token_id) != h:
+            raise ValueError(f"mistral3: expected {h} rows of image tokens separated by [IMG_BREAK]")
+        return [pos.view(h, w)]
+
+
+class TiledLayout(ImageLayout):
+    """Tiles stitched row-major into one grid + the global view: Idefics3/SmolVLM and InternVL.
+
+    Grids: [tiles stitched into ``rows*s x cols*s``, global view ``s x s``]; the tile grid is
+    main. Each tile (and the global view) gives ``s x s`` tokens, ``s * s = seq_len``.
+
+    * Idefics3/SmolVLM: tiles first (row-major, each after ``<fake_token_around_image>
+      <row_i_col_j>``), then the global view. Not split (``rows == cols == 0``): only the
+      global view.
+    * InternVL: ``<img>`` + tiles row-major + thumbnail + ``</img>``; a single tile has no
+      thumbnail.
+
+    When the image is not split there is one view: it is returned as both grids, so
+    ``num_grids`` stays 2 and the channels keep their meaning (tiles ~ global when whole).
+    The tile counts come from ``image_rows`` / ``image_cols`` (Idefics3 processor with
+    ``return_row_col_info``), ``tile_grid`` = (rows, cols), or else from the number of tiles
+    and ``original_sizes`` (the factorisation closest to the image's aspect ratio).
+    """
+
+    num_grids = 2
+    main_grid = 0
+    grid_names = ("tiles", "global")
+
+    def __init__(self, config, seq_len: int):
+        super().__init__(config)
+        self.side = math.isqrt(seq_len)
+        if self.side * self.side != seq_len:
+            raise ValueError(f"{self.model_type}: {seq_len} tokens per tile is not a square grid")
+        self.seq_len = seq_len
+
+    def _rows_cols(self, n_tiles: int, image_inputs: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        for r_key, c_key in (("image_rows", "image_cols"), ("rows", "cols")):
+            if r_key in image_inputs and c_key in image_inputs:
+                return _row(image_inputs[r_key])[0], _row(image_inputs[c_key])[0]
+        if "tile_grid" in image_inputs:
+            r, c = _row(image_inputs["tile_grid"])
+            return r, c
+        if "original_sizes" in image_inputs:
+            return _tile_grid_from_aspect(n_tiles, _row(image_inputs["original_sizes"]))
+        raise ValueError(
+            f"{self.model_type}: the image was split into {n_tiles} tiles; grids() needs image_inputs with "
+            "'image_rows'/'image_cols', 'tile_grid' or 'original_sizes' to know their arrangement."
+        )
+
+    def grids(self, input_ids, image_inputs=None):
+        image_inputs = image_inputs or {}
+        pos = _image_positions(input_ids, self.image_token_id)
+        n_views, rem = divmod(pos.numel(), self.seq_len)
+        if rem or n_views == 0:
+            raise ValueError(
+                f"{self.model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
+                f"of the {self.seq_len} tokens per tile."
+            )
+        views = [v.view(self.side, self.side) for v in pos.split(self.seq_len)]
+        if n_views == 1:
+            return [views[0], views[0]]
+        rows, cols = self._rows_cols(n_views - 1, image_inputs)
+        if rows * cols == 0:  # Idefics3 "not split" but several views: more than one image
+            _check_count(self.model_type, pos.numel(), self.seq_len, "one unsplit image")
+        _check_count(self.model_type, pos.numel(), (rows * cols + 1) * self.seq_len,
+                     f"{rows}x{cols} tiles + a global view of {self.seq_len} tokens each")
+        return [_stitch(views[:-1], rows, cols), views[-1]]
+
+
+class Idefics3Layout(TiledLayout):
+    """Idefics3 / SmolVLM: ``seq_len = (image_size // patch_size)**2 / scale_factor**2`` per view."""
+
+    def __init__(self, config):
+        vc = config.vision_config
+        seq_len = (vc.image_size // vc.patch_size) ** 2 // (config.scale_factor**2)
+        super().__init__(config, seq_len)
+
+
+class InternVLLayout(TiledLayout):
+    """InternVL: ``image_seq_length`` tokens per view; assumes the processor's default
+    ``use_thumbnail=True`` (several tiles are followed by a thumbnail of the whole image)."""
+
+    def __init__(self, config):
+        super().__init__(config, config.image_seq_length)
+
+    def grids(self, input_ids, image_inputs=None):
+        # InternVL wraps all views of one image in a single <img> ... </img> run
+        if _count_runs(input_ids, self.image_token_id) > 1:
+            raise ValueError("internvl: several runs of image tokens; only one image per example is supported.")
+        return super().grids(input_ids, image_inputs)
+
+
+def _paligemma(config) -> ImageLayout:
+    return SquareLayout(config, _llava_side(config))
+
+
+def _gemma3(config) -> ImageLayout:
+    # the projector average-pools the patch grid to sqrt(mm_tokens_per_image) per side
+    side = math.isqrt(config.mm_tokens_per_image)
+    if side * side != config.mm_tokens_per_image:
+        raise ValueError(f"gemma3: mm_tokens_per_image={config.mm_tokens_per_image} is not square")
+    return SquareLayout(config, side)
+
+
+_LAYOUTS: dict[str, Callable[[object], ImageLayout]] = {
+    "llava": LlavaLayout,
+    "llava_next": LlavaNextLayout,
+    "qwen2_vl": QwenVLLayout,
+    "qwen2_5_vl": QwenVLLayout,
+    "paligemma": _paligemma,
+    "gemma3": _gemma3,
+    "deepseek_vl": lambda config: SquareLayout(config, _llava_side(config)),
+    "idefics3": Idefics3Layout,
+    "smolvlm": Idefics3Layout,
+    "internvl": InternVLLayout,
+    "mistral3": Mistral3Layout,
+}
+
+
+def register_image_layout(model_type: str, factory: Callable[[object], ImageLayout]) -> None:
+    """Make ``get_image_layout`` use ``factory(config)`` for configs of ``model_type``."""
+    _LAYOUTS[model_type] = factory
+
+
+def _unknown_family_error(model_type: str, count: int | None) -> ValueError:
+    what = f"{count} image tokens, not a square grid" if count is not None else "no known image-token count"
+    return ValueError(
+        f"No image layout for model_type {model_type!r} ({what}). Add an adapter: subclass "
+        "flmm_hf.image_layout.ImageLayout with a grids() that returns the image tokens' sequence positions "
+        f"in image geometry, and call register_image_layout({model_type!r}, YourLayout)."
+    )
+
+
+def _config_token_count(config) -> int | None:
+    """Image tokens per image an unknown family's config implies, if it says."""
+    for name in ("image_seq_length", "mm_tokens_per_image", "num_image_tokens"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    vc = getattr(config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+        return (size // patch) ** 2
+    return None
+
+
+def get_image_layout(lmm_config) -> ImageLayout:
+    """The image-layout adapter of a multimodal backbone config (dispatch on ``model_type``).
+
+    Unknown families fall back to a square grid when their image-token count (from the config,
+    or else from each example's input_ids) is a perfect square, with a warning; otherwise a
+    ValueError explains how to add an adapter.
+    """
+    model_type = getattr(lmm_config, "model_type", None)
+    if model_type in _LAYOUTS:
+        return _LAYOUTS[model_type](lmm_config)
+    count = _config_token_count(lmm_config)
+    if count is not None and math.isqrt(count) ** 2 != count:
+        raise _unknown_family_error(model_type, count)
+    logger.warning(
+        f"No image layout for model_type {model_type!r}: assuming its image tokens form one square grid "
+        f"({'%d tokens' % count if count is not None else 'size from the token count'}), row-major. "
+        "Check this, or register an adapter with register_image_layout()."
+    )
+    return SquareLayout(lmm_config, math.isqrt(count) if count is not None else None)

@@ -1,0 +1,424 @@
+"""Tiny random vision-language models and padded batches, one per supported backbone family.
+
+Every test that needs an LMM builds it here from a config (nothing is downloaded): a few
+layers, hidden size 32, grouped-query attention where the family supports it, small images.
+The batch is what the family's processor would give for two examples of different lengths
+with one image each:
+
+* ``pixel_values`` and the extra image inputs (``image_sizes``, ``image_grid_thw``,
+  ``pixel_attention_mask``, ...) come from the family's REAL image processor (the PIL
+  backend, which needs no download), configured for the tiny image size;
+* ``input_ids`` are built by hand, because tokenizers cannot be downloaded: text tokens are
+  random ids that are not special, and the image block repeats the processor's placeholder
+  layout (image tokens plus the family's wrapper/break tokens), with counts computed from
+  the config and the image inputs exactly as the processor computes them.
+
+Each example reads ``[prefix text][image block][2 text tokens][answer: N_ANSWER tokens]``
+(PaliGemma puts the image first, as its processor does). The prefixes differ in length, so
+the batch needs padding; ``answer_mask(inputs)`` marks the answer tokens, which later tests
+use as query rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+import transformers
+from transformers import AutoModelForImageTextToText
+
+FAMILIES: list[str] = [
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "paligemma",
+    "gemma3",
+    "deepseek_vl",
+    "idefics3",
+    "smolvlm",
+    "internvl",
+    "mistral3",
+]
+
+N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
+
+# Token ids. The vocabulary is tiny; ids >= SPECIAL_START are reserved for special tokens so
+# that random text never collides with them.
+VOCAB = 256
+PAD_ID = 0
+BOS_ID = 1
+SPECIAL_START = 240
+IMAGE_ID = 250  # the image placeholder in every family
+WRAP_OPEN_ID = 245  # <vision_start>, <img>, <start_of_image>, <fake_token_around_image>
+WRAP_CLOSE_ID = 246  # <vision_end>, </img>, <end_of_image>, <global-img>
+BREAK_ID = 248  # mistral3 [IMG_BREAK]
+END_ID = 249  # mistral3 [IMG_END]
+NEWLINE_ID = 13  # an ordinary text token standing for "\n"
+ROW_COL_START = 200  # idefics3 <row_i_col_j> tokens (plain added tokens, not image tokens)
+
+# Original image sizes (H, W) of the two examples. Fixed-size families get squares because in
+# F-LMM's reproduction mode their images are letterboxed to a square before the processor.
+SQUARE_SIZES = [(40, 40), (56, 56)]
+FREE_SIZES = [(40, 60), (60, 30)]
+
+_SMALL_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=512,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=2,
+)
+_SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+@dataclass
+class FamilySpec:
+    """How to build one family: its config, its image processor and its placeholder layout."""
+
+    config: transformers.PretrainedConfig
+    image_processor: object
+    image_sizes: list[tuple[int, int]]
+    # (image processor output, example index) -> token ids of that example's image block
+    image_block: Callable[[dict, int], list[int]]
+    image_first: bool = False  # PaliGemma: image tokens, then <bos>, then text
+    # image-processor output keys the model does not take (kept out of the inputs)
+    drop_keys: tuple[str, ...] = ()
+    # extra per-token inputs, built from the finished token ids: name -> ids -> values
+    token_inputs: dict[str, Callable[[list[int], int], list[int]]] = field(default_factory=dict)
+
+
+def _llama(**overrides) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(**{**_SMALL_TEXT, **overrides})
+
+
+def _spec_llava() -> FamilySpec:
+    vision = transformers.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32)
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=_llama(),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # drop CLS: P*P tokens
+    )
+    proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    n = (28 // 4) ** 2
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n)
+
+
+def _llava_next_count(config, orig_hw: tuple[int, int]) -> int:
+    """Image tokens of one LLaVA-NeXT image, as LlavaNextProcessor._get_number_of_features counts them."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    size = config.vision_config.image_size
+    p = size // config.vision_config.patch_size
+    best_h, best_w = select_best_resolution(list(orig_hw), config.image_grid_pinpoints)
+    cur_h, cur_w = p * (best_h // size), p * (best_w // size)
+    h, w = orig_hw
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        cur_h -= ((cur_h - new_h) // 2) * 2
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        cur_w -= ((cur_w - new_w) // 2) * 2
+    # base grid + un-padded high-res grid + one newline per high-res row (all image tokens)
+    return p * p + cur_h * cur_w + cur_h
+
+
+def _spec_llava_next() -> FamilySpec:
+    vision = transformers.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32)
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    config = transformers.LlavaNextConfig(
+        vision_config=vision,
+        text_config=_llama(),
+        image_token_id=IMAGE_ID,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    proc = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+    )
+
+    def block(inp: dict, b: int) -> list[int]:
+        hw = tuple(int(v) for v in inp["image_sizes"][b])
+        return [IMAGE_ID] * _llava_next_count(config, hw)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _mm_token_type_ids(ids: list[int], image_id: int) -> list[int]:
+    return [1 if t == image_id else 0 for t in ids]
+
+
+def _spec_qwen(version: str) -> FamilySpec:
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    if version == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config_cls = transformers.Qwen2VLConfig
+    else:
+        # window_size 16 px = 2x2 merged tokens: the vision tower reorders tokens by window,
+        # which the geometry test must see undone.
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                      fullatt_block_indexes=[1])
+        config_cls = transformers.Qwen2_5_VLConfig
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_ID,
+        video_token_id=IMAGE_ID - 1,
+        vision_start_token_id=WRAP_OPEN_ID,
+        vision_end_token_id=WRAP_CLOSE_ID,
+    )
+    proc = transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+    )
+
+    def block(inp: dict, b: int) -> list[int]:
+        n = int(inp["image_grid_thw"][b].prod()) // 4  # merge_size ** 2 patches per token
+        return [WRAP_OPEN_ID] + [IMAGE_ID] * n + [WRAP_CLOSE_ID]
+
+    return FamilySpec(config, proc, FREE_SIZES, block,
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_paligemma() -> FamilySpec:
+    vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
+    text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
+    config = transformers.PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_ID, projection_dim=32, hidden_size=32
+    )
+    proc = transformers.SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    n = (28 // 4) ** 2
+
+    def token_type_ids(ids: list[int], n_real: int) -> list[int]:
+        # PaliGemmaProcessor: 0 for the prefix (image + prompt, attended bidirectionally),
+        # 1 for the suffix; here the answer is the suffix.
+        return [0] * (n_real - N_ANSWER) + [1] * N_ANSWER
+
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n, image_first=True,
+                      token_inputs={"token_type_ids": token_type_ids})
+
+
+def _spec_gemma3() -> FamilySpec:
+    vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=32, patch_size=4)
+    text = transformers.Gemma3TextConfig(**_SMALL_TEXT, head_dim=8, sliding_window=16)
+    # 8x8 patches average-pooled to 4x4 = 16 tokens per image
+    config = transformers.Gemma3Config(
+        vision_config=vision, text_config=text, mm_tokens_per_image=16,
+        boi_token_index=WRAP_OPEN_ID, eoi_token_index=WRAP_CLOSE_ID, image_token_index=IMAGE_ID,
+    )
+    proc = transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return FamilySpec(
+        config, proc, SQUARE_SIZES,
+        lambda inp, b: [NEWLINE_ID, WRAP_OPEN_ID] + [IMAGE_ID] * 16 + [WRAP_CLOSE_ID, NEWLINE_ID],
+        drop_keys=("num_crops",),
+        # Gemma3Processor: token_type_ids = 1 on image tokens (bidirectional image block)
+        token_inputs={"token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)},
+    )
+
+
+def _spec_deepseek_vl() -> FamilySpec:
+    vision = dict(model_type="siglip_vision_model", **_SMALL_VISION, image_size=28, patch_size=4)
+    config = transformers.DeepseekVLConfig(text_config=_llama().to_dict(), vision_config=vision,
+                                           image_token_id=IMAGE_ID)
+    proc = transformers.DeepseekVLImageProcessorPil(size={"height": 28, "width": 28})
+    n = (28 // 4) ** 2
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n)
+
+
+def _spec_idefics3(family: str) -> FamilySpec:
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4)
+    if family == "idefics3":
+        config_cls, proc_cls = transformers.Idefics3Config, transformers.Idefics3ImageProcessorPil
+    else:
+        config_cls, proc_cls = transformers.SmolVLMConfig, transformers.SmolVLMImageProcessorPil
+    config = config_cls(vision_config=vision, text_config=_llama().to_dict(), image_token_id=IMAGE_ID,
+                        scale_factor=2)
+    # longest side resized to 64 then split into 32x32 tiles (+ the global 32x32 view)
+    proc = proc_cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True,
+                    return_row_col_info=True)
+    seq_len = (32 // 4) ** 2 // 4  # image_seq_len = (P*P) / scale_factor**2
+
+    def block(inp: dict, b: int) -> list[int]:
+        rows, cols = int(inp["rows"][b][0]), int(inp["cols"][b][0])
+        ids: list[int] = []
+        if rows == 0 and cols == 0:
+            return [WRAP_OPEN_ID, WRAP_CLOSE_ID] + [IMAGE_ID] * seq_len + [WRAP_OPEN_ID]
+        for r in range(rows):
+            for c in range(cols):
+                # <fake_token_around_image><row_r_col_c> + image tokens
+                ids += [WRAP_OPEN_ID, ROW_COL_START + r * 6 + c] + [IMAGE_ID] * seq_len
+            ids.append(NEWLINE_ID)
+        # "\n<fake_token_around_image><global-img>" + image tokens + "<fake_token_around_image>"
+        ids += [NEWLINE_ID, WRAP_OPEN_ID, WRAP_CLOSE_ID] + [IMAGE_ID] * seq_len + [WRAP_OPEN_ID]
+        return ids
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("rows", "cols"))
+
+
+def _spec_internvl() -> FamilySpec:
+    vision = transformers.InternVLVisionConfig(**_SMALL_VISION, image_size=[32, 32], patch_size=[4, 4])
+    text = transformers.Qwen2Config(**_SMALL_TEXT)
+    config = transformers.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                                         image_seq_length=16, downsample_ratio=0.5)
+    proc = transformers.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=6)
+
+    def block(inp: dict, b: int) -> list[int]:
+        # InternVLProcessor: <img> + <IMG_CONTEXT> * image_seq_length * num_patches + </img>
+        return [WRAP_OPEN_ID] + [IMAGE_ID] * (16 * int(inp["num_patches"][b])) + [WRAP_CLOSE_ID]
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("num_patches",))
+
+
+def _spec_mistral3() -> FamilySpec:
+    vision = transformers.PixtralVisionConfig(**_SMALL_VISION, image_size=64, patch_size=4, head_dim=8)
+    text = transformers.MistralConfig(**_SMALL_TEXT, head_dim=8)
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                                         spatial_merge_size=2, vision_feature_layer=-1)
+    # Mistral3's processor resizes to multiples of patch_size * spatial_merge_size
+    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+
+    def block(inp: dict, b: int) -> list[int]:
+        h, w = (int(v) // 8 for v in inp["image_sizes"][b])
+        ids: list[int] = []
+        for _ in range(h):  # PixtralProcessor: ([IMG] * w + [IMG_BREAK]) per row, last break -> [IMG_END]
+            ids += [IMAGE_ID] * w + [BREAK_ID]
+        ids[-1] = END_ID
+        return ids
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+_SPECS: dict[str, Callable[[], FamilySpec]] = {
+    "llava": _spec_llava,
+    "llava_next": _spec_llava_next,
+    "qwen2_vl": lambda: _spec_qwen("qwen2_vl"),
+    "qwen2_5_vl": lambda: _spec_qwen("qwen2_5_vl"),
+    "paligemma": _spec_paligemma,
+    "gemma3": _spec_gemma3,
+    "deepseek_vl": _spec_deepseek_vl,
+    "idefics3": lambda: _spec_idefics3("idefics3"),
+    "smolvlm": lambda: _spec_idefics3("smolvlm"),
+    "internvl": _spec_internvl,
+    "mistral3": _spec_mistral3,
+}
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """The tiny config of ``family`` (no model built)."""
+    return _SPECS[family]().config
+
+
+def image_sizes(family: str) -> list[tuple[int, int]]:
+    """Original (H, W) of the two default images of ``family`` (the canvas in these tests)."""
+    return list(_SPECS[family]().image_sizes)
+
+
+def image_processor(family: str):
+    """The family's tiny PIL image processor (the one ``build_inputs`` uses)."""
+    return _SPECS[family]().image_processor
+
+
+def make_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
+    """Random RGB images of the given (H, W) sizes."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def build_inputs(
+    family: str,
+    images: list[Image.Image] | None = None,
+    seed: int = 0,
+    padding_side: str = "left",
+) -> dict[str, torch.Tensor]:
+    """The padded processor-like batch of ``family`` for ``images`` (default: two random images)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    spec = _SPECS[family]()
+    if images is None:
+        images = make_images(spec.image_sizes, seed)
+    # Idefics3/SmolVLM processors take one list of images per example
+    nested = family in ("idefics3", "smolvlm")
+    image_inputs = dict(spec.image_processor(images=[[im] for im in images] if nested else images,
+                                             return_tensors="pt"))
+    rng = np.random.default_rng(seed + 1)
+
+    def text(n: int) -> list[int]:
+        return rng.integers(3, ROW_COL_START, n).tolist()  # never a special id
+
+    rows = []
+    for b in range(len(images)):
+        block = spec.image_block(image_inputs, b)
+        prefix = text(2 + 3 * b)  # different lengths -> padding
+        tail = text(2) + text(N_ANSWER)
+        if spec.image_first:
+            rows.append(block + [BOS_ID] + prefix + tail)
+        else:
+            rows.append([BOS_ID] + prefix + block + tail)
+
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    extra = {name: torch.zeros((len(rows), length), dtype=torch.long) for name in spec.token_inputs}
+    for b, ids in enumerate(rows):
+        sl = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        input_ids[b, sl] = torch.tensor(ids)
+        attention_mask[b, sl] = 1
+        for name, fn in spec.token_inputs.items():
+            extra[name][b, sl] = torch.tensor(fn(ids, len(ids)))
+
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+    for key, value in image_inputs.items():
+        if key not in spec.drop_keys:
+            inputs[key] = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return inputs
+
+
+def build_tiny(
+    family: str,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    padding_side: str = "left",
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny random fp32 eval-mode model of ``family`` and a padded batch of two examples.
+
+    ``model(**inputs)`` runs. ``answer_mask(inputs)`` gives the answer (query) tokens.
+    """
+    spec = _SPECS[family]()
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(
+        spec.config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    if family == "gemma3":
+        # Gemma3 initialises its image projection to zeros: every image token would get the
+        # same (zero) embedding and no test could tell image positions apart.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    model.eval()
+    return model, build_inputs(family, seed=seed, padding_side=padding_side)
+
+
+def answer_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BoolTensor [B, L]: the last ``N_ANSWER`` real (non-padding) tokens of each example."""
+    mask = inputs["attention_mask"].bool()
+    # rank of each real token counted from the end of its row
+    from_end = mask.flip(-1).long().cumsum(-1).flip(-1)
+    return mask & (from_end <= N_ANSWER)
+
+
+def image_token_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BoolTensor [B, L]: the image placeholder tokens (the same id in every tiny family)."""
+    return inputs["input_ids"] == IMAGE_ID
