@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from .attention_capture import AttentionCapture, enable_capture
 from .configuration_flmm import DEFAULT_SAM, FLMMConfig
-from .image_layout import get_image_layout, merge_grids
+from .image_layout import example_image_inputs, get_image_layout
 from .losses import mask_losses
 from .mask_head import UNetMaskHead, crop_to_content
 from .sam_refiner import SamRefiner, TextProjection
@@ -75,6 +75,18 @@ def _mark_initialized(module: nn.Module) -> None:
         m._is_hf_initialized = True
 
 
+# SAM parameters that F-LMM's prompts never reach (no point prompts, a mask prompt is always
+# given, the IoU prediction is not trained). Freezing them changes nothing (AdamW skips
+# parameters without gradients) and lets DDP run without `find_unused_parameters`.
+UNUSED_SAM_PARAMETERS = (
+    "prompt_encoder.no_mask_embed.",
+    "prompt_encoder.point_embed.0.",
+    "prompt_encoder.point_embed.1.",
+    "prompt_encoder.not_a_point_embed.",
+    "mask_decoder.iou_prediction_head.",
+)
+
+
 class FLMMPreTrainedModel(PreTrainedModel):
     config_class = FLMMConfig
     base_model_prefix = "flmm"
@@ -123,6 +135,10 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             num_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size, out_size=256
         )
         self.sam_refiner = SamRefiner(sam if sam is not None else config.get_sam_config()) if config.use_sam else None
+        if self.sam_refiner is not None:
+            for name, param in self.sam_refiner.named_parameters():
+                if name.startswith(UNUSED_SAM_PARAMETERS):
+                    param.requires_grad_(False)
         _mark_initialized(self.lmm)
         if self.sam_refiner is not None:
             _mark_initialized(self.sam_refiner.vision_encoder)
@@ -232,9 +248,6 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         hidden_states = outputs.hidden_states[-num_layers:]  # decoder layer outputs, embeddings excluded
         return capture.attentions, hidden_states
 
-    def _example_image_inputs(self, image_inputs: dict, index: int) -> dict:
-        return {k: v[index] if torch.is_tensor(v) else v for k, v in image_inputs.items()}
-
     def _phrase_maps(
         self, attentions: torch.Tensor, input_ids: torch.Tensor, phrase_ids: torch.Tensor, image_inputs: dict
     ) -> torch.Tensor:
@@ -256,7 +269,22 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         column_of_position[image_positions] = torch.arange(len(image_positions), device=input_ids.device)
         grids = self.layout.grids(input_ids, image_inputs)
         per_grid = [merged[:, :, column_of_position[grid]] for grid in grids]  # [K, C, h_g, w_g] each
-        return merge_grids(per_grid)
+        return self.layout.merge(per_grid)
+
+    def _all_phrase_maps(
+        self,
+        attentions: list[torch.Tensor],
+        input_ids: torch.Tensor,
+        phrase_ids: torch.Tensor,
+        image_inputs: dict,
+        original_sizes: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        # Tiled layouts may need the original size to know the tile arrangement.
+        layout_inputs = dict(image_inputs, original_sizes=original_sizes) if original_sizes is not None else image_inputs
+        return [
+            self._phrase_maps(attentions[b], input_ids[b], phrase_ids[b], example_image_inputs(layout_inputs, b))
+            for b in range(input_ids.shape[0])
+        ]
 
     def phrase_attention(
         self,
@@ -268,16 +296,17 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         """
         The merged word-to-image attention maps that the mask head receives.
 
+        Takes the processor's output (keys the LMM does not take, such as `masks` or
+        `sam_pixel_values`, are ignored).
+
         Returns:
             One float32 tensor per example of shape `[K, C, h, w]` (K phrases, C =
             `config.mask_head_in_channels`, (h, w) the image-token grid).
         """
+        original_sizes = image_inputs.get("original_sizes")
         image_inputs = {k: v for k, v in image_inputs.items() if k not in _FLMM_INPUTS and v is not None}
         attentions, _ = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
-        return [
-            self._phrase_maps(attentions[b], input_ids[b], phrase_ids[b], self._example_image_inputs(image_inputs, b))
-            for b in range(input_ids.shape[0])
-        ]
+        return self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
 
     # ---- 4: U-Net over all phrases of the batch --------------------------------------------
     def _coarse_logits(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -316,10 +345,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         attentions, hidden_states = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
         batch = input_ids.shape[0]
-        maps = [
-            self._phrase_maps(attentions[b], input_ids[b], phrase_ids[b], self._example_image_inputs(image_inputs, b))
-            for b in range(batch)
-        ]
+        maps = self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
         padded_logits = self._coarse_logits(maps)
         coarse = [
             crop_to_content(padded_logits[b], canvas_sizes[b].tolist(), content_boxes[b].tolist()) for b in range(batch)

@@ -1,0 +1,201 @@
+"""FLMMForGrounding end to end: tiny LLaVA-1.5-shaped LMM (real llava-1.5 processor files) + tiny SAM."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, SamConfig, SamModel
+
+from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
+from flmm_hf.modeling_flmm import UNUSED_SAM_PARAMETERS
+
+
+def tiny_sam_config() -> SamConfig:
+    # SAM's geometry is fixed (1024 px input, 64x64 embeddings, 256-wide prompts); only the ViT is shrunk.
+    return SamConfig(
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
+            global_attn_indexes=[0], window_size=4, output_channels=256,
+        ),
+        mask_decoder_config=dict(num_hidden_layers=1, mlp_dim=64),
+    )
+
+
+def tiny_llava(fixtures_dir) -> torch.nn.Module:
+    """A random model with llava-1.5-7b-hf's geometry (336 px, patch 14, 576 image tokens, vocab 32064)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    real = AutoConfig.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=336, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=real.text_config.vocab_size, max_position_embeddings=1024,
+        ),
+        image_token_index=real.image_token_index,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(fixtures_dir) -> FLMMProcessor:
+    return FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir) -> FLMMForGrounding:
+    torch.manual_seed(0)
+    return FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=tiny_sam_config(), mask_head_channels=8)
+
+
+@pytest.fixture(scope="module")
+def examples(fixtures_dir):
+    images = fixtures_dir / "coco" / "images"
+    cats = Image.open(images / "000000039769.png")
+    bears = Image.open(images / "COCO_train2014_000000157714.jpg")
+    people = Image.open(images / "COCO_train2014_000000363252.jpg")  # portrait 375x500
+    data = [
+        (cats, "two cats lying on a pink blanket.", ["two cats", "a pink blanket"]),
+        (bears, "the baby in the middle.", ["the baby in the middle"]),
+        (people, "man on left. woman in the middle. guy on right.", ["man on left", "woman in the middle", "guy on right"]),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for image, text, phrases in data:
+        width, height = image.size
+        masks = torch.rand(len(phrases), height, width, generator=generator) > 0.5
+        out.append((image, text, phrases, masks))
+    return out
+
+
+def _batch(processor, examples):
+    images, texts, phrases, masks = zip(*examples)
+    return processor(images=list(images), texts=list(texts), phrases=list(phrases), masks=list(masks))
+
+
+def test_config_shapes(model):
+    config = model.config
+    assert config.num_text_layers == 3
+    assert config.mask_head_in_channels == 3 * 4  # layers x heads, one grid for llava
+    assert config.lmm_config["model_type"] == "llava"
+    assert config.sam_config["model_type"] == "sam"
+    with pytest.raises(ValueError, match="merge"):
+        FLMMConfig(merge="median")
+
+
+def test_phrase_attention_shapes_and_lmm_frozen(model, processor, examples):
+    inputs = _batch(processor, examples)
+    maps = model.phrase_attention(**inputs)
+    assert [tuple(m.shape) for m in maps] == [(2, 12, 24, 24), (1, 12, 24, 24), (3, 12, 24, 24)]
+    # attention probabilities to image tokens: non-negative, each row sums to at most 1 over the image
+    for m in maps:
+        assert (m >= 0).all() and (m.sum(dim=(-2, -1)) <= 1 + 1e-5).all()
+    model.train()
+    assert not model.lmm.training and not model.sam_refiner.vision_encoder.training
+    assert model.mask_head.training
+    model.eval()
+
+
+def test_batch_equals_one_by_one(model, processor, examples):
+    """Acceptance 5: a padded batch of 3 with 2/1/3 phrases gives the per-example outputs and loss."""
+    batched = model(**_batch(processor, examples))
+    assert batched.loss is not None and torch.isfinite(batched.loss)
+    singles = [model(**_batch(processor, [example])) for example in examples]
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(batched.coarse_logits[b], single.coarse_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.refined_logits[b], single.refined_logits[0], atol=1e-4, rtol=1e-4)
+    # the original averages per-example losses weighted by each example's phrase count
+    counts = torch.tensor([2.0, 1.0, 3.0])
+    for name in ("loss_mask", "loss_dice", "sam_loss_mask", "sam_loss_dice", "accuracy", "aiou"):
+        expected = (torch.stack([getattr(s, name) for s in singles]) * counts).sum() / counts.sum()
+        torch.testing.assert_close(getattr(batched, name), expected, atol=1e-5, rtol=1e-5)
+    expected_loss = sum(s.loss * c for s, c in zip(singles, counts)) / counts.sum()
+    torch.testing.assert_close(batched.loss, expected_loss, atol=1e-5, rtol=1e-5)
+    # shapes: coarse cropped to the letterbox content, refined at the original size
+    assert tuple(batched.coarse_logits[0].shape) == (2, 48, 64)  # 480x640 -> 252x336 content of 64x64
+    assert tuple(batched.refined_logits[2].shape) == (3, 500, 375)
+
+
+def test_gradients_reach_only_trained_parts(model, processor, examples):
+    """Acceptance 6."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output = model(**_batch(processor, examples[:2]))
+    output.loss.backward()
+    model.eval()
+    trained_prefixes = (
+        "mask_head.", "text_projection.", "sam_refiner.prompt_encoder.", "sam_refiner.mask_decoder.",
+    )
+    for name, param in model.named_parameters():
+        if name.startswith(("lmm.", "sam_refiner.vision_encoder.")):
+            assert not param.requires_grad and param.grad is None, name
+        elif param.requires_grad:
+            assert name.startswith(trained_prefixes), name
+            assert param.grad is not None, f"no gradient reached {name}"
+        elif name.startswith("sam_refiner."):
+            # segment_anything keeps the positional matrix as a buffer: never trained
+            frozen_ok = UNUSED_SAM_PARAMETERS + ("prompt_encoder.shared_embedding.",)
+            assert name.removeprefix("sam_refiner.").startswith(frozen_ok), f"{name} is frozen"
+    assert model.text_projection.layer_weights.grad.abs().sum() > 0
+    assert model.text_projection.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam_refiner.prompt_encoder.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_ground_returns_masks_at_original_size(model, processor, examples):
+    image, text, phrases, _ = examples[2]
+    masks = model.ground(image, text, phrases, processor=processor)
+    assert masks.dtype == torch.bool and tuple(masks.shape) == (3, 500, 375)
+    coarse = model.ground(image, text, phrases, processor=processor, use_refiner=False)
+    assert tuple(coarse.shape) == (3, 500, 375)
+    with pytest.raises(ValueError, match="not found|absent|not in"):
+        model.ground(image, text, ["a purple giraffe"], processor=processor)
+    with pytest.raises(ValueError, match="FLMMProcessor"):
+        model.ground(image, text, phrases)
+
+
+def test_without_sam_refiner(fixtures_dir, processor, examples):
+    model = FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), use_sam=False, mask_head_channels=8)
+    assert model.sam_refiner is None and model.config.sam_config is None
+    output = model(**_batch(processor, examples[:2]))
+    assert output.refined_logits is None and output.sam_loss_mask is None
+    torch.testing.assert_close(output.loss, output.loss_mask + output.loss_dice)
+
+
+def test_shared_sam_model_and_layer_subset(fixtures_dir, processor, examples):
+    sam = SamModel(tiny_sam_config())
+    model = FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=sam, attention_layers=[-1, 0], merge="max")
+    assert model.config.selected_layers == [2, 0]
+    assert model.config.mask_head_in_channels == 2 * 4
+    inputs = _batch(processor, examples[:1])
+    maps = model.phrase_attention(**inputs)[0]
+    assert tuple(maps.shape) == (2, 8, 24, 24)
+    with pytest.raises(ValueError, match="out of range"):
+        FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), use_sam=False, attention_layers=[5])
+
+
+def test_bad_inputs_have_clear_errors(model, processor, examples):
+    inputs = _batch(processor, examples[:1])
+    with pytest.raises(ValueError, match="sam_pixel_values"):
+        model(**{k: v for k, v in inputs.items() if k != "sam_pixel_values"})
+    broken = dict(inputs)
+    broken["input_ids"] = inputs["input_ids"].clone()
+    broken["input_ids"][broken["input_ids"] == model.image_token_id] = 1
+    with pytest.raises(ValueError, match="image tokens"):
+        model(**broken)
+    bad_masks = dict(inputs, masks=[inputs["masks"][0][:1]])
+    with pytest.raises(ValueError, match="masks|phrases"):
+        model(**bad_masks)
+    with pytest.raises(TypeError, match="lmm must be"):
+        FLMMForGrounding.from_lmm(42, use_sam=False)
+    with pytest.raises(TypeError, match="sam must be"):
+        FLMMForGrounding.from_lmm(copy.deepcopy(model.lmm), sam=3.5)
