@@ -424,3 +424,13 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         output = self(**inputs)
         logits = output.refined_logits if (use_refiner and output.refined_logits is not None) else output.coarse_logits
         return processor.post_process_masks(logits, inputs["original_sizes"], threshold=threshold)[0]
+
+    # ---- grounded conversation (flmm_hf/grounded_chat.py) -------------------------------------
+    def chat(self, image: Any, question: str, phrases: list[str] | None = None, processor: Any | None = None, **generate_kwargs: Any):
+        """The frozen LMM answers `question` about `image`, and the phrases of its answer are grounded.
+
+        See `grounded_chat.chat` for the arguments; returns a `GroundedAnswer`.
+        """
+        from .grounded_chat import chat
+
+        return chat(self, image, question, phrases=phrases, processor=processor, **generate_kwargs)
