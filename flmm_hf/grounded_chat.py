@@ -455,7 +455,7 @@ def generate_text(
     ]
     prompt = processor.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     encoded = processor.processor(
-        images=[lmm_images], text=[prompt], return_tensors="pt", **processor._image_kwargs()
+        images=[lmm_images], text=[prompt], return_tensors="pt", **processor.image_processor_kwargs()
     )
     device = _lmm_device(model)
     encoded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.items()}
@@ -473,19 +473,7 @@ def generate_text(
 
 def lmm_view(processor: FLMMProcessor, image: Any):
     """The image as `processor` shows it to the LMM: RGB, letterboxed to a square when the processor letterboxes."""
-    from PIL import Image
-
-    from .processing_flmm import letterbox_geometry
-
-    image = to_rgb(image, background=processor.pad_color)
-    if not processor.letterbox:
-        return image
-    width, height = image.size
-    canvas, box = letterbox_geometry(height, width, processor._letterbox_side())
-    resized = image.resize((box[3] - box[1], box[2] - box[0]), Image.BICUBIC)
-    square = Image.new("RGB", (canvas[1], canvas[0]), processor.pad_color)
-    square.paste(resized, (box[1], box[0]))
-    return square
+    return processor.lmm_image(image)[0]
 
 
 # ---------------------------------------------------------------------------------------------

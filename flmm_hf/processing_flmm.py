@@ -262,6 +262,22 @@ class FLMMProcessor:
             return int(get("shortest_edge")), int(get("shortest_edge"))
         return None
 
+    def lmm_image(self, image: Any) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int]]:
+        """The image as the LMM sees it, with its geometry.
+
+        Returns `(image, canvas_size, content_box)`: the RGB image, letterboxed when this
+        processor letterboxes (longer side resized first, then padded: the original's order and
+        pixel units); the canvas (H, W) and the (top, left, bottom, right) of the content in it.
+        """
+        image = to_rgb(image, background=self.pad_color)
+        if not self.letterbox:
+            return image, (image.height, image.width), (0, 0, image.height, image.width)
+        canvas, box = letterbox_geometry(image.height, image.width, self._letterbox_side())
+        resized = image.resize((box[3] - box[1], box[2] - box[0]), Image.BICUBIC)
+        square = Image.new("RGB", (canvas[1], canvas[0]), self.pad_color)
+        square.paste(resized, (box[1], box[0]))
+        return square, canvas, box
+
     def _letterbox_side(self) -> int:
         size = self._fixed_size()
         if size is None or size[0] != size[1]:
@@ -271,7 +287,7 @@ class FLMMProcessor:
             )
         return size[0]
 
-    def _image_kwargs(self) -> dict[str, Any]:
+    def image_processor_kwargs(self) -> dict[str, Any]:
         """Overrides for the backbone image processor: never centre-crop, resize the square to the full size."""
         kwargs: dict[str, Any] = {}
         if self.is_dynamic_resolution:
@@ -365,26 +381,14 @@ class FLMMProcessor:
             masks = [masks]
 
         # ---- images: RGB, letterbox geometry
-        pad_color = self.pad_color
-        letterbox = self.letterbox
         rgb_images, lmm_images = [], []
         original_sizes, canvas_sizes, content_boxes = [], [], []
         for image in images:
-            image = to_rgb(image, background=pad_color)
-            width, height = image.size
+            image = to_rgb(image, background=self.pad_color)
             rgb_images.append(image)
-            original_sizes.append((height, width))
-            if letterbox:
-                # Resize the longer side first, then pad: the original's order and pixel units.
-                side = self._letterbox_side()
-                canvas, box = letterbox_geometry(height, width, side)
-                resized = image.resize((box[3] - box[1], box[2] - box[0]), Image.BICUBIC)
-                square = Image.new("RGB", (canvas[1], canvas[0]), pad_color)
-                square.paste(resized, (box[1], box[0]))
-                lmm_images.append(square)
-            else:
-                canvas, box = (height, width), (0, 0, height, width)
-                lmm_images.append(image)
+            original_sizes.append((image.height, image.width))
+            lmm_image, canvas, box = self.lmm_image(image)
+            lmm_images.append(lmm_image)
             canvas_sizes.append(canvas)
             content_boxes.append(box)
 
@@ -405,7 +409,7 @@ class FLMMProcessor:
             text=full_texts,
             padding=True,
             return_tensors="pt",
-            **self._image_kwargs(),
+            **self.image_processor_kwargs(),
         )
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
 
