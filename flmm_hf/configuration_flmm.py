@@ -132,3 +132,7 @@ class FLMMConfig(PreTrainedConfig):
         """Channels the U-Net receives: grids x captured layers x attention heads (layer-major)."""
         heads = self.get_lmm_config().get_text_config(decoder=True).num_attention_heads
         return self.num_grids * len(self.selected_layers) * heads
+
+
+# `save_pretrained` writes `auto_map` and copies this file (AutoConfig with trust_remote_code=True).
+FLMMConfig.register_for_auto_class()

@@ -8,13 +8,14 @@ the coarse mask, its box and the phrase's text embedding, refines them -> BCE + 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamModel
 from transformers.utils import ModelOutput
 
 from .attention_capture import AttentionCapture, enable_capture
@@ -87,6 +88,149 @@ UNUSED_SAM_PARAMETERS = (
 )
 
 
+def _freeze_unused_sam_parameters(refiner: SamRefiner) -> None:
+    for name, param in refiner.named_parameters():
+        if name.startswith(UNUSED_SAM_PARAMETERS):
+            param.requires_grad_(False)
+
+
+# ---- frozen parts: referenced, attached on load (design.md decision 1) ----------------------------
+# State-dict prefixes of the frozen parts, which an adapter-sized save leaves out.
+FROZEN_PREFIXES = ("lmm.", "sam_refiner.vision_encoder.")
+# Subfolders of a `full` save holding the frozen LMM and SAM as their own `save_pretrained` folders.
+LMM_SUBFOLDER = "lmm"
+SAM_SUBFOLDER = "sam"
+# `from_pretrained` arguments that locate the F-LMM folder itself (and a full save's subfolders).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
+
+
+class _FrozenPlaceholder(nn.Module):
+    """Holds the slot of a frozen part while `from_pretrained` loads the trained weights."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"{self.what} is not attached: load the model with FLMMForGrounding.from_pretrained")
+
+
+def _bundled(source: str, subfolder: str, hub_kwargs: dict) -> tuple[str, dict]:
+    """Where a full save's frozen part lives: (name or folder, from_pretrained kwargs)."""
+    parent = hub_kwargs.get("subfolder") or ""
+    kwargs = dict(hub_kwargs, subfolder=f"{parent}/{subfolder}" if parent else subfolder)
+    if os.path.isdir(source):  # local folder: point at the subfolder itself (no Hub lookup)
+        kwargs.pop("subfolder")
+        return os.path.join(source, parent, subfolder), kwargs
+    return source, kwargs
+
+
+def _describe(config: dict, keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{key}={config.get(key)}" for key in keys)
+
+
+def _check_backbone(what: str, recorded: dict, found: Any, where: str, fix: str) -> None:
+    """Compare the recorded config of a frozen part with the one found; raise with a fix if they differ."""
+    recorded_type, found_type = recorded.get("model_type"), getattr(found, "model_type", None)
+    problems = []
+    if recorded_type != found_type:
+        problems.append(f"model_type {recorded_type!r} was recorded but {where} is {found_type!r}")
+    else:
+        recorded_arch, found_arch = recorded.get("architectures"), getattr(found, "architectures", None)
+        if recorded_arch and found_arch and set(recorded_arch) != set(found_arch):
+            problems.append(f"architecture {recorded_arch} was recorded but {where} is {found_arch}")
+        # Shapes the trained head depends on (channels of the U-Net, width of the text projection).
+        if what == "LMM":
+            rec = AutoConfig.for_model(**recorded).get_text_config(decoder=True).to_dict()
+            got = found.get_text_config(decoder=True).to_dict()
+            keys = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+        else:
+            rec, got = recorded.get("vision_config", {}), found.vision_config.to_dict()
+            keys = ("hidden_size", "num_hidden_layers", "output_channels")
+        if any(rec.get(key) != got.get(key) for key in keys):
+            problems.append(f"recorded {_describe(rec, keys)} but {where} has {_describe(got, keys)}")
+    if problems:
+        raise ValueError(f"The base {what} does not match this F-LMM model: {'; '.join(problems)}. {fix}")
+
+
+def _load_frozen_lmm(
+    config: FLMMConfig,
+    source: str,
+    lmm: str | PreTrainedModel | None,
+    hub_kwargs: dict,
+    dtype: Any,
+    device_map: Any,
+    attn_implementation: str | None,
+) -> PreTrainedModel:
+    """The frozen LMM: given, bundled (full save) or by recorded name and revision; checked against the config."""
+    fix = (
+        "Fix: pass lmm=<Hub id, local folder or loaded model> of the recorded architecture to from_pretrained, "
+        "or set lmm_name_or_path / lmm_revision in config.json."
+    )
+    if isinstance(lmm, PreTrainedModel):
+        _check_backbone("LMM", config.lmm_config, lmm.config, f"the given {type(lmm).__name__}", fix)
+        return lmm
+    if lmm is not None:
+        name, kwargs = str(lmm), {}
+    elif config.save_mode == "full":
+        name, kwargs = _bundled(source, LMM_SUBFOLDER, hub_kwargs)
+    elif config.lmm_name_or_path:
+        name, kwargs = config.lmm_name_or_path, {"revision": config.lmm_revision}
+    else:
+        raise ValueError(
+            f"{source} is an adapter-sized F-LMM save whose config records no base LMM (lmm_name_or_path is None: "
+            "the model was built from a config). Fix: pass lmm=<Hub id or folder> to from_pretrained, or save "
+            "with save_mode='full'."
+        )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
+    try:
+        found = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"The base LMM of this F-LMM model could not be loaded from {where}: {error}\n"
+            "Fix: download it or make it reachable (offline mode needs it in the local cache), "
+            "or pass lmm=<Hub id, local folder or loaded model> to from_pretrained, "
+            "or set lmm_name_or_path / lmm_revision in config.json."
+        ) from error
+    _check_backbone("LMM", config.lmm_config, found, where, fix)
+    load_kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
+    load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    return AutoModelForImageTextToText.from_pretrained(name, config=found, **kwargs, **load_kwargs)
+
+
+def _load_frozen_sam(
+    config: FLMMConfig, source: str, sam: str | SamModel | None, hub_kwargs: dict, dtype: Any
+) -> SamModel:
+    """SAM (only its image encoder is used): given, bundled (full save) or by recorded name and revision."""
+    fix = "Fix: pass sam=<Hub id, local folder or SamModel> to from_pretrained, or set sam_name_or_path in config.json."
+    if isinstance(sam, SamModel):
+        _check_backbone("SAM", config.sam_config, sam.config, "the given SamModel", fix)
+        return sam
+    if sam is not None:
+        name, kwargs = str(sam), {}
+    elif config.save_mode == "full":
+        name, kwargs = _bundled(source, SAM_SUBFOLDER, hub_kwargs)
+    elif config.sam_name_or_path:
+        name, kwargs = config.sam_name_or_path, {"revision": config.sam_revision}
+    else:
+        raise ValueError(
+            f"{source} is an adapter-sized F-LMM save whose config records no SAM checkpoint (sam_name_or_path is "
+            "None: SAM was built from a config). Fix: pass sam=<Hub id or folder> to from_pretrained, or save with "
+            "save_mode='full'."
+        )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
+    try:
+        found = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"The SAM checkpoint of this F-LMM model could not be loaded from {where}: {error}\n{fix}"
+        ) from error
+    _check_backbone("SAM", config.sam_config, found, where, fix)
+    return SamModel.from_pretrained(name, config=found, dtype=dtype, **kwargs)
+
+
 class FLMMPreTrainedModel(PreTrainedModel):
     config_class = FLMMConfig
     base_model_prefix = "flmm"
@@ -111,19 +255,33 @@ class FLMMForGrounding(FLMMPreTrainedModel):
     """
 
     # Frozen parts are referenced by name in the config, not saved (design.md decision 1).
-    _keys_to_ignore_on_save = [r"^lmm\.", r"^sam_refiner\.vision_encoder\."]
+    # `save_pretrained` drops them itself: transformers matches `_keys_to_ignore_on_save` exactly,
+    # not as patterns. On load they are attached after the trained weights (see `from_pretrained`).
     _keys_to_ignore_on_load_missing = [r"^lmm\.", r"^sam_refiner\.vision_encoder\."]
 
-    def __init__(self, config: FLMMConfig, lmm: PreTrainedModel | None = None, sam: nn.Module | None = None):
+    def __init__(
+        self,
+        config: FLMMConfig,
+        lmm: PreTrainedModel | None = None,
+        sam: nn.Module | None = None,
+        *,
+        _defer_frozen: bool = False,
+    ):
         super().__init__(config)
         lmm_config = config.get_lmm_config()
-        if lmm is None:
+        if _defer_frozen:
+            # Set by `from_pretrained` only: this runs on the meta device, where a nested
+            # `from_pretrained` fails and a model built here would lose its non-persistent buffers
+            # (RoPE inv_freq) to the loader. Placeholders hold the slots until `_attach_frozen`.
+            lmm = _FrozenPlaceholder("the frozen LMM")
+        elif lmm is None:
             lmm = AutoModelForImageTextToText.from_config(lmm_config)
         self.lmm = lmm
         self.lmm.requires_grad_(False)
         self.lmm.eval()
-        enable_capture(self.lmm)
-        self.layout = get_image_layout(self.lmm.config)
+        if not _defer_frozen:
+            enable_capture(self.lmm)
+        self.layout = get_image_layout(lmm_config if _defer_frozen else self.lmm.config)
 
         text_config = lmm_config.get_text_config(decoder=True)
         self.mask_head = UNetMaskHead(
@@ -136,9 +294,9 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         )
         self.sam_refiner = SamRefiner(sam if sam is not None else config.get_sam_config()) if config.use_sam else None
         if self.sam_refiner is not None:
-            for name, param in self.sam_refiner.named_parameters():
-                if name.startswith(UNUSED_SAM_PARAMETERS):
-                    param.requires_grad_(False)
+            _freeze_unused_sam_parameters(self.sam_refiner)
+        if _defer_frozen and self.sam_refiner is not None:
+            self.sam_refiner.vision_encoder = _FrozenPlaceholder("SAM's image encoder")
         _mark_initialized(self.lmm)
         if self.sam_refiner is not None:
             _mark_initialized(self.sam_refiner.vision_encoder)
@@ -205,6 +363,189 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             **config_overrides,
         )
         return cls(config, lmm=lmm, sam=sam_model)
+
+    # ---- saving and loading (design.md decision 1) --------------------------------------------
+    def trained_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The weights an adapter-sized save holds: all but the frozen LMM and SAM image encoder."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {k: v for k, v in state_dict.items() if not k.startswith(FROZEN_PREFIXES)}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        save_mode: str | None = None,
+        model_card: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Save the trained F-LMM weights, the config (which pins the frozen LMM and SAM by name and
+        revision), the custom code (for `trust_remote_code=True`) and a model card (`README.md`).
+
+        Args:
+            save_directory: the folder to write.
+            save_mode (`str`, *optional*): `"adapter"` (only trained weights; the frozen parts are
+                attached by name on load) or `"full"` (also the frozen LMM in `lmm/` and SAM in
+                `sam/`, each a `save_pretrained` folder, for offline use). Defaults to
+                `config.save_mode`.
+            model_card (`bool`, *optional*, defaults to `True`): write `README.md` (evaluation
+                results of an existing card are kept).
+            kwargs: passed to `PreTrainedModel.save_pretrained` (`is_main_process`, `state_dict`,
+                `max_shard_size`, `push_to_hub`, `repo_id`, `token`, ...).
+        """
+        save_mode = save_mode or self.config.save_mode
+        if save_mode not in ("adapter", "full"):
+            raise ValueError(f"save_mode must be 'adapter' or 'full', got {save_mode!r}")
+        if save_mode == "full" and isinstance(self.lmm, _FrozenPlaceholder):
+            raise ValueError("save_mode='full' needs the frozen LMM attached; load the model with from_pretrained first")
+        # Pushing happens after every file is written (transformers' own push would run before lmm/, sam/, README).
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_keys = ("repo_id", "commit_message", "create_pr", "private", "token")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        if "token" in hub_kwargs:
+            kwargs["token"] = hub_kwargs["token"]
+        is_main_process = kwargs.get("is_main_process", True)
+
+        self._record_frozen_parts()
+        state_dict = self.trained_state_dict(kwargs.pop("state_dict", None))
+        saved_mode, self.config.save_mode = self.config.save_mode, save_mode
+        try:
+            super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+        finally:
+            self.config.save_mode = saved_mode
+        if not is_main_process:
+            return
+        if save_mode == "full":
+            self.lmm.save_pretrained(os.path.join(save_directory, LMM_SUBFOLDER))
+            if self.sam_refiner is not None:
+                self._sam_model_for_saving().save_pretrained(os.path.join(save_directory, SAM_SUBFOLDER))
+        if model_card:
+            from .model_card import write_model_card
+
+            write_model_card(save_directory, self.config, save_mode=save_mode)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hub_kwargs.get("token"))
+            repo_id = hub_kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            repo_id = api.create_repo(repo_id, private=hub_kwargs.get("private"), exist_ok=True).repo_id
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                commit_message=hub_kwargs.get("commit_message") or "Upload F-LMM model",
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
+
+    def _record_frozen_parts(self) -> None:
+        """Store the attached backbones' configs and classes, so that loading can check them."""
+        if not isinstance(self.lmm, _FrozenPlaceholder):
+            lmm_config = self.lmm.config.to_dict()
+            lmm_config["architectures"] = [type(self.lmm).__name__]
+            self.config.lmm_config = lmm_config
+
+    def _sam_model_for_saving(self) -> SamModel:
+        """A `SamModel` sharing the refiner's parts, so that `sam/` loads with `SamModel.from_pretrained`."""
+        refiner = self.sam_refiner
+        with torch.device("meta"):  # every part is replaced below: nothing to allocate
+            sam = SamModel(refiner.config)
+        sam.vision_encoder = refiner.vision_encoder
+        sam.prompt_encoder = refiner.prompt_encoder
+        sam.mask_decoder = refiner.mask_decoder
+        sam.shared_image_embedding = refiner.prompt_encoder.shared_embedding  # tied in SamModel
+        return sam
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: FLMMConfig | None = None,
+        lmm: str | PreTrainedModel | None = None,
+        sam: str | SamModel | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        sam_dtype: torch.dtype | str = torch.float32,
+        **kwargs: Any,
+    ) -> "FLMMForGrounding":
+        """
+        Load a saved F-LMM: the trained weights from `pretrained_model_name_or_path`, the frozen LMM
+        and SAM with their own `from_pretrained` (from `lmm/` and `sam/` in a `full` save, else by
+        the name and revision recorded in the config).
+
+        Args:
+            pretrained_model_name_or_path: Hub id or folder written by `save_pretrained`.
+            lmm: override the recorded LMM (a name/folder, or a loaded model); its architecture is checked.
+            sam: override the recorded SAM (a name/folder, or a loaded `SamModel`).
+            dtype, device_map, attn_implementation: passed to the LMM's `from_pretrained` (the
+                language model then switches to the capturing SDPA attention). The trained head
+                stays float32, as trained, and sits on the LMM's first device.
+            sam_dtype: SAM's dtype (default float32: the refiner runs SAM in one dtype, and its
+                trained prompt encoder and mask decoder are float32).
+            kwargs: Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `subfolder`, ...)
+                for this folder, and `output_loading_info`.
+
+        Raises:
+            OSError: the recorded base LMM or SAM cannot be found (the message says how to fix it).
+            ValueError: the base found is of another architecture or shape than the recorded one.
+        """
+        if model_args:
+            raise TypeError("FLMMForGrounding.from_pretrained takes no positional model arguments")
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else torch_dtype
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        for key in ("trust_remote_code", "_from_auto", "_from_pipeline", "code_revision", "adapter_kwargs"):
+            kwargs.pop(key, None)
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        # Not `cls.config_class`: with remote code, AutoConfig's class comes from another dynamic module.
+        if not isinstance(config, PreTrainedConfig):
+            config, kwargs = cls.config_class.from_pretrained(
+                config or pretrained_model_name_or_path, return_unused_kwargs=True, **hub_kwargs, **kwargs
+            )
+        if kwargs:
+            raise TypeError(f"unexpected arguments to FLMMForGrounding.from_pretrained: {sorted(kwargs)}")
+
+        source = str(pretrained_model_name_or_path)
+        lmm_model = _load_frozen_lmm(config, source, lmm, hub_kwargs, dtype, device_map, attn_implementation)
+        sam_model = _load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
+
+        # The trained parts load as usual, around placeholders; the frozen parts are attached after.
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            config=config,
+            _defer_frozen=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            **hub_kwargs,
+        )
+        if loading_info["missing_keys"]:
+            missing = ", ".join(sorted(loading_info["missing_keys"]))
+            raise ValueError(f"{source} lacks trained F-LMM weights ({missing}): it is not a complete F-LMM checkpoint")
+        model._attach_frozen(lmm_model, sam_model)
+        model.eval()
+        return (model, loading_info) if output_loading_info else model
+
+    def _attach_frozen(self, lmm: PreTrainedModel, sam: SamModel | None) -> None:
+        """Put the loaded frozen parts into the placeholders' slots (see `from_pretrained`)."""
+        lmm.requires_grad_(False)
+        self.lmm = enable_capture(lmm.eval())
+        _mark_initialized(self.lmm)
+        self.layout = get_image_layout(self.lmm.config)
+        device = self.lmm.device
+        self.mask_head.to(device)
+        self.text_projection.to(device)
+        if self.sam_refiner is not None:
+            # The trained weights go into the loaded SAM's own prompt encoder and mask decoder, and the
+            # refiner is rebuilt around that SAM, exactly as `from_lmm` builds it: one dtype and one
+            # attention implementation for all of SAM (a decoder built from the config would use eager
+            # attention where the loaded one uses SDPA, which moves the refined logits by ~1e-8).
+            loaded = self.sam_refiner
+            sam.prompt_encoder.load_state_dict(loaded.prompt_encoder.state_dict())
+            sam.mask_decoder.load_state_dict(loaded.mask_decoder.state_dict())
+            self.sam_refiner = SamRefiner(sam.to(device))
+            _freeze_unused_sam_parameters(self.sam_refiner)
+            _mark_initialized(self.sam_refiner.vision_encoder)
+
 
     def train(self, mode: bool = True) -> "FLMMForGrounding":
         super().train(mode)
@@ -434,3 +775,8 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         from .grounded_chat import chat
 
         return chat(self, image, question, phrases=phrases, processor=processor, **generate_kwargs)
+
+
+# `save_pretrained` / `push_to_hub` then write `auto_map` and copy this file and its relative-import
+# siblings, so that `AutoModel.from_pretrained(..., trust_remote_code=True)` works without flmm_hf.
+FLMMForGrounding.register_for_auto_class("AutoModel")

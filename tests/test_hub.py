@@ -1,0 +1,309 @@
+"""Hub packaging: remote code, adapter-sized and full saves, clear errors about the base, model cards.
+
+A "trained" tiny F-LMM (tiny LLaVA-1.5-shaped LMM and tiny SAM, each saved to a local folder and
+referenced by path, head weights perturbed away from their initialisation) is saved once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaConfig, Qwen2VLConfig, SamModel
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+from flmm_hf import FLMMForGrounding, FLMMProcessor
+from flmm_hf.model_card import build_model_card, update_model_index
+from flmm_hf.modeling_flmm import FROZEN_PREFIXES
+from test_modeling import tiny_llava, tiny_sam_config
+
+TEXT = "two cats lying on a pink blanket."
+PHRASES = ["two cats", "a pink blanket"]
+TRAINED_PREFIXES = ("mask_head.", "text_projection.", "sam_refiner.prompt_encoder.", "sam_refiner.mask_decoder.")
+# What the copied custom code may import: the model's own dependencies, and the standard library.
+HUB_SAFE_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"} | set(sys.stdlib_module_names)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, fixtures_dir):
+    """Local folders of the frozen parts: a tiny LLaVA (with the real llava-1.5 processor files) and a tiny SAM."""
+    root = tmp_path_factory.mktemp("bases")
+    tiny_llava(fixtures_dir).save_pretrained(root / "lmm")
+    AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf").save_pretrained(root / "lmm")
+    torch.manual_seed(1)
+    SamModel(tiny_sam_config()).save_pretrained(root / "sam")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(bases):
+    """An F-LMM over the saved bases whose trained parts differ from any initialisation."""
+    model = FLMMForGrounding.from_lmm(str(bases / "lmm"), sam=str(bases / "sam"), mask_head_channels=8)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(TRAINED_PREFIXES):
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def processor(bases):
+    return FLMMProcessor(AutoProcessor.from_pretrained(bases / "lmm"))
+
+
+@pytest.fixture(scope="module")
+def saved(trained, processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flmm") / "adapter"
+    trained.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image(fixtures_dir):
+    return fixtures_dir / "coco" / "images" / "000000039769.png"
+
+
+def _inputs(processor, image):
+    return processor(images=[Image.open(image)], texts=[TEXT], phrases=[PHRASES])
+
+
+def _copy(folder: Path, target: Path, **config_changes) -> Path:
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(config_changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_adapter_file_holds_only_trained_weights(trained, saved):
+    """Acceptance 2: no LMM or SAM-image-encoder tensor; exactly the trained parts."""
+    with safe_open(saved / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    expected = {k for k in trained.state_dict() if not k.startswith(FROZEN_PREFIXES)}
+    assert keys == expected
+    assert not any(k.startswith(("lmm.", "sam_refiner.vision_encoder.")) for k in keys)
+    assert all(k.startswith(TRAINED_PREFIXES) for k in keys)
+    for prefix in TRAINED_PREFIXES:
+        assert any(k.startswith(prefix) for k in keys), prefix
+    frozen = sum(v.numel() for k, v in trained.state_dict().items() if k.startswith(FROZEN_PREFIXES))
+    stored = sum(v.numel() for v in load_file(saved / "model.safetensors").values())
+    assert stored < frozen  # the tiny bases already outweigh the head
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_flmm.FLMMConfig",
+        "AutoModel": "modeling_flmm.FLMMForGrounding",
+    }
+    assert config["lmm_name_or_path"].endswith("lmm") and config["sam_name_or_path"].endswith("sam")
+    assert config["lmm_config"]["model_type"] == "llava"
+    assert config["lmm_config"]["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["save_mode"] == "adapter"
+
+
+def test_custom_code_is_flat_complete_and_hub_safe(saved):
+    """Every relative import of the copied code is copied; nothing imports beyond torch/transformers/numpy/PIL."""
+    copied = {p.name for p in saved.glob("*.py")}
+    needed = {Path(f).name for f in get_relative_import_files(saved / "modeling_flmm.py")}
+    needed |= {Path(f).name for f in get_relative_import_files(saved / "processing_flmm.py")}
+    assert needed <= copied, f"missing siblings: {needed - copied}"
+    assert {"modeling_flmm.py", "configuration_flmm.py", "processing_flmm.py", "attention_capture.py",
+            "image_layout.py", "mask_head.py", "sam_refiner.py", "losses.py"} <= copied
+    # Library-only modules stay out (the Hub would require their dependencies).
+    assert not copied & {"data.py", "metrics.py", "datasets_io.py", "training.py", "convert.py", "evaluation.py"}
+    for name in sorted(copied):
+        # The same check transformers runs on each file of a Hub repo (imports inside `try:` are optional).
+        extra = set(get_imports(saved / name)) - HUB_SAFE_IMPORTS
+        assert not extra, f"{name} imports {sorted(extra)}: users loading from the Hub would need them"
+    processor_config = json.loads((saved / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_flmm.FLMMProcessor"}
+
+
+CHILD = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    # The editable install of flmm_hf adds an import finder; remove it so that only the Hub code can be used.
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    try:
+        import flmm_hf
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"flmm_hf is importable from {flmm_hf.__file__}")
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoProcessor
+
+    folder, image, out = sys.argv[1:4]
+    text, phrases = json.loads(sys.argv[4])
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=[Image.open(image)], texts=[text], phrases=[phrases])
+    with torch.no_grad():
+        output = model(**inputs)
+    masks = model.ground(Image.open(image), text, phrases, processor=processor)
+    tensors = {"input." + k: v.contiguous() for k, v in inputs.items() if torch.is_tensor(v)}
+    tensors.update(coarse=output.coarse_logits[0].contiguous(), refined=output.refined_logits[0].contiguous(), masks=masks)
+    save_file(tensors, out)
+    print(type(model).__module__, type(model).__name__, type(processor).__name__)
+    """
+)
+
+
+def test_fresh_process_without_flmm_hf_gives_identical_outputs(trained, processor, saved, image, tmp_path):
+    """Acceptance 1: AutoModel / AutoProcessor with remote code, in a process where flmm_hf is not importable."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    out = tmp_path / "child.safetensors"
+    # -I: no PYTHONPATH, no user site, no script/cwd directory on sys.path; cwd is outside the repository.
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(saved), str(image), str(out), json.dumps([TEXT, PHRASES])],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, model_class, processor_class = result.stdout.split()[-3:]
+    assert module.startswith("transformers_modules.") and model_class == "FLMMForGrounding"
+    assert processor_class == "FLMMProcessor"
+
+    child = load_file(out)
+    inputs = _inputs(processor, image)
+    for key, value in inputs.items():
+        if torch.is_tensor(value):
+            assert torch.equal(child[f"input.{key}"], value), key
+    with torch.no_grad():
+        output = trained(**inputs)
+    assert torch.equal(child["coarse"], output.coarse_logits[0])
+    assert torch.equal(child["refined"], output.refined_logits[0])
+    assert torch.equal(child["masks"], trained.ground(Image.open(image), TEXT, PHRASES, processor=processor))
+
+
+def test_adapter_round_trip_in_process(trained, processor, saved, image):
+    loaded = FLMMForGrounding.from_pretrained(saved)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.lmm.parameters())
+    assert not any(p.requires_grad for p in loaded.sam_refiner.vision_encoder.parameters())
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
+    for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    for name, buffer in trained.named_buffers():  # non-persistent ones too (RoPE inv_freq)
+        assert torch.equal(buffer, loaded.get_buffer(name)), name
+    inputs = _inputs(processor, image)
+    with torch.no_grad():
+        a, b = trained(**inputs), loaded(**inputs)
+    assert torch.equal(a.refined_logits[0], b.refined_logits[0])
+
+
+def test_full_save_round_trip_without_the_bases(trained, processor, image, tmp_path):
+    """Acceptance 2: the full save bundles lmm/ and sam/ and loads the same way, even with the bases gone."""
+    trained.save_pretrained(tmp_path / "full", save_mode="full")
+    with safe_open(tmp_path / "full" / "model.safetensors", "pt") as f:
+        assert not any(k.startswith(FROZEN_PREFIXES) for k in f.keys())
+    assert (tmp_path / "full" / "lmm" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "sam" / "model.safetensors").is_file()
+    assert trained.config.save_mode == "adapter"  # saving in another mode leaves the model's config alone
+    # Point the references at nothing: only the bundled weights can satisfy the load.
+    folder = _copy(tmp_path / "full", tmp_path / "moved", lmm_name_or_path="missing/lmm", sam_name_or_path="missing/sam")
+    loaded = FLMMForGrounding.from_pretrained(folder)
+    assert loaded.config.save_mode == "full"
+    for name, value in trained.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+    inputs = _inputs(processor, image)
+    with torch.no_grad():
+        a, b = trained(**inputs), loaded(**inputs)
+    assert torch.equal(a.coarse_logits[0], b.coarse_logits[0])
+    assert torch.equal(a.refined_logits[0], b.refined_logits[0])
+
+
+def test_missing_base_lmm_says_which_and_how_to_fix(saved, tmp_path):
+    """Acceptance 5 (missing)."""
+    missing = tmp_path / "nowhere" / "llava"
+    folder = _copy(saved, tmp_path / "copy", lmm_name_or_path=str(missing))
+    with pytest.raises(OSError) as error:
+        FLMMForGrounding.from_pretrained(folder)
+    message = str(error.value)
+    assert "base LMM" in message and str(missing) in message
+    assert "lmm=" in message and "lmm_name_or_path" in message
+    folder = _copy(saved, tmp_path / "nosam", sam_name_or_path=str(tmp_path / "nowhere" / "sam"))
+    with pytest.raises(OSError, match="(?s)SAM checkpoint.*nowhere.*sam="):
+        FLMMForGrounding.from_pretrained(folder)
+
+
+def test_base_lmm_of_another_architecture_says_which_and_how_to_fix(saved, bases, tmp_path):
+    """Acceptance 5 (another architecture or shape than recorded); only the configs are read."""
+    Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
+    folder = _copy(saved, tmp_path / "copy", lmm_name_or_path=str(tmp_path / "qwen"))
+    with pytest.raises(ValueError) as error:
+        FLMMForGrounding.from_pretrained(folder)
+    message = str(error.value)
+    assert "'llava' was recorded" in message and "'qwen2_vl'" in message and "lmm=" in message
+
+    deeper = LlavaConfig.from_pretrained(bases / "lmm")
+    deeper.text_config.num_hidden_layers = 5
+    deeper.save_pretrained(tmp_path / "deeper")
+    with pytest.raises(ValueError, match="num_hidden_layers=3.*num_hidden_layers=5.*Fix"):
+        FLMMForGrounding.from_pretrained(saved, lmm=str(tmp_path / "deeper"))
+    # A SAM of another size than recorded is refused the same way.
+    other_sam = tiny_sam_config()
+    other_sam.vision_config.hidden_size = 64
+    other_sam.save_pretrained(tmp_path / "sam64")
+    with pytest.raises(ValueError, match="SAM.*hidden_size=32.*hidden_size=64"):
+        FLMMForGrounding.from_pretrained(saved, sam=str(tmp_path / "sam64"))
+
+
+def test_saved_model_card_parses_and_names_the_bases(saved):
+    """Acceptance 4 for a local-base model: metadata validates; the text names base model and revision."""
+    card = ModelCard.load(saved / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
+    assert data.license == "apache-2.0" and "f-lmm" in data.tags and "llava" in data.tags
+    assert data.base_model is None  # local folders are not Hub ids, which `base_model` must be
+    config = json.loads((saved / "config.json").read_text())
+    assert f"`{config['lmm_name_or_path']}`" in card.text and "main (not pinned)" in card.text
+    assert "trust_remote_code=True" in card.text
+    ModelCardData(**data.to_dict())  # strict re-validation of every field
+
+
+def test_model_card_metadata_for_hub_bases_and_results(saved, tmp_path):
+    """Acceptance 4 for a Hub model: base_model and revision; evaluation results become model-index."""
+    config = json.loads((saved / "config.json").read_text())
+    config.update(lmm_name_or_path="llava-hf/llava-1.5-7b-hf", lmm_revision="a" * 40, sam_revision="b" * 40,
+                  sam_name_or_path="facebook/sam-vit-large")
+    card = build_model_card(config, repo_id="org/flmm-llava-1.5-7b")
+    data = ModelCard(str(card)).data  # reparse from text, as the Hub does
+    assert data.base_model == ["llava-hf/llava-1.5-7b-hf", "facebook/sam-vit-large"]
+    assert "a" * 40 in card.text and "b" * 40 in card.text
+    assert 'AutoModel.from_pretrained("org/flmm-llava-1.5-7b"' in card.text
+
+    folder = _copy(saved, tmp_path / "card")
+    refcoco = {"type": "refcoco", "name": "RefCOCO", "split": "val"}
+    task = {"type": "image-segmentation", "name": "Referring Expression Segmentation"}
+    update_model_index(folder, [{"task": task, "dataset": refcoco,
+                                 "metrics": [{"type": "ciou", "name": "cIoU", "value": 75.2},
+                                             {"type": "giou", "name": "gIoU", "value": 76.1}]}])
+    update_model_index(folder, [{"task": task, "dataset": refcoco,
+                                 "metrics": [{"type": "ciou", "name": "cIoU", "value": 75.9}]}])
+    card = ModelCard.load(folder / "README.md")
+    assert "model-index" in card.content
+    values = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values == {("refcoco", "val", "ciou"): 75.9, ("refcoco", "val", "giou"): 76.1}
+    assert "| RefCOCO | val | cIoU | 75.90 |" in card.text
+    # Saving the model again into the folder keeps the results in the regenerated card.
+    FLMMForGrounding.from_pretrained(folder).save_pretrained(folder)
+    assert len(ModelCard.load(folder / "README.md").data.eval_results) == 2
