@@ -29,7 +29,6 @@ import torch
 
 from .attention_capture import AttentionCapture
 from .image_layout import example_image_inputs
-from .mask_head import crop_to_content
 from .processing_flmm import FLMMProcessor, sam_preprocess, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -529,17 +528,22 @@ def ground_generated(
         rows = answer.attentions[:, :, selected]  # [layers, heads, n_k, n_image]
         maps.append(model._phrase_maps(rows, full_ids, phrase_ids, layout_inputs))  # [1, C, h, w]
     maps = torch.cat(maps).to(head_device)
-    padded = model._coarse_logits([maps])[0]
-    coarse = crop_to_content(padded, inputs["canvas_sizes"][0].tolist(), inputs["content_boxes"][0].tolist())
-    if not use_refiner or model.sam_refiner is None:
-        return coarse
-    sam_pixel_values = inputs.get("sam_pixel_values")
-    if sam_pixel_values is None:
-        sam_pixel_values = sam_preprocess(to_rgb(image))[None]
-    image_embeddings = model.sam_refiner.image_embeddings(sam_pixel_values.to(head_device))
     hidden = answer.hidden_states.to(head_device)  # [num_layers, n, hidden]
-    text_embeds = [model.text_projection(hidden[:, token_masks[k].to(head_device)]) for k in range(len(spans))]
-    return model.sam_refiner(image_embeddings, coarse, text_embeds, (height, width))
+    phrase_hidden = [[hidden[:, token_masks[k].to(head_device)] for k in range(len(spans))]]
+    refine = use_refiner and model.sam_refiner is not None
+    sam_pixel_values = inputs.get("sam_pixel_values")
+    if refine and sam_pixel_values is None:
+        sam_pixel_values = sam_preprocess(to_rgb(image))[None]
+    coarse, refined = model._masks_from_maps(
+        [maps],
+        phrase_hidden,
+        inputs["canvas_sizes"],
+        inputs["content_boxes"],
+        inputs["original_sizes"],
+        sam_pixel_values.to(head_device) if refine else None,
+        refine=refine,
+    )
+    return refined[0] if refined is not None else coarse[0]
 
 
 # ---------------------------------------------------------------------------------------------

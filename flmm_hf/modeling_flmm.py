@@ -658,6 +658,41 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             return list(logits.split([m.shape[0] for m in maps]))
         return [self.mask_head(m.to(head_dtype)) for m in maps]
 
+    # ---- 4-6: U-Net, crop, SAM refiner ------------------------------------------------------
+    def _masks_from_maps(
+        self,
+        maps: list[torch.Tensor],
+        phrase_hidden: list[list[torch.Tensor]],
+        canvas_sizes: torch.Tensor,
+        content_boxes: torch.Tensor,
+        original_sizes: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None,
+        refine: bool = True,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """
+        Coarse logits cropped to the image content, and SAM-refined logits at the original size.
+
+        Args:
+            maps: per example, the phrase maps `[K_b, C, h, w]`.
+            phrase_hidden: per example, per phrase, the LMM's layer outputs at its tokens `[layers, n_k, D]`.
+        """
+        padded = self._coarse_logits(maps)
+        coarse = [
+            crop_to_content(padded[b], canvas_sizes[b].tolist(), content_boxes[b].tolist()) for b in range(len(maps))
+        ]
+        if not refine or self.sam_refiner is None:
+            return coarse, None
+        if sam_pixel_values is None:
+            raise ValueError("this model refines with SAM: pass sam_pixel_values (FLMMProcessor makes them)")
+        with torch.no_grad():
+            image_embeddings = self.sam_refiner.image_embeddings(sam_pixel_values)
+        refined = []
+        for b in range(len(maps)):
+            text_embeds = [self.text_projection(hidden) for hidden in phrase_hidden[b]]  # [n_k, 256] each
+            original_size = tuple(original_sizes[b].tolist())
+            refined.append(self.sam_refiner(image_embeddings[b : b + 1], coarse[b], text_embeds, original_size))
+        return coarse, refined
+
     # ---- full forward ------------------------------------------------------------------------
     def forward(
         self,
@@ -669,6 +704,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         content_boxes: torch.Tensor,
         sam_pixel_values: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
+        refine: bool = True,
         **image_inputs: Any,
     ) -> FLMMOutput:
         r"""
@@ -681,37 +717,19 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             content_boxes (`torch.LongTensor` of shape `[B, 4]`): (top, left, bottom, right) of the image in the canvas.
             sam_pixel_values (`torch.FloatTensor` of shape `[B, 3, 1024, 1024]`, *optional*): SAM's input; required with SAM.
             masks (`list[torch.BoolTensor]`, *optional*): `[K_b, H_b, W_b]` ground truth at the original size.
+            refine (`bool`, *optional*, defaults to `True`): run the SAM refiner (when the model has one).
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         attentions, hidden_states = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
-        batch = input_ids.shape[0]
         maps = self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
-        padded_logits = self._coarse_logits(maps)
-        coarse = [
-            crop_to_content(padded_logits[b], canvas_sizes[b].tolist(), content_boxes[b].tolist()) for b in range(batch)
+        stacked = torch.stack(hidden_states)  # [layers, B, L, D]
+        phrase_hidden = [
+            [stacked[:, b, phrase_ids[b] == k] for k in range(maps[b].shape[0])] for b in range(len(maps))
         ]
-
-        refined = None
-        if self.sam_refiner is not None:
-            if sam_pixel_values is None:
-                raise ValueError("this model refines with SAM: pass sam_pixel_values (FLMMProcessor makes them)")
-            # [layers, B, L, D] -> weighted sum over layers per token, then to SAM's prompt width
-            stacked = torch.stack(hidden_states)
-            with torch.no_grad():
-                image_embeddings = self.sam_refiner.image_embeddings(sam_pixel_values)
-            refined = []
-            for b in range(batch):
-                token_phrase = phrase_ids[b]
-                text_embeds = [
-                    self.text_projection(stacked[:, b, token_phrase == k]) for k in range(coarse[b].shape[0])
-                ]
-                refined.append(
-                    self.sam_refiner(
-                        image_embeddings[b : b + 1], coarse[b], text_embeds, tuple(original_sizes[b].tolist())
-                    )
-                )
-
+        coarse, refined = self._masks_from_maps(
+            maps, phrase_hidden, canvas_sizes, content_boxes, original_sizes, sam_pixel_values, refine=refine
+        )
         output = FLMMOutput(coarse_logits=coarse, refined_logits=refined)
         if masks is not None:
             self._add_losses(output, masks)
@@ -758,12 +776,12 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             )
         inputs = processor(
             images=[image], texts=[text], phrases=[list(phrases)], return_tensors="pt",
-            return_sam_inputs=self.sam_refiner is not None,
+            return_sam_inputs=use_refiner and self.sam_refiner is not None,
         )
         device = next(self.mask_head.parameters()).device
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        output = self(**inputs)
-        logits = output.refined_logits if (use_refiner and output.refined_logits is not None) else output.coarse_logits
+        output = self(**inputs, refine=use_refiner)
+        logits = output.refined_logits if output.refined_logits is not None else output.coarse_logits
         return processor.post_process_masks(logits, inputs["original_sizes"], threshold=threshold)[0]
 
     # ---- grounded conversation (flmm_hf/grounded_chat.py) -------------------------------------
