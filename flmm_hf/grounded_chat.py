@@ -29,7 +29,7 @@ import torch
 
 from .attention_capture import AttentionCapture
 from .image_layout import example_image_inputs
-from .processing_flmm import FLMMProcessor, sam_preprocess, to_rgb
+from .processing_flmm import NON_IMAGE_KEYS, FLMMProcessor, sam_preprocess, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,6 @@ SELECTOR_QUESTION = (
 
 SELECTORS = ("auto", "noun_chunks", "lmm", "none")
 
-# Keys of the processor's output that are not the backbone's image inputs.
-_NON_IMAGE_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "phrase_ids",
-    "original_sizes",
-    "canvas_sizes",
-    "content_boxes",
-    "sam_pixel_values",
-    "masks",
-)
 
 
 class PhraseNotFoundError(ValueError):
@@ -207,7 +196,7 @@ def generate_with_attention(
     inputs = processor(images=[image], texts=None, prompt=question, return_sam_inputs=return_sam_inputs)
     device = _lmm_device(model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    lmm_inputs = {k: v for k, v in inputs.items() if k not in _NON_IMAGE_KEYS or k in ("input_ids", "attention_mask")}
+    lmm_inputs = {k: v for k, v in inputs.items() if k not in NON_IMAGE_KEYS or k in ("input_ids", "attention_mask")}
     prompt_ids = inputs["input_ids"]
     prompt_length = prompt_ids.shape[1]
 
@@ -518,7 +507,7 @@ def ground_generated(
     token_masks = phrase_token_masks(answer, spans)
     prompt_ids = inputs["input_ids"][0]
     full_ids = torch.cat([prompt_ids, answer.token_ids.to(prompt_ids)])  # the sequence the LMM saw
-    image_inputs = {k: v for k, v in inputs.items() if k not in _NON_IMAGE_KEYS and v is not None}
+    image_inputs = {k: v for k, v in inputs.items() if k not in NON_IMAGE_KEYS and v is not None}
     layout_inputs = example_image_inputs(dict(image_inputs, original_sizes=inputs["original_sizes"]), 0)
     maps = []
     for k in range(len(spans)):

@@ -23,19 +23,8 @@ from .configuration_flmm import DEFAULT_SAM, FLMMConfig
 from .image_layout import example_image_inputs, get_image_layout
 from .losses import mask_losses
 from .mask_head import UNetMaskHead, crop_to_content
+from .processing_flmm import NON_IMAGE_KEYS
 from .sam_refiner import SamRefiner, TextProjection
-
-# Forward arguments that describe the batch rather than the backbone's image inputs.
-_FLMM_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "phrase_ids",
-    "original_sizes",
-    "canvas_sizes",
-    "content_boxes",
-    "sam_pixel_values",
-    "masks",
-)
 
 
 @dataclass
@@ -153,6 +142,36 @@ def _check_backbone(what: str, recorded: dict, found: Any, where: str, fix: str)
         raise ValueError(f"The base {what} does not match this F-LMM model: {'; '.join(problems)}. {fix}")
 
 
+def _frozen_source(
+    what: str, given: str | None, recorded: str | None, revision: str | None, config: FLMMConfig,
+    source: str, subfolder: str, hub_kwargs: dict, fix: str,
+) -> tuple[str, dict, PreTrainedConfig]:
+    """Where a frozen part loads from (given, bundled in a full save, or recorded) and its config, checked."""
+    if given is not None:
+        name, kwargs = str(given), {}
+    elif config.save_mode == "full":
+        name, kwargs = _bundled(source, subfolder, hub_kwargs)
+    elif recorded:
+        name, kwargs = recorded, {"revision": revision}
+    else:
+        raise ValueError(
+            f"{source} is an adapter-sized F-LMM save whose config records no base {what} (it was built from a "
+            f"config). Fix: pass {what.lower()}=<Hub id or folder> to from_pretrained, or save with save_mode='full'."
+        )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
+    try:
+        found = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"The base {what} of this F-LMM model could not be loaded from {where}: {error}\n"
+            "Make it reachable (offline mode needs it in the local cache). " + fix
+        ) from error
+    recorded_config = config.lmm_config if what == "LMM" else config.sam_config
+    _check_backbone(what, recorded_config, found, where, fix)
+    return name, kwargs, found
+
+
 def _load_frozen_lmm(
     config: FLMMConfig,
     source: str,
@@ -170,30 +189,9 @@ def _load_frozen_lmm(
     if isinstance(lmm, PreTrainedModel):
         _check_backbone("LMM", config.lmm_config, lmm.config, f"the given {type(lmm).__name__}", fix)
         return lmm
-    if lmm is not None:
-        name, kwargs = str(lmm), {}
-    elif config.save_mode == "full":
-        name, kwargs = _bundled(source, LMM_SUBFOLDER, hub_kwargs)
-    elif config.lmm_name_or_path:
-        name, kwargs = config.lmm_name_or_path, {"revision": config.lmm_revision}
-    else:
-        raise ValueError(
-            f"{source} is an adapter-sized F-LMM save whose config records no base LMM (lmm_name_or_path is None: "
-            "the model was built from a config). Fix: pass lmm=<Hub id or folder> to from_pretrained, or save "
-            "with save_mode='full'."
-        )
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
-    try:
-        found = AutoConfig.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:
-        raise OSError(
-            f"The base LMM of this F-LMM model could not be loaded from {where}: {error}\n"
-            "Fix: download it or make it reachable (offline mode needs it in the local cache), "
-            "or pass lmm=<Hub id, local folder or loaded model> to from_pretrained, "
-            "or set lmm_name_or_path / lmm_revision in config.json."
-        ) from error
-    _check_backbone("LMM", config.lmm_config, found, where, fix)
+    name, kwargs, found = _frozen_source(
+        "LMM", lmm, config.lmm_name_or_path, config.lmm_revision, config, source, LMM_SUBFOLDER, hub_kwargs, fix
+    )
     load_kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     return AutoModelForImageTextToText.from_pretrained(name, config=found, **kwargs, **load_kwargs)
@@ -207,27 +205,9 @@ def _load_frozen_sam(
     if isinstance(sam, SamModel):
         _check_backbone("SAM", config.sam_config, sam.config, "the given SamModel", fix)
         return sam
-    if sam is not None:
-        name, kwargs = str(sam), {}
-    elif config.save_mode == "full":
-        name, kwargs = _bundled(source, SAM_SUBFOLDER, hub_kwargs)
-    elif config.sam_name_or_path:
-        name, kwargs = config.sam_name_or_path, {"revision": config.sam_revision}
-    else:
-        raise ValueError(
-            f"{source} is an adapter-sized F-LMM save whose config records no SAM checkpoint (sam_name_or_path is "
-            "None: SAM was built from a config). Fix: pass sam=<Hub id or folder> to from_pretrained, or save with "
-            "save_mode='full'."
-        )
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
-    try:
-        found = AutoConfig.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:
-        raise OSError(
-            f"The SAM checkpoint of this F-LMM model could not be loaded from {where}: {error}\n{fix}"
-        ) from error
-    _check_backbone("SAM", config.sam_config, found, where, fix)
+    name, kwargs, found = _frozen_source(
+        "SAM", sam, config.sam_name_or_path, config.sam_revision, config, source, SAM_SUBFOLDER, hub_kwargs, fix
+    )
     return SamModel.from_pretrained(name, config=found, dtype=dtype, **kwargs)
 
 
@@ -645,7 +625,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             `config.mask_head_in_channels`, (h, w) the image-token grid).
         """
         original_sizes = image_inputs.get("original_sizes")
-        image_inputs = {k: v for k, v in image_inputs.items() if k not in _FLMM_INPUTS and v is not None}
+        image_inputs = {k: v for k, v in image_inputs.items() if k not in NON_IMAGE_KEYS and v is not None}
         attentions, _ = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
         return self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
 

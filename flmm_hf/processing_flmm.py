@@ -62,6 +62,18 @@ DYNAMIC_RESOLUTION_PROCESSORS = frozenset(
     }
 )
 
+# Keys of the processor's output that describe the batch rather than the backbone's image inputs.
+NON_IMAGE_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "phrase_ids",
+    "original_sizes",
+    "canvas_sizes",
+    "content_boxes",
+    "sam_pixel_values",
+    "masks",
+)
+
 PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
 
 

@@ -241,7 +241,7 @@ def test_missing_base_lmm_says_which_and_how_to_fix(saved, tmp_path):
     assert "base LMM" in message and str(missing) in message
     assert "lmm=" in message and "lmm_name_or_path" in message
     folder = _copy(saved, tmp_path / "nosam", sam_name_or_path=str(tmp_path / "nowhere" / "sam"))
-    with pytest.raises(OSError, match="(?s)SAM checkpoint.*nowhere.*sam="):
+    with pytest.raises(OSError, match="(?s)base SAM.*nowhere.*sam="):
         FLMMForGrounding.from_pretrained(folder)
 
 

@@ -1,0 +1,674 @@
+"""Benchmark evaluation of an F-LMM model (method.md section 5): the logic behind ``evaluate.py``.
+
+- Referring expression segmentation (RES): RefCOCO val/testA/testB, RefCOCO+ val/testA/testB,
+  RefCOCOg (umd) val/test; cIoU and mIoU (gIoU). Two protocols, both reportable:
+
+  * ``"concat"`` (the paper's reference code): the first sentence of every ref, all refs of an
+    image in one sequence (:func:`flmm_hf.data.group_refs_by_image`); one example per image.
+  * ``"per_sentence"`` (the common protocol of other papers): every sentence is its own example
+    (:func:`flmm_hf.data.explode_sentences`).
+
+- Panoptic narrative grounding (PNG, val2017): per-phrase IoU -> average recall overall, things,
+  stuff, singulars, plurals, accuracy at IoU 0.5 and pixel accuracy, plus a recall-curve plot.
+
+Coarse (U-Net) and refined (SAM) masks are both scored. A prediction is
+``sigmoid(logits)`` resized bilinearly to the original image size, ``> 0.5``
+(:meth:`FLMMProcessor.post_process_masks`).
+
+Distribution (``accelerate launch evaluate.py`` / ``torchrun``): for every benchmark split and
+protocol, process ``r`` of ``W`` takes the examples ``r, r + W, r + 2W, ...`` (index striding:
+no padding, no duplicates), accumulates per-mask pixel counts
+(:class:`flmm_hf.metrics.MaskIoUAccumulator`) and the processes gather their counts once
+(``accelerate.utils.gather_object``). The gathered per-example counts are put back in dataset
+order before the metrics are computed, so any number of processes gives exactly the numbers of
+one process; a check fails loudly if an example is missing or counted twice.
+
+Python API::
+
+    from flmm_hf.evaluation import EvaluationArguments, run_evaluation
+    results = run_evaluation(EvaluationArguments(model_name_or_path="org/flmm-llava-1.5-7b",
+                                                 refcoco="org/refcoco", png="org/png"))
+    # or with a model already in memory:
+    results = run_evaluation(args, model=model, processor=processor)
+
+Library-only: nothing here is needed by the Hub custom code. This module must not import the
+``evaluate`` library (see ``evaluate.py`` for why the name is delicate).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .metrics import MaskIoUAccumulator, recall_curve
+
+logger = logging.getLogger(__name__)
+
+#: Benchmark key -> (pretty name, task, default splits). Keys are the names used in the results.
+BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "refcoco": ("RefCOCO", "res", ("val", "testA", "testB")),
+    "refcoco+": ("RefCOCO+", "res", ("val", "testA", "testB")),
+    "refcocog": ("RefCOCOg", "res", ("val", "test")),
+    "png": ("PNG", "png", ("val",)),
+}
+#: RES protocols: the paper's (first sentence per ref, refs of an image together) and the common one.
+PROTOCOLS = ("concat", "per_sentence")
+#: Mask variants: the U-Net's masks and the SAM refiner's masks.
+VARIANTS = ("refined", "coarse")
+RESULTS_FILE = "eval_results.json"
+#: Size (width, height) of the recall-curve plot.
+RECALL_PLOT_SIZE = (640, 480)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationArguments:
+    """What to evaluate and how (``evaluate.py`` parses these with ``HfArgumentParser``)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder or Hub id of a saved FLMMForGrounding (its processor is loaded from it too)."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the model on the Hub."})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Folder or Hub id of the FLMMProcessor (default: the model's)."}
+    )
+    refcoco: str | None = field(default=None, metadata={"help": "RefCOCO dataset folder or Hub id (build_refcoco.py)."})
+    refcoco_plus: str | None = field(default=None, metadata={"help": "RefCOCO+ dataset folder or Hub id."})
+    refcocog: str | None = field(default=None, metadata={"help": "RefCOCOg (umd) dataset folder or Hub id."})
+    png: str | None = field(default=None, metadata={"help": "PNG dataset folder or Hub id (build_png.py)."})
+    splits: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only these splits (default: RefCOCO/+ val testA testB, RefCOCOg val test, PNG val)."},
+    )
+    protocols: list[str] = field(
+        default_factory=lambda: list(PROTOCOLS),
+        metadata={"help": "RES protocols: 'concat' (the paper's) and/or 'per_sentence' (every sentence alone)."},
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate at most N examples per split and protocol (images for concat)."}
+    )
+    batch_size: int = field(default=1, metadata={"help": "Examples per forward pass, per process."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (decoding, preprocessing)."})
+    sentence_field: str = field(
+        default="raw_sentences",
+        metadata={"help": "'raw_sentences' (lower-cased annotator text, as the original) or 'sentences'."},
+    )
+    threshold: float = field(default=0.5, metadata={"help": "Probability threshold of the masks."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Load the model in this dtype ('float32', 'bfloat16', 'float16', 'auto')."}
+    )
+    output_dir: str = field(default="eval_output", metadata={"help": "Where the JSON results and plots are written."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed set before loading (only matters for randomly initialised parts)."}
+    )
+    update_model_card: bool = field(
+        default=False, metadata={"help": "Write the results into the model folder's README.md model-index."}
+    )
+
+    def __post_init__(self) -> None:
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown:
+            raise ValueError(f"unknown protocols {sorted(unknown)}; choose from {PROTOCOLS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.sentence_field not in ("raw_sentences", "sentences"):
+            raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
+
+    def datasets(self) -> dict[str, str]:
+        """Benchmark key -> dataset folder / Hub id, for the benchmarks given."""
+        given = {"refcoco": self.refcoco, "refcoco+": self.refcoco_plus, "refcocog": self.refcocog, "png": self.png}
+        return {key: value for key, value in given.items() if value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: one (benchmark, split, protocol) each
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EvalTask:
+    """One evaluation unit: a benchmark split under one protocol, as a dataset of model examples."""
+
+    benchmark: str  # key of BENCHMARKS
+    split: str
+    protocol: str | None  # "concat" / "per_sentence" for RES, None for PNG
+    dataset: Any  # datasets.Dataset, rows in the layout FLMMTransform reads
+    source: str = ""  # dataset folder / Hub id
+
+    @property
+    def name(self) -> str:
+        return "/".join(p for p in (self.benchmark, self.split, self.protocol) if p)
+
+    @property
+    def task_type(self) -> str:
+        return BENCHMARKS[self.benchmark][1]
+
+
+def prepare_res_split(dataset, protocol: str, max_samples: int | None = None, cache_dir: str | None = None):
+    """Per-ref RefCOCO rows -> the rows evaluated under ``protocol`` (first ``max_samples`` of them)."""
+    from .data import explode_sentences, group_refs_by_image
+
+    if protocol == "concat":
+        rows = group_refs_by_image(dataset, cache_dir=cache_dir)
+    elif protocol == "per_sentence":
+        rows = explode_sentences(dataset)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    return _head(rows, max_samples)
+
+
+def prepare_png_split(dataset, max_samples: int | None = None):
+    """PNG rows with at least one grounded phrase (first ``max_samples`` of them)."""
+    before = len(dataset)
+    dataset = dataset.filter(
+        lambda segments: any(len(s["segment_ids"]) > 0 for s in segments), input_columns="segments"
+    )
+    if len(dataset) < before:
+        logger.warning("PNG: %d narratives without a grounded phrase are not evaluated", before - len(dataset))
+    return _head(dataset, max_samples)
+
+
+def _head(dataset, max_samples: int | None):
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
+    return dataset
+
+
+def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
+    """Load every dataset named in ``args`` and prepare its splits under each protocol.
+
+    Dataset preparation (grouping, exploding, filtering) runs on the main process first, so that
+    the other processes reuse its ``datasets`` cache instead of racing to write it.
+    """
+    from datasets import load_dataset
+
+    state = state if state is not None else process_state()
+    tasks: list[EvalTask] = []
+    sources = args.datasets()
+    if not sources:
+        raise ValueError("no dataset given: pass --refcoco, --refcoco_plus, --refcocog and/or --png")
+    for benchmark, source in sources.items():
+        pretty, task_type, default_splits = BENCHMARKS[benchmark]
+        splits = [s for s in default_splits if args.splits is None or s in args.splits]
+        with state.main_process_first():
+            available = load_dataset(source, cache_dir=args.cache_dir)
+        for split in splits:
+            if split not in available:
+                logger.warning("%s (%s) has no split %r; skipped (has: %s)", pretty, source, split, sorted(available))
+                continue
+            with state.main_process_first():
+                if task_type == "png":
+                    rows = prepare_png_split(available[split], args.max_samples)
+                    tasks.append(EvalTask(benchmark, split, None, rows, source))
+                    continue
+                for protocol in args.protocols:
+                    rows = prepare_res_split(available[split], protocol, args.max_samples, args.cache_dir)
+                    tasks.append(EvalTask(benchmark, split, protocol, rows, source))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded prediction and exact gathering
+# ---------------------------------------------------------------------------------------------
+def shard_indices(num_examples: int, process_index: int, num_processes: int) -> list[int]:
+    """Index striding: process ``r`` of ``W`` takes ``r, r + W, ...`` (disjoint, covering, unpadded)."""
+    return list(range(process_index, num_examples, num_processes))
+
+
+class _IndexedRows(torch.utils.data.Dataset):
+    """``(global index, row)`` for the given indices of a dataset."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, dict]:
+        index = self.indices[i]
+        return index, self.dataset[index]
+
+
+class _IndexedCollator:
+    """Rows -> (global indices, processor batch with ``masks``/``isthing``/``plural`` lists)."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[tuple[int, dict]]) -> tuple[list[int], dict]:
+        indices = [index for index, _ in items]
+        return indices, self.collator([row for _, row in items])
+
+
+def make_collator(processor, use_sam: bool, sentence_field: str = "raw_sentences"):
+    """Evaluation collator: first sentence per ref, targets kept aside (not given to the model)."""
+    from .data import FLMMCollator, FLMMTransform
+
+    call = functools.partial(processor, return_sam_inputs=use_sam)
+    return FLMMCollator(
+        call,
+        transform=FLMMTransform(train=False, sentence_field=sentence_field),
+        with_masks=False,
+        extra_keys=("masks", "isthing", "plural"),
+    )
+
+
+@torch.no_grad()
+def predict_shard(
+    model,
+    processor,
+    dataset,
+    indices: Sequence[int],
+    batch_size: int = 1,
+    num_workers: int = 0,
+    sentence_field: str = "raw_sentences",
+    threshold: float = 0.5,
+    progress: bool = False,
+    description: str = "",
+) -> dict[str, Any]:
+    """Run the model on ``dataset[indices]`` and count per-mask pixels for each variant.
+
+    Returns:
+        A picklable payload: ``index`` (the global example indices, in processing order),
+        ``num_masks`` (masks per example) and one :meth:`MaskIoUAccumulator.state_dict` per
+        variant (``"coarse"`` and, with a refiner, ``"refined"``), masks in processing order.
+    """
+    from tqdm.auto import tqdm
+
+    use_sam = getattr(model, "sam_refiner", None) is not None
+    device = next(model.mask_head.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _IndexedRows(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_IndexedCollator(make_collator(processor, use_sam, sentence_field)),
+    )
+    accumulators = {"coarse": MaskIoUAccumulator()}
+    if use_sam:
+        accumulators["refined"] = MaskIoUAccumulator()
+    order: list[int] = []
+    num_masks: list[int] = []
+    was_training = model.training
+    model.eval()
+    for batch_indices, batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
+        targets = {key: batch.pop(key) for key in ("masks", "isthing", "plural")}
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        output = model(**inputs)
+        sizes = inputs["original_sizes"].cpu()
+        logits = {"coarse": output.coarse_logits}
+        if use_sam:
+            logits["refined"] = output.refined_logits
+        # resized, thresholded and counted where the logits are (the GPU in real runs)
+        predictions = {
+            variant: processor.post_process_masks([x.float() for x in logits[variant]], sizes, threshold=threshold)
+            for variant in accumulators
+        }
+        for b, index in enumerate(batch_indices):
+            gt = targets["masks"][b]
+            for variant, accumulator in accumulators.items():
+                accumulator.add(predictions[variant][b], gt, isthing=targets["isthing"][b], plural=targets["plural"][b])
+            order.append(int(index))
+            num_masks.append(int(gt.shape[0]))
+    if was_training:
+        model.train()
+    payload: dict[str, Any] = {"index": order, "num_masks": num_masks}
+    payload.update({variant: accumulator.state_dict() for variant, accumulator in accumulators.items()})
+    return payload
+
+
+def merge_payloads(payloads: Sequence[dict[str, Any]], num_examples: int) -> dict[str, MaskIoUAccumulator]:
+    """Gathered per-process payloads -> one accumulator per variant, masks in dataset order.
+
+    Raises:
+        RuntimeError: if an example is missing or was evaluated more than once.
+    """
+    seen: dict[int, int] = {}
+    pieces: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    variants = [v for v in VARIANTS if all(v in p for p in payloads)] if payloads else []
+    for payload in payloads:
+        bounds = np.concatenate([[0], np.cumsum(payload["num_masks"], dtype=np.int64)])
+        for j, index in enumerate(payload["index"]):
+            seen[index] = seen.get(index, 0) + 1
+            for variant in variants:
+                state = payload[variant]
+                pieces.setdefault(variant, {})[index] = {k: v[bounds[j] : bounds[j + 1]] for k, v in state.items()}
+    duplicated = sorted(i for i, count in seen.items() if count > 1)
+    missing = sorted(set(range(num_examples)) - set(seen))
+    extra = sorted(set(seen) - set(range(num_examples)))
+    if duplicated or missing or extra:
+        raise RuntimeError(
+            f"gathered results do not cover each of the {num_examples} examples exactly once: "
+            f"duplicated {duplicated[:10]}, missing {missing[:10]}, unexpected {extra[:10]}"
+        )
+    return {
+        variant: MaskIoUAccumulator.merge([pieces[variant][i] for i in range(num_examples)])
+        if num_examples
+        else MaskIoUAccumulator()
+        for variant in variants
+    }
+
+
+def process_state():
+    """accelerate's process state. Without GPUs, a multi-process launch (``torchrun``,
+    ``accelerate launch --multi_gpu``) must ask for CPU explicitly, or accelerate silently runs
+    every process as a lone single process."""
+    from accelerate import PartialState
+
+    world_size = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    cpu = world_size > 1 and not torch.cuda.is_available()
+    cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
+
+
+def _gather(payload: dict[str, Any], state) -> list[dict[str, Any]]:
+    """One ``gather_object`` of every process's payload, in process order."""
+    if state.num_processes == 1:
+        return [payload]
+    from accelerate.utils import gather_object
+
+    return gather_object([payload])
+
+
+def evaluate_task(
+    model,
+    processor,
+    task: EvalTask,
+    state: Any = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    sentence_field: str = "raw_sentences",
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Evaluate one task over all processes; every process returns the same result dict.
+
+    Returns:
+        ``{"num_examples", "num_masks", "<variant>": metrics, ...}`` with RES metrics ``ciou`` /
+        ``miou`` or PNG metrics (``ar``, ``ar_things``, ``ar_stuff``, ``ar_singulars``,
+        ``ar_plurals``, ``acc_50``, ``pixel_acc``); the private key ``"_ious"`` holds the per-mask
+        IoUs per variant (dataset order) for plots.
+    """
+    state = state if state is not None else process_state()
+    num_examples = len(task.dataset)
+    indices = shard_indices(num_examples, state.process_index, state.num_processes)
+    payload = predict_shard(
+        model, processor, task.dataset, indices,
+        batch_size=batch_size, num_workers=num_workers, sentence_field=sentence_field, threshold=threshold,
+        progress=state.is_main_process, description=task.name,
+    )
+    merged = merge_payloads(_gather(payload, state), num_examples)
+    result: dict[str, Any] = {"num_examples": num_examples, "num_masks": len(merged["coarse"])}
+    for variant in VARIANTS:
+        if variant not in merged:
+            continue
+        accumulator = merged[variant]
+        metrics = accumulator.compute_png() if task.task_type == "png" else accumulator.compute_refer_seg()
+        result[variant] = {k: float(v) for k, v in metrics.items()}
+    result["_ious"] = {variant: merged[variant].ious for variant in merged}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------
+def load_model_and_processor(args: EvaluationArguments):
+    """``FLMMForGrounding`` and ``FLMMProcessor`` from ``args.model_name_or_path`` (folder or Hub id)."""
+    from transformers import set_seed
+
+    from .modeling_flmm import FLMMForGrounding
+    from .processing_flmm import FLMMProcessor
+
+    if not args.model_name_or_path:
+        raise ValueError("model_name_or_path is required (or pass a model to run_evaluation)")
+    set_seed(args.seed)
+    kwargs: dict[str, Any] = {"revision": args.model_revision}
+    if args.dtype is not None:
+        kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = FLMMForGrounding.from_pretrained(args.model_name_or_path, **kwargs)
+    processor_kwargs: dict[str, Any] = {"trust_remote_code": False}  # our class is imported: no remote code
+    if args.processor_name_or_path is None and args.model_revision:
+        processor_kwargs["revision"] = args.model_revision
+    # (without trust_remote_code=False the backbone processor's loader asks interactively about the
+    # auto_map that FLMMProcessor.save_pretrained writes)
+    processor = FLMMProcessor.from_pretrained(args.processor_name_or_path or args.model_name_or_path, **processor_kwargs)
+    return model, processor
+
+
+def run_evaluation(
+    args: EvaluationArguments, model: Any = None, processor: Any = None, state: Any = None
+) -> dict[str, Any]:
+    """Evaluate on every dataset/split/protocol in ``args``; write the JSON (and plots) on the main process.
+
+    Args:
+        args: what to evaluate.
+        model / processor: an in-memory ``FLMMForGrounding`` and ``FLMMProcessor``; loaded from
+            ``args.model_name_or_path`` when not given.
+        state: an ``accelerate.PartialState`` (created when not given; it reads the
+            ``accelerate launch`` / ``torchrun`` environment).
+
+    Returns:
+        The results written to ``<output_dir>/eval_results.json`` (see :func:`results_table`).
+    """
+    state = state if state is not None else process_state()
+    if model is None:
+        model, loaded_processor = load_model_and_processor(args)
+        processor = processor if processor is not None else loaded_processor
+    elif processor is None:
+        raise ValueError("pass the processor together with an in-memory model")
+    model.to(state.device)
+    model.eval()
+
+    tasks = build_tasks(args, state)
+    results: dict[str, Any] = {}
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for task in tasks:
+        logger.info("evaluating %s: %d examples on %d process(es)", task.name, len(task.dataset), state.num_processes)
+        outcome = evaluate_task(
+            model, processor, task, state,
+            batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
+            sentence_field=args.sentence_field, threshold=args.threshold,
+        )
+        ious = outcome.pop("_ious")
+        node = results.setdefault(task.benchmark, {}).setdefault(task.split, {})
+        if task.protocol is None:
+            node.update(outcome)
+            curves[task.name] = ious
+        else:
+            node[task.protocol] = outcome
+
+    output = {
+        "model": args.model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "datasets": args.datasets(),
+        "num_processes": state.num_processes,
+        "settings": {
+            "protocols": list(args.protocols),
+            "max_samples": args.max_samples,
+            "batch_size": args.batch_size,
+            "sentence_field": args.sentence_field,
+            "threshold": args.threshold,
+            "dtype": args.dtype,
+        },
+        "results": results,
+        "plots": {},
+    }
+    if state.is_main_process:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, variant_ious in curves.items():
+            path = out_dir / f"{name.replace('/', '_')}_recall_curve.png"
+            title = f"{BENCHMARKS[name.split('/')[0]][0]} {name.split('/')[1]}: recall at IoU >= t"
+            plot_recall_curves(variant_ious, path, title=title)
+            output["plots"][name] = path.name
+        (out_dir / RESULTS_FILE).write_text(json.dumps(_json_safe(output), indent=2) + "\n")
+        logger.info("results written to %s", out_dir / RESULTS_FILE)
+        if args.update_model_card:
+            update_model_card(args.model_name_or_path, output)
+    state.wait_for_everyone()
+    return output
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an empty subgroup) -> null, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting: table, model-index, plot
+# ---------------------------------------------------------------------------------------------
+RES_COLUMNS = (("ciou", "cIoU"), ("miou", "gIoU"))
+PNG_COLUMNS = (
+    ("ar", "AR"), ("ar_things", "things"), ("ar_stuff", "stuff"), ("ar_singulars", "singular"),
+    ("ar_plurals", "plural"), ("acc_50", "acc@0.5"), ("pixel_acc", "pix.acc"),
+)
+
+
+def iter_results(results: dict[str, Any]) -> Iterable[tuple[str, str, str | None, dict[str, Any]]]:
+    """``(benchmark, split, protocol, entry)`` for every evaluated unit of ``output["results"]``."""
+    for benchmark, splits in results.items():
+        for split, node in splits.items():
+            if BENCHMARKS[benchmark][1] == "png":
+                yield benchmark, split, None, node
+            else:
+                for protocol, entry in node.items():
+                    yield benchmark, split, protocol, entry
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def results_table(output: dict[str, Any]) -> str:
+    """A plain-text table: one row per RES split/protocol (cIoU, gIoU), one per PNG split."""
+    lines = []
+    rows = list(iter_results(output["results"]))
+    res = [r for r in rows if r[2] is not None]
+    png = [r for r in rows if r[2] is None]
+    for group, columns in ((res, RES_COLUMNS), (png, PNG_COLUMNS)):
+        if not group:
+            continue
+        variants = [v for v in VARIANTS if v in group[0][3]]
+        header = ["dataset", "split", "protocol", "masks"] + [f"{v} {label}" for v in variants for _, label in columns]
+        body = []
+        for benchmark, split, protocol, entry in group:
+            body.append(
+                [BENCHMARKS[benchmark][0], split, protocol or "-", str(entry["num_masks"])]
+                + [_fmt(entry.get(v, {}).get(key)) for v in variants for key, _ in columns]
+            )
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
+        for row in [header] + body:
+            cells = [str(x).rjust(w) if i >= 3 else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))]
+            lines.append("  ".join(cells))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def model_index_results(output: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results as Hub ``model-index`` entries (``task``, ``dataset``, ``metrics``), refined masks
+    where the model has a refiner, else coarse ones."""
+    entries = []
+    for benchmark, split, protocol, entry in iter_results(output["results"]):
+        pretty, task_type, _ = BENCHMARKS[benchmark]
+        variant = "refined" if "refined" in entry else "coarse"
+        suffix = f" ({protocol.replace('_', '-')}, {variant})" if protocol else f" ({variant})"
+        if task_type == "res":
+            task = {"type": "image-segmentation", "name": "Referring Expression Segmentation"}
+            metrics = [{"type": key, "name": label + suffix, "value": entry[variant][key]} for key, label in RES_COLUMNS]
+        else:
+            task = {"type": "image-segmentation", "name": "Panoptic Narrative Grounding"}
+            metrics = [
+                {"type": key, "name": label + suffix, "value": entry[variant][key]}
+                for key, label in PNG_COLUMNS
+                if entry[variant].get(key) is not None and math.isfinite(entry[variant][key])
+            ]
+        source = output.get("datasets", {}).get(benchmark)
+        # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine paths)
+        dataset_type = source if source and not os.path.exists(source) else benchmark
+        dataset = {"name": pretty, "type": dataset_type, "split": split}
+        entries.append({"task": task, "dataset": dataset, "metrics": metrics})
+    return entries
+
+
+def update_model_card(model_dir: str | os.PathLike | None, output: dict[str, Any]) -> None:
+    """Write the results into the ``model-index`` of a local model folder's ``README.md``.
+
+    Delegates to :func:`flmm_hf.model_card.update_model_index` (which owns the card format) with
+    :func:`model_index_results` entries; results of the same dataset, split and metric are replaced.
+    """
+    if not model_dir or not Path(model_dir).is_dir():
+        raise ValueError(f"update_model_card needs a local model folder, got {model_dir!r}")
+    from .model_card import update_model_index
+
+    update_model_index(model_dir, model_index_results(output))
+    logger.info("model-index of %s updated", Path(model_dir) / "README.md")
+
+
+def plot_recall_curves(
+    variant_ious: dict[str, np.ndarray], path: str | os.PathLike, title: str = "", size: tuple[int, int] = RECALL_PLOT_SIZE
+) -> Path:
+    """Draw recall(IoU >= t) over t in [0, 1] per mask variant as a PNG (PIL only, no matplotlib).
+
+    The legend gives each curve's average recall (its area, :func:`flmm_hf.metrics.average_recall`).
+    """
+    from PIL import Image, ImageDraw
+
+    from .metrics import average_recall
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 40, height - 50
+    colours = {"refined": (31, 119, 180), "coarse": (255, 127, 14)}
+
+    def xy(t: float, r: float) -> tuple[float, float]:
+        return left + t * (right - left), bottom - r * (bottom - top)
+
+    # axes, grid and ticks
+    for k in range(11):
+        v = k / 10
+        x, _ = xy(v, 0)
+        _, y = xy(0, v)
+        draw.line([x, top, x, bottom], fill=(230, 230, 230))
+        draw.line([left, y, right, y], fill=(230, 230, 230))
+        if k % 2 == 0:
+            draw.text((x - 8, bottom + 6), f"{v:.1f}", fill="black")
+            draw.text((left - 30, y - 6), f"{v:.1f}", fill="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) / 2 - 40, bottom + 24), "IoU threshold t", fill="black")
+    draw.text((left, 12), title or "recall at IoU >= t", fill="black")
+    draw.text((8, top - 16), "recall", fill="black")
+
+    legend_y = top + 10
+    samples = np.linspace(0, len(np.arange(0, 1, 1e-5)) - 1, num=right - left + 1).astype(int)
+    for variant, ious in variant_ious.items():
+        thresholds, recall = recall_curve(ious)
+        if len(ious) == 0:
+            continue
+        points = [xy(thresholds[i], recall[i]) for i in samples]
+        colour = colours.get(variant, (44, 160, 44))
+        draw.line(points, fill=colour, width=2)
+        draw.line([right - 170, legend_y + 6, right - 150, legend_y + 6], fill=colour, width=2)
+        draw.text((right - 145, legend_y), f"{variant} AR {average_recall(ious):.2f}", fill="black")
+        legend_y += 16
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
