@@ -460,7 +460,10 @@ def run_evaluation(
             ``accelerate launch`` / ``torchrun`` environment).
 
     Returns:
-        The results written to ``<output_dir>/eval_results.json`` (see :func:`results_table`).
+        The results written to ``<output_dir>/eval_results.json`` (see :func:`results_table`):
+        ``results[benchmark][split][protocol]`` for RES and ``results["png"][split]`` for PNG, each
+        with ``num_examples``, ``num_masks``, ``refined`` and ``coarse`` metric dicts (0-100; an
+        empty PNG subgroup is ``None``).
     """
     state = state if state is not None else process_state()
     if model is None:
@@ -504,6 +507,7 @@ def run_evaluation(
         "results": results,
         "plots": {},
     }
+    output = _json_safe(output)  # NaN (an empty subgroup) -> None, in the file and the return value alike
     if state.is_main_process:
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -512,7 +516,7 @@ def run_evaluation(
             title = f"{BENCHMARKS[name.split('/')[0]][0]} {name.split('/')[1]}: recall at IoU >= t"
             plot_recall_curves(variant_ious, path, title=title)
             output["plots"][name] = path.name
-        (out_dir / RESULTS_FILE).write_text(json.dumps(_json_safe(output), indent=2) + "\n")
+        (out_dir / RESULTS_FILE).write_text(json.dumps(output, indent=2) + "\n")
         logger.info("results written to %s", out_dir / RESULTS_FILE)
         if args.update_model_card:
             update_model_card(args.model_name_or_path, output)
@@ -590,15 +594,14 @@ def model_index_results(output: dict[str, Any]) -> list[dict[str, Any]]:
         variant = "refined" if "refined" in entry else "coarse"
         suffix = f" ({protocol.replace('_', '-')}, {variant})" if protocol else f" ({variant})"
         if task_type == "res":
-            task = {"type": "image-segmentation", "name": "Referring Expression Segmentation"}
-            metrics = [{"type": key, "name": label + suffix, "value": entry[variant][key]} for key, label in RES_COLUMNS]
+            task, columns = {"type": "image-segmentation", "name": "Referring Expression Segmentation"}, RES_COLUMNS
         else:
-            task = {"type": "image-segmentation", "name": "Panoptic Narrative Grounding"}
-            metrics = [
-                {"type": key, "name": label + suffix, "value": entry[variant][key]}
-                for key, label in PNG_COLUMNS
-                if entry[variant].get(key) is not None and math.isfinite(entry[variant][key])
-            ]
+            task, columns = {"type": "image-segmentation", "name": "Panoptic Narrative Grounding"}, PNG_COLUMNS
+        metrics = [
+            {"type": key, "name": label + suffix, "value": entry[variant][key]}
+            for key, label in columns
+            if entry[variant].get(key) is not None and math.isfinite(entry[variant][key])
+        ]
         source = output.get("datasets", {}).get(benchmark)
         # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine paths)
         dataset_type = source if source and not os.path.exists(source) else benchmark
