@@ -562,6 +562,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
                     attention_mask=attention_mask,
                     output_hidden_states=True,
                     use_cache=False,
+                    logits_to_keep=1,  # only hidden states and attention are used; skip the vocabulary projection
                     return_dict=True,
                     **image_inputs,
                 )

@@ -671,6 +671,9 @@ class FLMMProcessor:
                 settings = json.load(f)
             backbone_class = _library_processor_class(settings.get("backbone_processor_class"))
         if backbone_class is not None:
+            # A library class needs no remote code; without this, our own auto_map in the folder
+            # makes transformers ask interactively whether to run custom code.
+            kwargs["trust_remote_code"] = False
             processor = backbone_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         else:
             # Our auto_map in processor_config.json would send AutoProcessor back here with remote code on.
