@@ -545,8 +545,13 @@ class FLMMForGrounding(FLMMPreTrainedModel):
 
     # ---- 1-3: attention -> per-phrase maps ---------------------------------------------------
     def _run_lmm(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, phrase_ids: torch.Tensor, image_inputs: dict
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        phrase_ids: torch.Tensor,
+        image_inputs: dict,
+        with_hidden_states: bool = True,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
         """One frozen forward; returns per-example attention [layers, heads, n_query, n_image] and hidden states."""
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
@@ -560,12 +565,15 @@ class FLMMForGrounding(FLMMPreTrainedModel):
                 outputs = self.lmm(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    output_hidden_states=True,
+                    # only the SAM refiner's text embeddings read them (all layers x all tokens: large)
+                    output_hidden_states=with_hidden_states,
                     use_cache=False,
                     logits_to_keep=1,  # only hidden states and attention are used; skip the vocabulary projection
                     return_dict=True,
                     **image_inputs,
                 )
+        if not with_hidden_states:
+            return capture.attentions, None
         num_layers = self.config.num_text_layers
         hidden_states = outputs.hidden_states[-num_layers:]  # decoder layer outputs, embeddings excluded
         return capture.attentions, hidden_states
@@ -627,7 +635,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         """
         original_sizes = image_inputs.get("original_sizes")
         image_inputs = {k: v for k, v in image_inputs.items() if k not in NON_IMAGE_KEYS and v is not None}
-        attentions, _ = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
+        attentions, _ = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs, with_hidden_states=False)
         return self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
 
     # ---- 4: U-Net over all phrases of the batch --------------------------------------------
@@ -643,7 +651,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
     def _masks_from_maps(
         self,
         maps: list[torch.Tensor],
-        phrase_hidden: list[list[torch.Tensor]],
+        phrase_hidden: list[list[torch.Tensor]] | None,
         canvas_sizes: torch.Tensor,
         content_boxes: torch.Tensor,
         original_sizes: torch.Tensor,
@@ -702,12 +710,17 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
-        attentions, hidden_states = self._run_lmm(input_ids, attention_mask, phrase_ids, image_inputs)
+        refine = refine and self.sam_refiner is not None
+        attentions, hidden_states = self._run_lmm(
+            input_ids, attention_mask, phrase_ids, image_inputs, with_hidden_states=refine
+        )
         maps = self._all_phrase_maps(attentions, input_ids, phrase_ids, image_inputs, original_sizes)
-        stacked = torch.stack(hidden_states)  # [layers, B, L, D]
-        phrase_hidden = [
-            [stacked[:, b, phrase_ids[b] == k] for k in range(maps[b].shape[0])] for b in range(len(maps))
-        ]
+        phrase_hidden = None
+        if refine:
+            stacked = torch.stack(hidden_states)  # [layers, B, L, D]
+            phrase_hidden = [
+                [stacked[:, b, phrase_ids[b] == k] for k in range(maps[b].shape[0])] for b in range(len(maps))
+            ]
         coarse, refined = self._masks_from_maps(
             maps, phrase_hidden, canvas_sizes, content_boxes, original_sizes, sam_pixel_values, refine=refine
         )
