@@ -152,7 +152,10 @@ def _frozen_source(
     elif config.save_mode == "full":
         name, kwargs = _bundled(source, subfolder, hub_kwargs)
     elif recorded:
-        name, kwargs = recorded, {"revision": revision}
+        # A relative path is resolved against the model folder first (the demo keeps its backbone beside the head).
+        local = os.path.join(source, recorded)
+        name = local if not os.path.isabs(recorded) and os.path.isdir(local) else recorded
+        kwargs = {"revision": revision}
     else:
         raise ValueError(
             f"{source} is an adapter-sized F-LMM save whose config records no base {what} (it was built from a "
@@ -269,8 +272,11 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             base_channels=config.mask_head_channels,
             num_stages=config.mask_head_stages,
         )
-        self.text_projection = TextProjection(
-            num_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size, out_size=256
+        # The phrase text embeddings only prompt SAM: no refiner, no projection (and no unused parameters for DDP).
+        self.text_projection = (
+            TextProjection(num_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size, out_size=256)
+            if config.use_sam
+            else None
         )
         self.sam_refiner = SamRefiner(sam if sam is not None else config.get_sam_config()) if config.use_sam else None
         if self.sam_refiner is not None:
@@ -513,8 +519,8 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         self.layout = get_image_layout(self.lmm.config)
         device = self.lmm.device
         self.mask_head.to(device)
-        self.text_projection.to(device)
         if self.sam_refiner is not None:
+            self.text_projection.to(device)
             # The trained weights go into the loaded SAM's own prompt encoder and mask decoder, and the
             # refiner is rebuilt around that SAM, exactly as `from_lmm` builds it: one dtype and one
             # attention implementation for all of SAM (a decoder built from the config would use eager

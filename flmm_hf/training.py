@@ -58,9 +58,9 @@ class ModelArguments:
     # The offline demo's backbone (used when lmm_name_or_path is None).
     demo_image_size: int = field(default=224, metadata={"help": "Demo backbone: input size (px)."})
     demo_patch_size: int = field(default=16, metadata={"help": "Demo backbone: patch size (grid = size // patch)."})
-    demo_pretrain_steps: int = field(default=150, metadata={"help": "Demo backbone: caption pre-training steps (0: random)."})
+    demo_pretrain_steps: int = field(default=400, metadata={"help": "Demo backbone: caption pre-training steps (0: random)."})
     demo_pretrain_batch_size: int = field(default=16, metadata={"help": "Demo backbone: pre-training batch size."})
-    demo_pretrain_learning_rate: float = field(default=3e-3, metadata={"help": "Demo backbone: pre-training lr."})
+    demo_pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Demo backbone: pre-training lr."})
     demo_pretrain_max_seconds: float | None = field(
         default=None, metadata={"help": "Demo backbone: stop pre-training after this many seconds."}
     )
@@ -567,11 +567,13 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
         extras["metrics"].update({f"backbone_{k}": v for k, v in stats.items()})
         set_seed(training_args.seed)  # the head's initialisation must not depend on the backbone's cache state
         model, processor = build_model(model_args, lmm=lmm), build_processor(model_args, lmm_processor)
+        backbone = Path(model_args.demo_backbone_dir or os.path.join(training_args.output_dir, "backbone")).resolve()
+        output = Path(training_args.output_dir).resolve()
+        if backbone.is_relative_to(output):
+            # Recorded relative to the model folder, so the saved demo can be moved or copied.
+            model.config.lmm_name_or_path = backbone.relative_to(output).as_posix()
     else:
         model, processor = build_model(model_args), build_processor(model_args)
-    if not model_args.use_sam and training_args.ddp_find_unused_parameters is None:
-        # Without SAM the text projection gets no gradient; DDP must be told.
-        training_args.ddp_find_unused_parameters = True
     train_collator, eval_collator = build_collators(processor, model_args.use_sam, training_args.seed, data_args.sentence_field)
     trainer = FLMMTrainer(
         model=model,

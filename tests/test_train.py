@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -86,8 +87,13 @@ def test_demo_end_to_end(tmp_path):
     from flmm_hf.shapes import generate_scene
     import numpy as np
 
-    model = FLMMForGrounding.from_pretrained(out).eval()
-    processor = FLMMProcessor.from_pretrained(out)
+    # the folder records its backbone relative to itself, so a moved copy loads too
+    assert json.loads((out / "config.json").read_text())["lmm_name_or_path"] == "backbone"
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out / "backbone")
+    model = FLMMForGrounding.from_pretrained(moved).eval()
+    processor = FLMMProcessor.from_pretrained(moved)
     for name, value in saved.items():
         torch.testing.assert_close(model.state_dict()[name], value)
     image, objects = generate_scene(np.random.default_rng(123), image_size=64)
