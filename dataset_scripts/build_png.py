@@ -25,7 +25,6 @@ import json
 import logging
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +32,13 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flmm_hf.datasets_io import (
+    add_output_arguments,
+    run_builder,
     BuildSummary,
     ShardedParquetWriter,
     image_cell,
     mask_to_rle,
     png_features,
-    push_folder_to_hub,
-    split_num_rows,
     write_dataset_card,
 )
 
@@ -68,14 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--panoptic-json", required=True, type=Path, help="panoptic_{split}2017.json")
     p.add_argument("--panoptic-dir", required=True, type=Path, help="folder of panoptic PNGs")
     p.add_argument("--image-dir", required=True, type=Path, help="COCO images of that split")
-    p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--split", default=None, help="split name (default: 'train' or 'val' from the file name)")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N rows")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload to this Hub dataset repo")
-    p.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
-    p.add_argument("--max-rows-per-shard", type=int, default=5000)
-    p.add_argument("--max-shard-mb", type=float, default=256.0)
-    p.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -239,16 +232,7 @@ def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, arg
 
 
 def main(argv: list[str] | None = None) -> BuildSummary:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
-    summary = build(args)
-    print(summary.report())
-    print(split_num_rows(args.output_dir))
-    if args.push_to_hub:
-        print("pushed to", push_folder_to_hub(args.output_dir, args.push_to_hub))
-    return summary
+    return run_builder(parse_args, build, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import logging
 import shlex
 import shutil
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,14 +30,14 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flmm_hf.datasets_io import (
+    add_output_arguments,
+    run_builder,
     BuildSummary,
     ShardedParquetWriter,
     image_cell,
     load_refs_pickle,
-    push_folder_to_hub,
     refcoco_features,
     segmentation_to_rle,
-    split_num_rows,
     write_dataset_card,
 )
 
@@ -76,14 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", required=True, type=Path, help="instances.json of the variant")
     p.add_argument("--refs", required=True, type=Path, help="refs(unc).p / refs(umd).p")
     p.add_argument("--image-dir", required=True, type=Path, help="COCO train2014 images")
-    p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--split", default=None, help="build only this split (default: all in the refs file)")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N rows per split")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload to this Hub dataset repo")
-    p.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
-    p.add_argument("--max-rows-per-shard", type=int, default=5000)
-    p.add_argument("--max-shard-mb", type=float, default=256.0)
-    p.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -215,16 +208,7 @@ def _check_image(path: Path, height: int, width: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> BuildSummary:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
-    summary = build(args)
-    print(summary.report())
-    print({k: v for k, v in split_num_rows(args.output_dir).items()})
-    if args.push_to_hub:
-        print("pushed to", push_folder_to_hub(args.output_dir, args.push_to_hub))
-    return summary
+    return run_builder(parse_args, build, argv)
 
 
 if __name__ == "__main__":

@@ -12,20 +12,17 @@ Example::
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import shutil
-import sys
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from flmm_hf.datasets_io import (
+    add_output_arguments,
+    run_builder,
     BuildSummary,
     ShardedParquetWriter,
-    push_folder_to_hub,
     refcoco_features,
-    split_num_rows,
     write_dataset_card,
 )
 from flmm_hf.shapes import generate_shapes_rows
@@ -35,17 +32,13 @@ SPLITS = ("train", "val", "test")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--train-scenes", type=int, default=600)
     p.add_argument("--val-scenes", type=int, default=100)
     p.add_argument("--test-scenes", type=int, default=100)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default=None, choices=SPLITS, help="build only this split")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N rows per split")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO")
-    p.add_argument("--max-rows-per-shard", type=int, default=5000)
-    p.add_argument("--overwrite", action="store_true")
+    add_output_arguments(p, embed_images=False)
     return p.parse_args(argv)
 
 
@@ -60,7 +53,10 @@ def build(args: argparse.Namespace) -> BuildSummary:
     for k, split in enumerate(SPLITS):
         if args.split is not None and split != args.split:
             continue
-        writer = ShardedParquetWriter(args.output_dir, split, features, "ref_id", args.max_rows_per_shard)
+        writer = ShardedParquetWriter(
+            args.output_dir, split, features, key_column="ref_id", max_rows_per_shard=args.max_rows_per_shard,
+            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+        )
         summary.already_present[split] = len(writer.existing_keys)
         budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
         rows = generate_shapes_rows(scenes[split], seed=args.seed * 1000 + k, image_size=args.image_size,
@@ -94,16 +90,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
 
 
 def main(argv: list[str] | None = None) -> BuildSummary:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
-    summary = build(args)
-    print(summary.report())
-    print(split_num_rows(args.output_dir))
-    if args.push_to_hub:
-        print("pushed to", push_folder_to_hub(args.output_dir, args.push_to_hub))
-    return summary
+    return run_builder(parse_args, build, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ import pickle
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import argparse
 
 import numpy as np
 import pyarrow as pa
@@ -512,3 +515,34 @@ def push_folder_to_hub(output_dir: str | os.PathLike, repo_id: str, private: boo
     api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line plumbing shared by dataset_scripts/build_*.py
+# ---------------------------------------------------------------------------------------------
+def add_output_arguments(parser: "argparse.ArgumentParser", embed_images: bool = True) -> None:
+    """The flags every builder takes: output folder, sample cap, Hub upload, sharding, overwrite."""
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--max-samples", type=int, default=None, help="at most N rows per split")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload to this Hub dataset repo")
+    if embed_images:
+        parser.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
+    parser.add_argument("--max-rows-per-shard", type=int, default=5000)
+    parser.add_argument("--max-shard-mb", type=float, default=256.0)
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+
+
+def run_builder(parse_args, build, argv: list[str] | None = None) -> "BuildSummary":
+    """A builder's `main`: parse, build, print the summary and the rows per split, push if asked."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv  # recorded in the dataset card's build command
+    summary = build(args)
+    print(summary.report())
+    print(split_num_rows(args.output_dir))
+    if args.push_to_hub:
+        print("pushed to", push_folder_to_hub(args.output_dir, args.push_to_hub))
+    return summary

@@ -165,7 +165,7 @@ def test_phrase_spans_equal_substrings_and_repeats(llava, cats):
 
 
 def test_batch_padding_left_and_right(llava, smolvlm, refcoco):
-    (image_a, answer_a, phrases_a), (image_b, answer_b, phrases_b) = refcoco[0], refcoco[1]
+    (image_a, answer_a, phrases_a), (image_b, _, phrases_b) = refcoco[0], refcoco[1]
     for processor, side in ((llava, "left"), (smolvlm, "right")):
         assert processor.tokenizer.padding_side == side
         out = processor([image_a, image_b], [answer_a, "a " + phrases_b[0] + "."], [phrases_a, phrases_b[:1]])
