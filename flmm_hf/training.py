@@ -197,6 +197,14 @@ class FLMMTrainer(Trainer):
         eval_processor: the `FLMMProcessor` (its `post_process_masks` turns logits into masks).
     """
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The F-LMM model card (base model and revision, how to load, results kept), not the Trainer's generic one."""
+        from .model_card import write_model_card
+
+        if self.is_world_process_zero():
+            repo_id = self.args.hub_model_id if self.args.push_to_hub else None
+            write_model_card(self.args.output_dir, self.model.config, repo_id=repo_id)
+
     def __init__(self, *args: Any, eval_collator: Any = None, eval_processor: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator

@@ -135,6 +135,9 @@ DRIVER = textwrap.dedent(
     trainer.data_collator = recording_collator
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    if trainer.is_world_process_zero():
+        os.remove(os.path.join(trainer.args.output_dir, "README.md"))  # save_model wrote one already
+    trainer.create_model_card()  # what push_to_hub writes before uploading
     if report:
         rank = trainer.args.process_index
         head = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items() if not k.startswith("lmm.")}
@@ -172,6 +175,11 @@ def test_two_processes_torchrun(tmp_path):
     saved = _head(out)
     for name, value in saved.items():
         torch.testing.assert_close(value, ranks[0]["head"][name], rtol=0, atol=0)
+    # push_to_hub's card is F-LMM's own (library, base model, how to load), written once by rank 0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "trust_remote_code=True" in card.text
 
 
 # ---------------------------------------------------------------------------------------------
