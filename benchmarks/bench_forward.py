@@ -124,12 +124,7 @@ def main(argv=None) -> dict:
                         help="text tokens after the image, per example (cycled over the batch)")
     parser.add_argument("--phrases", type=int, default=3)
     parser.add_argument("--phrase-len", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration")
-    parser.add_argument("--reps", type=int, default=1, help="timed steps per process after the memory step")
-    parser.add_argument("--variants", nargs="+", default=list(common.VARIANTS))
-    parser.add_argument("--mem-cap-gb", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
-    common.add_child_args(parser)
+    common.add_run_args(parser, common.VARIANTS, rounds=3)
     args = parser.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child), args.child_out)

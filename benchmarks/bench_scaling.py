@@ -39,11 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", choices=["default", "large"], default="default")
     parser.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--phrases", type=int, nargs="*", default=[1, 4, 16, 48])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--variants", nargs="+", default=list(common.VARIANTS))
-    parser.add_argument("--mem-cap-gb", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
+    common.add_run_args(parser, common.VARIANTS, rounds=2)
     args = parser.parse_args(argv)
 
     base = common.TINY if args.tiny else (LARGE if args.size == "large" else DEFAULT)

@@ -113,12 +113,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--text-tokens", type=int, nargs="+", default=[50, 120, 200, 80, 160, 60, 180, 100])
     parser.add_argument("--phrases", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS)
-    parser.add_argument("--mem-cap-gb", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
-    common.add_child_args(parser)
+    common.add_run_args(parser, VARIANTS, rounds=3)
     args = parser.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child), args.child_out)

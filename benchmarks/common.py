@@ -453,7 +453,13 @@ def environment() -> dict:
     )
 
 
-def add_child_args(parser: argparse.ArgumentParser) -> None:
+def add_run_args(parser: argparse.ArgumentParser, variants: list[str], rounds: int = 3) -> None:
+    """The flags every benchmark shares: repetitions, variants, the memory cap, threads, child plumbing."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="fresh processes per configuration")
+    parser.add_argument("--reps", type=int, default=1, help="timed steps per process after the memory step")
+    parser.add_argument("--variants", nargs="+", default=list(variants))
+    parser.add_argument("--mem-cap-gb", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
 

@@ -26,7 +26,7 @@ from flmm_hf.grounded_chat import (
     token_char_spans,
 )
 from flmm_hf.visual_cot import mask_to_box, reasoning_segmentation, visual_cot
-from test_modeling import tiny_llava, tiny_sam_config
+from tiny_models import tiny_llava, tiny_sam_config
 
 QUESTION = "What is in the image?"
 NEW_TOKENS = 6

@@ -36,7 +36,7 @@ from flmm_hf.evaluation import (
 )
 from flmm_hf.metrics import MaskIoUAccumulator, png_metrics, refer_seg_metrics
 from test_datasets import make_refcoco_inputs, run_png, run_refcoco
-from test_modeling import tiny_llava, tiny_sam_config
+from tiny_models import tiny_llava, tiny_sam_config
 
 REPO = Path(__file__).resolve().parents[1]
 RES_KEYS = {"ciou", "miou"}

@@ -26,7 +26,7 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 from flmm_hf import FLMMForGrounding, FLMMProcessor
 from flmm_hf.model_card import build_model_card, update_model_index
 from flmm_hf.modeling_flmm import FROZEN_PREFIXES
-from test_modeling import tiny_llava, tiny_sam_config
+from tiny_models import tiny_llava, tiny_sam_config
 
 TEXT = "two cats lying on a pink blanket."
 PHRASES = ["two cats", "a pink blanket"]

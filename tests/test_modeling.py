@@ -7,43 +7,11 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, SamConfig, SamModel
+from transformers import AutoProcessor, SamModel
 
 from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
 from flmm_hf.modeling_flmm import UNUSED_SAM_PARAMETERS
-
-
-def tiny_sam_config() -> SamConfig:
-    # SAM's geometry is fixed (1024 px input, 64x64 embeddings, 256-wide prompts); only the ViT is shrunk.
-    return SamConfig(
-        vision_config=dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
-            global_attn_indexes=[0], window_size=4, output_channels=256,
-        ),
-        mask_decoder_config=dict(num_hidden_layers=1, mlp_dim=64),
-    )
-
-
-def tiny_llava(fixtures_dir) -> torch.nn.Module:
-    """A random model with llava-1.5-7b-hf's geometry (336 px, patch 14, 576 image tokens, vocab 32064)."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
-    real = AutoConfig.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=336, patch_size=14, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=real.text_config.vocab_size, max_position_embeddings=1024,
-        ),
-        image_token_index=real.image_token_index,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
+from tiny_models import tiny_llava, tiny_sam_config
 
 
 @pytest.fixture(scope="module")

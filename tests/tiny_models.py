@@ -422,3 +422,37 @@ def answer_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def image_token_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """BoolTensor [B, L]: the image placeholder tokens (the same id in every tiny family)."""
     return inputs["input_ids"] == IMAGE_ID
+
+
+# ---- LLaVA-1.5 geometry with the real llava-1.5-7b-hf processor files, and a tiny SAM ----------------------
+def tiny_sam_config() -> transformers.SamConfig:
+    # SAM's geometry is fixed (1024 px input, 64x64 embeddings, 256-wide prompts); only the ViT is shrunk.
+    return transformers.SamConfig(
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
+            global_attn_indexes=[0], window_size=4, output_channels=256,
+        ),
+        mask_decoder_config=dict(num_hidden_layers=1, mlp_dim=64),
+    )
+
+
+def tiny_llava(fixtures_dir) -> torch.nn.Module:
+    """A random model with llava-1.5-7b-hf's geometry (336 px, patch 14, 576 image tokens, vocab 32064)."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    real = AutoConfig.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=336, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=real.text_config.vocab_size, max_position_embeddings=1024,
+        ),
+        image_token_index=real.image_token_index,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
