@@ -94,6 +94,8 @@ def child_main(payload: dict, out_path: str) -> None:
     model = common.build_model(spec)
     model.train()
     common.set_text_attention(model, "eager" if variant == "loop_original_eager" else "flmm_sdpa")
+    if variant == "loop_original_eager":
+        model.mask_head.channels_last_training = False  # the original's mmseg U-Net trains in NCHW
     inputs = common.build_inputs(spec, inp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -5,8 +5,11 @@ phrase tokens) to the image tokens. transformers runs SDPA by default and SDPA n
 probabilities, while eager attention with `output_attentions=True` materialises all of them (every query, every key,
 every layer) and is slower. This module registers an attention function named `"flmm_sdpa"`:
 
-- it always returns the output of transformers' own `sdpa_attention_forward`, so the model's outputs are bit-identical
-  to `attn_implementation="sdpa"`;
+- it returns the output of transformers' own `sdpa_attention_forward`, so the model's outputs are bit-identical to
+  `attn_implementation="sdpa"`; the one exception is a padded batch on CPU (see `causal_padding_spans`), where each
+  sequence's real tokens go through SDPA on their own with `is_causal=True`, which skips the padding and the masked
+  upper triangle (about 40% less attention time); real positions then equal sdpa's to float rounding and padding
+  positions are zero;
 - only on the attention modules where an [`AttentionCapture`] is active, it also computes
   `softmax(Q K^T * scaling + mask)` in float32 over ALL keys (exactly like eager attention), for the selected query
   rows only, and keeps the selected key columns.
@@ -63,15 +66,88 @@ def flmm_sdpa_attention_forward(
         attention_mask: `None`, a boolean mask (True = attend) or an additive float mask,
             `[batch, 1 or heads, query, key]`.
     """
-    attn_output, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+    spans = None
+    # `position_bias` and `softcap` change the scores, which the shortcut does not apply (sdpa reads no other kwarg).
+    if query.device.type == "cpu" and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None:
+        spans = causal_padding_spans(attention_mask, query.shape[2], key.shape[2])
+    if spans is not None:
+        attn_output = _unpadded_causal_sdpa(module, query, key, value, spans, scaling)
+    else:
+        attn_output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     capture = getattr(module, _CAPTURE_ATTRIBUTE, None)
     if capture is not None:
         if kwargs.get("position_bias") is not None:
             raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
         capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal)
     return attn_output, None
+
+
+def causal_padding_spans(
+    attention_mask: torch.Tensor | None, q_length: int, kv_length: int
+) -> list[tuple[int, int]] | None:
+    """
+    The run `[start, end)` of real tokens of every sequence when `attention_mask` is plain causal attention over one
+    contiguous run per sequence (left or right padding, no cache); `None` for anything else (no mask, a float mask,
+    sliding windows, bidirectional blocks, a cache), which then goes through SDPA with the mask as given.
+
+    The real tokens are the keys the last row attends to (never a fully masked row). Padding rows get a zero output
+    instead of sdpa's: no real query attends to them, so no real position changes.
+    """
+    if (
+        attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or attention_mask.dim() != 4
+        or attention_mask.shape[1] != 1
+        or q_length != kv_length
+        or tuple(attention_mask.shape[-2:]) != (q_length, kv_length)
+    ):
+        return None
+    mask = attention_mask[:, 0]  # [batch, query, key]
+    # The last row is never fully masked: a real last token sees its whole run, a padding one (right padding)
+    # sees the real tokens before it.
+    real = mask[:, -1]  # [batch, key]
+    counts = real.sum(dim=1)
+    starts = real.to(torch.int8).argmax(dim=1)
+    positions = torch.arange(kv_length, device=mask.device)
+    run = (positions[None, :] >= starts[:, None]) & (positions[None, :] < (starts + counts)[:, None])
+    if not torch.equal(real, run):
+        return None
+    causal = positions[:, None] >= positions[None, :]  # [query, key]
+    expected = causal[None] & run[:, None, :]  # [batch, query, key]
+    # Real rows must be exactly causal over the run; padding rows may be anything sdpa_mask makes of them: the
+    # same pattern (right padding), fully masked, or fully unmasked (its fix for old torch versions).
+    rows_ok = (mask == expected).all(dim=-1) | (~run & (~mask.any(dim=-1) | mask.all(dim=-1)))
+    if not bool(rows_ok.all()):
+        return None
+    return [(int(start), int(start + count)) for start, count in zip(starts, counts)]
+
+
+def _unpadded_causal_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spans: list[tuple[int, int]],
+    scaling: float | None,
+) -> torch.Tensor:
+    """SDPA with `is_causal=True` over each sequence's real tokens; `[batch, query, heads, head_dim]`, 0 at padding."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    batch, heads, length, _ = query.shape
+    output = query.new_zeros(batch, length, heads, value.shape[-1])
+    for b, (start, end) in enumerate(spans):
+        if end > start:
+            rows = torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1, :, start:end],
+                key[b : b + 1, :, start:end],
+                value[b : b + 1, :, start:end],
+                is_causal=True,
+                scale=scaling,
+            )  # [1, heads, n, head_dim]
+            output[b, start:end] = rows[0].transpose(0, 1)
+    return output
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, flmm_sdpa_attention_forward)
@@ -189,6 +265,14 @@ def _padded_positions(mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.L
     return order.masked_fill(~valid, 0), counts
 
 
+class _CaptureComplete(Exception):
+    """Raised inside the model by an `AttentionCapture(stop_after_last_layer=True)` and swallowed by its `__exit__`."""
+
+    def __init__(self, capture: AttentionCapture):
+        super().__init__("attention capture complete")
+        self.capture = capture
+
+
 class AttentionCapture:
     """
     Context manager capturing exact attention probabilities from some query rows to some key columns.
@@ -209,6 +293,9 @@ class AttentionCapture:
             `generate(max_new_tokens=n)` feeds only the first n - 1 generated tokens back to the model, so n - 1 rows
             are appended; run a forward over the full sequence to get the last one. With `False`, a second forward
             pass inside the block is an error.
+        stop_after_last_layer: if True, the forward pass ends as soon as the deepest selected layer has been
+            recorded: the rest of the model (later layers, the MLP of that layer, the output head) is skipped, the
+            `with` block ends there and the model returns nothing. For callers that only need the attention.
 
     After the forward pass:
         - `capture.attentions`: list over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]`;
@@ -230,7 +317,10 @@ class AttentionCapture:
         query_mask: torch.BoolTensor | None = None,
         key_mask: torch.BoolTensor | None = None,
         generation: bool = False,
+        stop_after_last_layer: bool = False,
     ):
+        if generation and stop_after_last_layer:
+            raise ValueError("`stop_after_last_layer` ends the first forward pass; it cannot be used with `generation`.")
         modules = language_attention_modules(lmm)
         not_enabled = [
             m.layer_idx for m in modules if getattr(m.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION
@@ -266,6 +356,7 @@ class AttentionCapture:
 
         self.layers: list[int] = layers
         self.generation = generation
+        self.stop_after_last_layer = stop_after_last_layer
         self.batch_size = key_mask.shape[0]
         self.query_length = None if query_mask is None else query_mask.shape[1]
         self._modules = [modules[layer] for layer in layers]
@@ -303,10 +394,12 @@ class AttentionCapture:
             setattr(module, _CAPTURE_ATTRIBUTE, self)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> bool:
         for module in self._modules:
             if getattr(module, _CAPTURE_ATTRIBUTE, None) is self:
                 delattr(module, _CAPTURE_ATTRIBUTE)
+        # swallow our own early stop (`stop_after_last_layer`), nothing else
+        return isinstance(exc, _CaptureComplete) and exc.capture is self
 
     def _record(
         self,
@@ -364,6 +457,8 @@ class AttentionCapture:
         chunks.append(kept)
         self._seen[layer] = total
         self._num_heads = heads
+        if self.stop_after_last_layer and layer == max(self.layers):
+            raise _CaptureComplete(self)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Results

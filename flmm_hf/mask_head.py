@@ -109,6 +109,8 @@ class UNetMaskHead(nn.Module):
         self.num_stages = num_stages
         self.upsample_input = upsample_input
         self.normalize_input = normalize_input
+        # Train in channels-last layout on CPU (see `forward`); a runtime switch, not a saved setting.
+        self.channels_last_training = True
 
         widths = [base_channels * 2**i for i in range(num_stages)]
         self.encoder = nn.ModuleList(
@@ -148,6 +150,12 @@ class UNetMaskHead(nn.Module):
         padded_height = math.ceil(height / divisor) * divisor
         padded_width = math.ceil(width / divisor) * divisor
         hidden_states = F.pad(hidden_states, (0, padded_width - width, 0, padded_height - height))
+        if self.training and self.channels_last_training and hidden_states.device.type == "cpu":
+            # Training on CPU: oneDNN's convolutions run forward+backward about 20% faster on NHWC (BENCHMARKS.md,
+            # section 2), equal to NCHW to float rounding. Inference stays NCHW: there the logits equal the
+            # original's bit for bit and do not depend on which examples share a batch (NHWC rounds differently
+            # for different batch sizes).
+            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
 
         skips = []
         for stage, block in enumerate(self.encoder):

@@ -565,7 +565,12 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             raise ValueError("every example needs image tokens in input_ids; found an example without any")
         with torch.no_grad():
             with AttentionCapture(
-                self.lmm, layers=self.config.selected_layers, query_mask=phrase_ids >= 0, key_mask=image_mask
+                self.lmm,
+                layers=self.config.selected_layers,
+                query_mask=phrase_ids >= 0,
+                key_mask=image_mask,
+                # without hidden states nothing after the deepest selected layer's attention is needed
+                stop_after_last_layer=not with_hidden_states,
             ) as capture:
                 outputs = self.lmm(
                     input_ids=input_ids,

@@ -14,6 +14,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from flmm_hf.attention_capture import (
     ATTN_IMPLEMENTATION,
     AttentionCapture,
+    causal_padding_spans,
     disable_capture,
     enable_capture,
     language_attention_modules,
@@ -145,6 +146,40 @@ def test_capture_examples_with_different_counts():
     assert capture.stacked().shape == (2, 4, 4, 4, N_IMAGE + 1)
 
 
+def test_stop_after_last_layer():
+    """The early stop keeps the same maps, skips everything after the deepest selected layer's attention, and lets
+    any other exception through."""
+    model = enable_capture(tiny_llava())
+    inputs = llava_batch("left")
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 5)
+    layers = [2, 0]
+    with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask) as full:
+        model(**inputs)
+
+    ran = []
+    decoder_layers = model.model.language_model.layers
+    hooks = [decoder_layers[i].mlp.register_forward_hook(lambda *_, i=i: ran.append(i)) for i in range(4)]
+    try:
+        outputs = None
+        with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask, stop_after_last_layer=True) as early:
+            outputs = model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert outputs is None  # the forward pass ended inside the model
+    assert ran == [0, 1]  # layer 2's MLP and layer 3 never ran
+    for a, b in zip(early.attentions, full.attentions):
+        assert torch.equal(a, b)
+    assert not any(hasattr(m, "_flmm_attention_capture") for m in language_attention_modules(model))
+
+    with pytest.raises(ValueError, match="generation"):
+        AttentionCapture(model, layers, None, key_mask, generation=True, stop_after_last_layer=True)
+    with pytest.raises(ZeroDivisionError):  # only its own stop is swallowed
+        with AttentionCapture(model, layers, query_mask, key_mask, stop_after_last_layer=True):
+            1 / 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. the transformers-4.39.1 reference (the version the original F-LMM ran on)
 
@@ -239,17 +274,66 @@ def test_capture_during_generation_families(family):
 
 
 def test_outputs_unchanged_by_capture():
-    model = tiny_llava()
+    """Capturing only observes: "flmm_sdpa" with and without an active capture give identical outputs."""
+    model = enable_capture(tiny_llava())
     inputs = llava_batch("left")
     with torch.no_grad():
         plain = model(**inputs, output_hidden_states=True)
-        enable_capture(model)
         key_mask = inputs["input_ids"] == IMAGE_ID
         with AttentionCapture(model, None, inputs["attention_mask"].bool(), key_mask):
             captured = model(**inputs, output_hidden_states=True)
     assert torch.equal(plain.logits, captured.logits)
     for a, b in zip(plain.hidden_states, captured.hidden_states):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_outputs_equal_sdpa(padding):
+    """"flmm_sdpa" vs transformers' "sdpa": bit-identical without padding; with padding (CPU runs each sequence's real
+    tokens on their own) equal at every real position to 1e-5, and finite (zero attention output) at the padding."""
+    model = tiny_llava()
+    inputs = llava_batch(padding)
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True)
+        enable_capture(model)
+        ours = model(**inputs, output_hidden_states=True)
+    real = inputs["attention_mask"].bool()
+    if padding == "none":
+        assert torch.equal(plain.logits, ours.logits)
+    else:
+        assert not torch.equal(plain.logits, ours.logits)  # the shortcut did run
+    assert (plain.logits[real] - ours.logits[real]).abs().max() <= TOL
+    for a, b in zip(plain.hidden_states, ours.hidden_states):
+        assert (a[real] - b[real]).abs().max() <= TOL
+        assert torch.isfinite(b).all()
+
+
+def test_causal_padding_spans():
+    """The shortcut is taken only for plain causal attention over one contiguous run of real tokens per sequence."""
+    length = 6
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    left = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    right = left.flip(-1)
+    for real, spans in [(left, [(0, 6), (2, 6)]), (right, [(0, 6), (0, 4)])]:
+        mask = (causal[None] & real[:, None, :])[:, None]  # [2, 1, L, L] as transformers' sdpa_mask builds it
+        assert causal_padding_spans(mask, length, length) == spans
+        assert causal_padding_spans(mask, length - 1, length) is None  # a cache: queries != keys
+        assert causal_padding_spans(mask.float(), length, length) is None
+    mask = (causal[None] & left[:, None, :])[:, None]
+    unmasked = mask.clone()
+    unmasked[1, 0, :2] = True  # sdpa_mask's fix for old torch: fully masked padding rows attend everywhere
+    assert causal_padding_spans(unmasked, length, length) == [(0, 6), (2, 6)]
+    odd = mask.clone()
+    odd[1, 0, 0, 0] = True  # a padding row with some other pattern: not what transformers builds
+    assert causal_padding_spans(odd, length, length) is None
+    window = mask & ~torch.ones(length, length, dtype=torch.bool).tril(-3)  # sliding window of 3
+    assert causal_padding_spans(window, length, length) is None
+    block = mask.clone()
+    block[:, 0, 2:4, 2:4] = True  # a bidirectional image block (Gemma3, PaliGemma's prefix)
+    assert causal_padding_spans(block, length, length) is None
+    holes = (causal[None] & torch.tensor([[1, 1, 0, 1, 1, 1]] * 2, dtype=torch.bool)[:, None, :])[:, None]
+    assert causal_padding_spans(holes, length, length) is None  # not one contiguous run
+    assert causal_padding_spans(None, length, length) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
