@@ -8,8 +8,8 @@ every layer) and is slower. This module registers an attention function named `"
 - it returns the output of transformers' own `sdpa_attention_forward`, so the model's outputs are bit-identical to
   `attn_implementation="sdpa"`; the one exception is a padded batch on CPU (see `causal_padding_spans`), where each
   sequence's real tokens go through SDPA on their own with `is_causal=True`, which skips the padding and the masked
-  upper triangle (about 40% less attention time); real positions then equal sdpa's to float rounding and padding
-  positions are zero;
+  upper triangle (about 30% less attention time, BENCHMARKS.md section 2b); real positions then equal sdpa's to
+  float rounding and padding positions are zero;
 - only on the attention modules where an [`AttentionCapture`] is active, it also computes
   `softmax(Q K^T * scaling + mask)` in float32 over ALL keys (exactly like eager attention), for the selected query
   rows only, and keeps the selected key columns.
@@ -68,7 +68,8 @@ def flmm_sdpa_attention_forward(
     """
     spans = None
     # `position_bias` and `softcap` change the scores, which the shortcut does not apply (sdpa reads no other kwarg).
-    if query.device.type == "cpu" and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None:
+    plain_scores = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    if query.device.type == "cpu" and dropout == 0.0 and plain_scores:
         spans = causal_padding_spans(attention_mask, query.shape[2], key.shape[2])
     if spans is not None:
         attn_output = _unpadded_causal_sdpa(module, query, key, value, spans, scaling)

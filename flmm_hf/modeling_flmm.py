@@ -227,6 +227,15 @@ class FLMMPreTrainedModel(PreTrainedModel):
             module.layer_weights.fill_(1.0)
 
 
+def _has_offloaded_weights(model: nn.Module) -> bool:
+    """Whether accelerate offloads some of `model`'s weights (hooks that load them before and drop them after a forward)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return True
+    return False
+
+
 class FLMMForGrounding(FLMMPreTrainedModel):
     """
     A frozen image-text-to-text model plus the F-LMM head: U-Net mask head over word-to-image
@@ -569,8 +578,9 @@ class FLMMForGrounding(FLMMPreTrainedModel):
                 layers=self.config.selected_layers,
                 query_mask=phrase_ids >= 0,
                 key_mask=image_mask,
-                # without hidden states nothing after the deepest selected layer's attention is needed
-                stop_after_last_layer=not with_hidden_states,
+                # without hidden states nothing after the deepest selected layer's attention is needed; offloaded
+                # weights must not stop early (accelerate's hooks put a layer's weights back after its forward)
+                stop_after_last_layer=not with_hidden_states and not _has_offloaded_weights(self.lmm),
             ) as capture:
                 outputs = self.lmm(
                     input_ids=input_ids,

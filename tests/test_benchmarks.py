@@ -31,7 +31,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict:
 
 
 def test_benchmark_scripts_write_json(tmp_path):
-    outs = {name: tmp_path / f"{name}.json" for name in ("forward", "train", "scaling", "projection")}
+    outs = {name: tmp_path / f"{name}.json" for name in ("forward", "train", "scaling", "projection", "parts")}
     procs = {
         "forward": _start("bench_forward.py", outs["forward"], "--rounds", "1", "--batch-sizes", "2"),
         "train": _start("bench_train.py", outs["train"], "--rounds", "1", "--examples", "2",
@@ -39,6 +39,7 @@ def test_benchmark_scripts_write_json(tmp_path):
         "scaling": _start("bench_scaling.py", outs["scaling"], "--rounds", "1", "--lengths", "64",
                           "--phrases", "--variants", "c_original_eager"),
         "projection": _start("projection.py", outs["projection"]),
+        "parts": _start("bench_parts.py", outs["parts"], "--reps", "1"),
     }
     results = {name: _finish(proc, outs[name]) for name, proc in procs.items()}
 
@@ -60,6 +61,10 @@ def test_benchmark_scripts_write_json(tmp_path):
     scaling = results["scaling"]
     assert scaling["by_length"]["64"]["results"]["c_original_eager"]["status"] == "ok"
     assert "mem_ratio_c_b" in scaling["by_length"]["64"]
+
+    parts = results["parts"]
+    assert set(parts["parts"]) == {"head", "attention"}
+    assert all(r > 0 for r in parts["cpu_time_ratios"].values())
 
     projection = results["projection"]
     assert all(c["eager_matches"] and c["captured_matches"] for c in projection["checks"]), projection["checks"]

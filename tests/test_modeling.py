@@ -167,3 +167,36 @@ def test_bad_inputs_have_clear_errors(model, processor, examples):
         FLMMForGrounding.from_lmm(42, use_sam=False)
     with pytest.raises(TypeError, match="sam must be"):
         FLMMForGrounding.from_lmm(copy.deepcopy(model.lmm), sam=3.5)
+
+
+def test_early_stop_and_offloaded_weights(fixtures_dir, processor, examples):
+    """Without hidden states the frozen forward ends inside the deepest captured layer (no decoder layer finishes);
+    with accelerate-offloaded weights it runs to the end, so that the hooks can put the weights back, with the same
+    result."""
+    from accelerate import cpu_offload
+
+    from flmm_hf.modeling_flmm import _has_offloaded_weights
+
+    torch.manual_seed(0)
+    model = FLMMForGrounding.from_lmm(
+        tiny_llava(fixtures_dir), use_sam=False, attention_layers=[1], mask_head_channels=8
+    ).eval()
+    inputs = _batch(processor, examples[:2])
+    layers = model.lmm.model.language_model.layers
+    finished = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, i=i: finished.append(i))
+
+    with torch.no_grad():
+        early = model(**inputs).coarse_logits
+    assert finished == [0]  # layer 1 stopped inside its attention; later layers never ran
+
+    assert not _has_offloaded_weights(model.lmm)
+    cpu_offload(model.lmm, execution_device=torch.device("cpu"))
+    assert _has_offloaded_weights(model.lmm)
+    finished.clear()
+    with torch.no_grad():
+        full = model(**inputs).coarse_logits
+    assert finished == list(range(len(layers)))
+    assert all(p.device.type == "meta" for p in model.lmm.parameters())  # the hook put the weights back
+    torch.testing.assert_close(full, early, rtol=0, atol=1e-6)
