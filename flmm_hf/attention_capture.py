@@ -67,10 +67,13 @@ def flmm_sdpa_attention_forward(
             `[batch, 1 or heads, query, key]`.
     """
     spans = None
-    # `position_bias` and `softcap` change the scores, which the shortcut does not apply (sdpa reads no other kwarg).
+    # `position_bias` and `softcap` change the scores, which the shortcut does not apply (sdpa reads no other kwarg);
+    # the mask must have one row per sequence (not broadcast); the check is data-dependent, so not under compile.
     plain_scores = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-    if query.device.type == "cpu" and dropout == 0.0 and plain_scores:
-        spans = causal_padding_spans(attention_mask, query.shape[2], key.shape[2])
+    per_sequence_mask = attention_mask is not None and attention_mask.shape[0] == query.shape[0]
+    if query.device.type == "cpu" and dropout == 0.0 and plain_scores and per_sequence_mask:
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            spans = causal_padding_spans(attention_mask, query.shape[2], key.shape[2])
     if spans is not None:
         attn_output = _unpadded_causal_sdpa(module, query, key, value, spans, scaling)
     else:

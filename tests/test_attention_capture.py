@@ -336,6 +336,22 @@ def test_causal_padding_spans():
     assert causal_padding_spans(None, length, length) is None
 
 
+def test_broadcast_mask_goes_through_sdpa():
+    """A mask shared by the batch (batch dim 1) is not per-sequence padding: sdpa's own path, bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from flmm_hf.attention_capture import flmm_sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    query, key, value = (torch.randn(2, 2, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    real = torch.tensor([False, False, True, True, True, True])
+    mask = (torch.ones(6, 6, dtype=torch.bool).tril() & real)[None, None]  # left padding, one mask for both
+    ours, _ = flmm_sdpa_attention_forward(module, query, key, value, mask)
+    reference, _ = sdpa_attention_forward(module, query, key, value, mask)
+    assert torch.equal(ours, reference)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. other families: capture == eager
 
