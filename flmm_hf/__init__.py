@@ -6,6 +6,14 @@ from .processing_flmm import FLMMProcessor
 
 __version__ = "0.1.0"
 
+# With flmm_hf installed, saved folders load through the Auto classes without remote code, and tools that read a
+# folder's config.json (the backbone's tokenizer loader, for one) recognise model type "flmm".
+# (Not in configuration_flmm.py / modeling_flmm.py: those files are copied into saved folders as remote code.)
+from transformers import AutoConfig, AutoModel  # noqa: E402
+
+AutoConfig.register(FLMMConfig.model_type, FLMMConfig, exist_ok=True)
+AutoModel.register(FLMMConfig, FLMMForGrounding, exist_ok=True)
+
 
 def __getattr__(name: str):
     # Lazy, so that `python -m flmm_hf.convert` does not import the module twice.

@@ -210,6 +210,26 @@ def test_adapter_round_trip_in_process(trained, processor, saved, image):
     assert torch.equal(a.refined_logits[0], b.refined_logits[0])
 
 
+def test_auto_classes_load_without_remote_code_when_installed(trained, processor, saved, image):
+    """With flmm_hf imported, the Auto classes know model type "flmm": no `trust_remote_code`, and loading the
+    folder's processor (whose tokenizer loader reads our config.json) gives no "model of type" warning."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    from flmm_hf import FLMMConfig
+
+    assert type(AutoConfig.from_pretrained(saved)) is FLMMConfig
+    model = AutoModel.from_pretrained(saved)
+    assert type(model) is FLMMForGrounding
+    with CaptureLogger(hf_logging.get_logger("transformers.configuration_utils")) as captured:
+        loaded_processor = FLMMProcessor.from_pretrained(saved)
+    assert "to instantiate a model of type" not in captured.out
+    inputs = _inputs(loaded_processor, image)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).refined_logits[0], trained(**inputs).refined_logits[0])
+
+
 def test_full_save_round_trip_without_the_bases(trained, processor, image, tmp_path):
     """Acceptance 2: the full save bundles lmm/ and sam/ and loads the same way, even with the bases gone."""
     trained.save_pretrained(tmp_path / "full", save_mode="full")
