@@ -159,10 +159,7 @@ def main(argv=None) -> dict:
         print(f"B={batch}: b/a time {entry['time_ratio_b_a']}, b/a cpu {entry['cpu_ratio_b_a']}, "
               f"c/b cpu {entry['cpu_ratio_c_b']}, b/a mem {entry['mem_ratio_b_a']}, "
               f"c/b mem {entry['mem_ratio_c_b']}, c/b time {entry['time_ratio_c_b']}", file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_results(args.json, out)
     return out
 
 

@@ -113,9 +113,7 @@ def main(argv=None) -> dict:
                sizes=dict(phrases=phrases, channels=channels, heads=heads, text_tokens=TEXT_TOKENS),
                parts=parts, cpu_time_ratios=ratios)
     print(json.dumps(ratios), file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    common.write_results(args.json, out)
     return out
 
 

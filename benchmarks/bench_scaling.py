@@ -15,7 +15,6 @@ Eager runs whose full attention maps alone would exceed `--mem-cap-gb` are not s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -63,10 +62,7 @@ def main(argv=None) -> dict:
         res = run_variants(base, inp, variants, args.rounds, args.reps, args.mem_cap_gb, threads=args.threads,
                           label=f"K={k}")
         out["by_phrases"][str(k)] = dict(results=res, **ratios(res))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_results(args.json, out)
     for key in ("by_length", "by_phrases"):
         for point, entry in out[key].items():
             line = "  ".join(

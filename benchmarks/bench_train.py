@@ -167,10 +167,7 @@ def main(argv=None) -> dict:
     print({k: v for k, v in out.items() if k.startswith(("speedup", "cpu_speedup", "mem_"))}, file=sys.stderr)
     for v in results:
         print(v, eps(v), results[v].get("activation_mb", {}).get("median"), file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_results(args.json, out)
     return out
 
 

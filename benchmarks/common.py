@@ -464,6 +464,13 @@ def add_run_args(parser: argparse.ArgumentParser, variants: list[str], rounds: i
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
 
 
+def write_results(path: str | None, out: dict) -> None:
+    """Write a benchmark's results as indented JSON to `path` (its folder created); nothing when `path` is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=1))
+
+
 def write_child(path: str, result: dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f)

@@ -145,10 +145,7 @@ def main(argv=None) -> dict:
                projection_7b=project_7b([700, 1024, 2048, 4096], [9, 30, 150]))
     if args.forward_json:
         out["forward_check"] = check_forward_json(args.forward_json)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_results(args.json, out)
     for row in out["projection_7b"]:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr)
     for row in out.get("forward_check", []):
