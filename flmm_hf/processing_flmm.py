@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -62,17 +62,25 @@ DYNAMIC_RESOLUTION_PROCESSORS = frozenset(
     }
 )
 
+# Keys of the processor's output that only F-LMM reads (the frozen LMM's forward never receives them).
+FLMM_KEYS = ("phrase_ids", "original_sizes", "canvas_sizes", "content_boxes", "sam_pixel_values", "masks")
 # Keys of the processor's output that describe the batch rather than the backbone's image inputs.
-NON_IMAGE_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "phrase_ids",
-    "original_sizes",
-    "canvas_sizes",
-    "content_boxes",
-    "sam_pixel_values",
-    "masks",
-)
+NON_IMAGE_KEYS = ("input_ids", "attention_mask") + FLMM_KEYS
+
+
+def backbone_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a processor batch that the frozen LMM's forward takes.
+
+    Everything but F-LMM's own keys (`phrase_ids`, the geometry, `sam_pixel_values`, `masks`) and `None`
+    values: `input_ids`, `attention_mask`, `pixel_values` and the backbone's other image inputs
+    (`image_sizes`, `image_grid_thw`, ...).
+    """
+    return {key: value for key, value in inputs.items() if key not in FLMM_KEYS and value is not None}
+
+
+def backbone_image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`backbone_inputs` without `input_ids` and `attention_mask`: the backbone's image inputs alone."""
+    return {key: value for key, value in backbone_inputs(inputs).items() if key not in NON_IMAGE_KEYS}
 
 PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
 
@@ -753,4 +761,4 @@ def _library_processor_class(name: str | None):
     return getattr(transformers, name, None)
 
 
-__all__ = ["FLMMProcessor", "letterbox_geometry", "sam_preprocess", "to_rgb", "resolve_phrase_spans"]
+__all__ = ["FLMMProcessor", "backbone_inputs", "backbone_image_inputs", "letterbox_geometry", "sam_preprocess", "to_rgb", "resolve_phrase_spans"]

@@ -306,9 +306,25 @@ def test_end_to_end_every_split_and_metric(model, processor, data, tmp_path):
 # --------------------------------------------------------------------------------------
 # 4. The CLI on a saved model folder; two processes give the numbers of one
 # --------------------------------------------------------------------------------------
+def assert_same_results(actual, expected, atol: float, where: str = "results") -> None:
+    """Equal nested results: same keys, exact integers and strings, floats within `atol`."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_results(actual[key], expected[key], atol, f"{where}/{key}")
+    elif isinstance(expected, float):
+        assert isinstance(actual, float) and abs(actual - expected) <= atol, f"{where}: {actual} != {expected}"
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
 def test_cli_two_processes_equal_one_process(model, processor, model_dir, data, tmp_path):
     """One process (the API, model in memory) vs `torchrun --nproc_per_node 2 evaluate.py` on the saved
-    folder: the same numbers to the last bit, which also proves the folder loads the same model."""
+    folder: the same counts and the same metrics, which also proves the folder loads the same model.
+
+    The two runs batch the examples differently (batch 2 in one process; 2 + 1 examples over two), so the
+    refiner's float rounding may differ across machines: metrics agree to 1e-4 (measured: up to 1.6e-5 on a
+    0-100 scale); counts are exact."""
     sources = dict(refcoco=str(data["refcoco_val"]), png=str(data["png"]))
     one = run_evaluation(
         EvaluationArguments(**sources, protocols=["concat"], max_samples=3, batch_size=2, output_dir=str(tmp_path / "one"),
@@ -331,7 +347,7 @@ def test_cli_two_processes_equal_one_process(model, processor, model_dir, data, 
     assert results["refcoco"]["val"]["concat"]["num_masks"] == 7
     assert set(results["refcoco"]["val"]) == {"concat"}  # --protocols concat
     assert set(results["refcoco"]) == {"val"}  # this folder has no testA/testB: skipped, not invented
-    assert two["results"] == results  # exact equality of every number
+    assert_same_results(two["results"], results, atol=1e-4)
     # the CLI prints the table once (main process only) and writes the model card's model-index
     assert run.stdout.count("concat") == 1 and "PNG" in run.stdout
     card = ModelCard.load(model_dir / "README.md")

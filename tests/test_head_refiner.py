@@ -18,8 +18,9 @@ from flmm_hf.losses import mask_losses
 from flmm_hf.mask_head import UNetMaskHead, crop_to_content
 from flmm_hf.sam_refiner import SamRefiner, TextProjection, sam_input_size
 
-ATOL = 1e-5  # measured: 0 for the head (3.2e-6 in its channels-last training layout), crop, text and mask prompts;
-# 2.4e-7 for the refined logits
+ATOL = 1e-5  # measured: 0 for the head on the CPU that made the fixture and 3.4e-6 on an AMD EPYC (oneDNN picks
+# other convolution kernels per CPU), 3.2e-6 in its channels-last training layout; 0 for crop, text and mask
+# prompts; 2.4e-7 for the refined logits
 
 
 def tiny_sam_config() -> SamConfig:
@@ -95,13 +96,13 @@ def test_head_stages(reference, modules):
     meta, outputs, _ = reference
     head = modules[0]
     with torch.no_grad():
-        padded = head(outputs["attention_maps"])  # inference: NCHW as mmseg ran it, exact
+        padded = head(outputs["attention_maps"])  # inference: NCHW as mmseg ran it
         head.train()  # training on CPU runs channels-last: equal to float rounding
         try:
             trained_layout = head(outputs["attention_maps"])
         finally:
             head.eval()
-    assert_close(padded, outputs["coarse_logits_padded"], atol=0)
+    assert_close(padded, outputs["coarse_logits_padded"])  # 0 where the fixture was made, 3.4e-6 elsewhere
     assert_close(trained_layout, outputs["coarse_logits_padded"])  # 3.2e-6
     assert not torch.equal(trained_layout, padded)  # the layout switch did change the computation
 
