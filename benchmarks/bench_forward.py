@@ -52,7 +52,7 @@ def child_main(payload: dict, out_path: str) -> None:
 
     result = common.measure_in_child(None, step, payload["reps"])
     if payload["variant"] == "b_ours_capture":
-        # decomposition of (b): the LMM forward with capture (phrase_attention) and the U-Net head alone
+        # decomposition of (b): the LMM forward with capture (phrase_attention) and the head's U-Net + crop alone
         import time
 
         with torch.no_grad():
@@ -61,7 +61,7 @@ def child_main(payload: dict, out_path: str) -> None:
             result["info_capture_forward_s"] = time.perf_counter() - t0
             result["info_capture_forward_cpu_s"] = time.process_time() - c0
             t0, c0 = time.perf_counter(), time.process_time()
-            model._coarse_logits(maps)
+            model.head.coarse_logits(maps, inputs["canvas_sizes"], inputs["content_boxes"])
             result["info_head_s"] = time.perf_counter() - t0
             result["info_head_cpu_s"] = time.process_time() - c0
         result["info_captured_maps_bytes"] = sum(m.numel() * m.element_size() for m in maps)

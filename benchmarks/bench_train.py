@@ -64,17 +64,18 @@ def make_step(variant: str, model, inputs: dict, optimizer):
     def loop_original():
         optimizer.zero_grad(set_to_none=True)
         loss = 0
-        head_dtype = next(model.mask_head.parameters()).dtype
+        head = model.head.mask_head
+        head_dtype = next(head.parameters()).dtype
         for ex in examples:
             with torch.no_grad():
                 outputs = model.lmm(**common.lmm_inputs(ex), output_attentions=True, output_hidden_states=True,
                                     use_cache=False)
             maps = common.original_maps(model, outputs, ex, 0)
             del outputs
-            padded = model.mask_head(maps.to(head_dtype))
+            padded = head(maps.to(head_dtype))
             logits = crop_to_content(padded, ex["canvas_sizes"][0].tolist(), ex["content_boxes"][0].tolist())
             parts = mask_losses([logits], ex["masks"])
-            loss = loss + (parts["loss_mask"] + parts["loss_dice"]) * ex["masks"][0].shape[0]
+            loss = loss + (parts["loss_bce"] + parts["loss_dice"]) * ex["masks"][0].shape[0]
         loss = loss / total_phrases
         loss.backward()
         optimizer.step()
@@ -95,7 +96,7 @@ def child_main(payload: dict, out_path: str) -> None:
     model.train()
     common.set_text_attention(model, "eager" if variant == "loop_original_eager" else "flmm_sdpa")
     if variant == "loop_original_eager":
-        model.mask_head.channels_last_training = False  # the original's mmseg U-Net trains in NCHW
+        model.head.mask_head.channels_last_training = False  # the original's mmseg U-Net trains in NCHW
     inputs = common.build_inputs(spec, inp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -253,10 +253,11 @@ def forward_original(model, inputs: dict):
     with torch.no_grad():
         outputs = model.lmm(**lmm_inputs(inputs), output_attentions=True, output_hidden_states=True, use_cache=False)
     logits = []
-    head_dtype = next(model.mask_head.parameters()).dtype
+    head = model.head.mask_head
+    head_dtype = next(head.parameters()).dtype
     for b in range(inputs["input_ids"].shape[0]):
         maps = original_maps(model, outputs, inputs, b)
-        padded = model.mask_head(maps.to(head_dtype))
+        padded = head(maps.to(head_dtype))
         logits.append(crop_to_content(padded, inputs["canvas_sizes"][b].tolist(), inputs["content_boxes"][b].tolist()))
     del outputs
     return logits

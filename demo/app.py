@@ -167,7 +167,7 @@ def build_demo(
     import gradio as gr
 
     state = state if state is not None else DemoState()
-    has_refiner = model.sam_refiner is not None
+    has_refiner = model.head.has_refiner
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
             f"# {title}: grounded chat with a frozen LMM\n"

@@ -30,6 +30,7 @@ its new tokens, so that after `generate` one has the rows of the generated token
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar, Token
 
 import torch
 from torch import nn
@@ -39,8 +40,10 @@ from transformers.masking_utils import sdpa_mask
 
 
 ATTN_IMPLEMENTATION = "flmm_sdpa"
-# Name of the attribute an active `AttentionCapture` sets on the attention modules it captures.
-_CAPTURE_ATTRIBUTE = "_flmm_attention_capture"
+# The captures active in the current context (thread or asyncio task). Capture state never lives on the shared
+# attention modules: one model may run captured forwards in several threads at once, and a plain forward in
+# another thread sees no capture at all.
+_ACTIVE_CAPTURES: ContextVar[tuple["AttentionCapture", ...]] = ContextVar("flmm_active_captures", default=())
 
 
 def flmm_sdpa_attention_forward(
@@ -56,7 +59,7 @@ def flmm_sdpa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """
     SDPA attention (transformers' `sdpa_attention_forward`, unchanged) that also hands the attention probabilities of
-    the selected rows to the [`AttentionCapture`] active on `module`, if any.
+    the selected rows to every [`AttentionCapture`] active in the calling thread that captures `module`.
 
     Args:
         module: the attention module calling us (carries `num_key_value_groups`, `is_causal`, `layer_idx`).
@@ -80,11 +83,11 @@ def flmm_sdpa_attention_forward(
         attn_output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    capture = getattr(module, _CAPTURE_ATTRIBUTE, None)
-    if capture is not None:
-        if kwargs.get("position_bias") is not None:
-            raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
-        capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal)
+    for capture in _ACTIVE_CAPTURES.get():
+        if capture.captures(module):
+            if kwargs.get("position_bias") is not None:
+                raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
+            capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal)
     return attn_output, None
 
 
@@ -259,6 +262,15 @@ def disable_capture(lmm: PreTrainedModel, attn_implementation: str = "sdpa") -> 
     return lmm
 
 
+def has_offloaded_weights(model: nn.Module) -> bool:
+    """Whether accelerate offloads some of `model`'s weights (hooks that load them before and drop them after a forward)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return True
+    return False
+
+
 def _padded_positions(mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
     """`[batch, length]` boolean mask -> positions `[batch, max_count]` (padded with 0) and counts `[batch]`."""
     counts = mask.sum(dim=1)
@@ -281,9 +293,11 @@ class AttentionCapture:
     """
     Context manager capturing exact attention probabilities from some query rows to some key columns.
 
-    Inside the `with` block, every forward pass of `lmm` (which must have gone through [`enable_capture`]) records,
-    for each selected layer, the float32 softmax over all keys of the selected query rows, restricted to the selected
-    key columns. Nothing is changed in the model's outputs.
+    Inside the `with` block, every forward pass of `lmm` (which must have gone through [`enable_capture`]) that runs
+    in the same thread records, for each selected layer, the float32 softmax over all keys of the selected query rows,
+    restricted to the selected key columns. Nothing is changed in the model's outputs. The capture is a per-call
+    object held in a context variable, not on the model: several threads may capture on one model at once, each
+    receiving its own rows, and forwards in threads without an active capture are untouched.
 
     Args:
         lmm: the vision-language (or language) model, after `enable_capture(lmm)`.
@@ -300,12 +314,12 @@ class AttentionCapture:
         stop_after_last_layer: if True, the forward pass ends as soon as the deepest selected layer has been
             recorded: the rest of the model (later layers, the MLP of that layer, the output head) is skipped, the
             `with` block ends there and the model returns nothing. For callers that only need the attention.
+            Ignored when accelerate offloads weights of `lmm` (its hooks must run to put the weights back).
 
     After the forward pass:
         - `capture.attentions`: list over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]`;
         - `capture.maps(layer)`: list over examples of `FloatTensor [heads, n_query_b, n_key_b]` for one layer;
-        - `capture.stacked()`: `FloatTensor [batch, n_layers, heads, max_query, max_key]`, zero-padded, with
-          `capture.query_counts` / `capture.key_counts` (`LongTensor [batch]`) the valid sizes.
+        - `capture.query_counts` / `capture.key_counts` (`LongTensor [batch]`): rows and columns per example.
         Rows and columns are in increasing sequence order (generated rows after the prompt rows).
 
     Supports padding on either side, GQA (key heads are repeated), `None` masks (causal as in SDPA), sliding windows
@@ -360,11 +374,12 @@ class AttentionCapture:
 
         self.layers: list[int] = layers
         self.generation = generation
-        self.stop_after_last_layer = stop_after_last_layer
+        self.stop_after_last_layer = stop_after_last_layer and not has_offloaded_weights(lmm)
         self.batch_size = key_mask.shape[0]
         self.query_length = None if query_mask is None else query_mask.shape[1]
         self._modules = [modules[layer] for layer in layers]
-        self._num_heads: int | None = None
+        self._module_ids = {id(module) for module in self._modules}
+        self._token: Token | None = None
 
         if query_mask is None:
             query_mask = key_mask.new_zeros(self.batch_size, 0)
@@ -387,21 +402,27 @@ class AttentionCapture:
                 f"`{name}` must be a BoolTensor [batch, length], got {mask.dtype} of shape {tuple(mask.shape)}."
             )
 
+    def captures(self, module: nn.Module) -> bool:
+        """Whether `module` is one of the attention modules this capture records."""
+        return id(module) in self._module_ids
+
     def __enter__(self) -> AttentionCapture:
-        for module in self._modules:
-            if getattr(module, _CAPTURE_ATTRIBUTE, None) is not None:
-                raise RuntimeError(f"Layer {module.layer_idx} is already captured by another active AttentionCapture.")
+        if self._token is not None:
+            raise RuntimeError("This AttentionCapture is already active; create one capture per forward pass.")
+        active = _ACTIVE_CAPTURES.get()
+        for other in active:
+            shared = [m.layer_idx for m in self._modules if other.captures(m)]
+            if shared:
+                raise RuntimeError(f"Layers {shared} are already captured by another active AttentionCapture.")
         for layer in self.layers:
             self._chunks[layer] = []
             self._seen[layer] = 0
-        for module in self._modules:
-            setattr(module, _CAPTURE_ATTRIBUTE, self)
+        self._token = _ACTIVE_CAPTURES.set(active + (self,))
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        for module in self._modules:
-            if getattr(module, _CAPTURE_ATTRIBUTE, None) is self:
-                delattr(module, _CAPTURE_ATTRIBUTE)
+        _ACTIVE_CAPTURES.reset(self._token)
+        self._token = None
         # swallow our own early stop (`stop_after_last_layer`), nothing else
         return isinstance(exc, _CaptureComplete) and exc.capture is self
 
@@ -460,7 +481,6 @@ class AttentionCapture:
             kept = kept.masked_fill(~valid[:, None, None, :], 0.0)
         chunks.append(kept)
         self._seen[layer] = total
-        self._num_heads = heads
         if self.stop_after_last_layer and layer == max(self.layers):
             raise _CaptureComplete(self)
 
@@ -496,17 +516,3 @@ class AttentionCapture:
         """List over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]` (layers as in `self.layers`)."""
         per_layer = [self.maps(layer) for layer in self.layers]
         return [torch.stack([maps[b] for maps in per_layer]) for b in range(self.batch_size)]
-
-    def stacked(self) -> torch.Tensor:
-        """`FloatTensor [batch, n_layers, heads, max_query, max_key]`, zero-padded; valid sizes in `*_counts`."""
-        self._check_ran()
-        if not self.generation or len(self._chunks[self.layers[0]]) == 1:
-            return torch.stack([self._chunks[layer][0] for layer in self.layers], dim=1)
-        attentions = self.attentions
-        counts = self.query_counts
-        out = attentions[0].new_zeros(
-            self.batch_size, len(self.layers), self._num_heads, int(counts.max()), self._key_positions.shape[1]
-        )
-        for b, maps in enumerate(attentions):
-            out[b, :, :, : maps.shape[2], : maps.shape[3]] = maps
-        return out

@@ -10,9 +10,9 @@ The original checkpoint (`torch.save({'state_dict': ...})`) holds the trained pa
 - frozen keys (`llava.*` / other LMM wrappers, `sam.model.image_encoder.*`) that are ignored here:
   frozen weights come from the base checkpoints, not from the adapter.
 
-Our names: `mask_head.*` (`flmm_hf.mask_head.UNetMaskHead`), `text_projection.layer_weights` and
-`text_projection.proj.*` (`flmm_hf.sam_refiner.TextProjection`), `sam_refiner.prompt_encoder.*` and
-`sam_refiner.mask_decoder.*` (transformers' SAM names).
+Our names are those of `flmm_hf.flmm_head.FLMMHead`'s state dict: `mask_head.*` (`UNetMaskHead`),
+`text_projection.layer_weights` and `text_projection.proj.*` (`TextProjection`),
+`sam_refiner.sam.prompt_encoder.*` and `sam_refiner.sam.mask_decoder.*` (transformers' `SamModel` names).
 
 `convert_original_checkpoint` (also the `flmm-convert` command and `python -m flmm_hf.convert`)
 turns a released checkpoint into a `save_pretrained` folder in reproduction mode, ready for
@@ -109,14 +109,14 @@ def _convert_mask_head_key(key: str) -> str | None:
 
 
 def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an original F-LMM state dict to flmm-hf names (trained parts only).
+    """Map an original F-LMM state dict to the names of `FLMMHead`'s state dict (trained parts only).
 
     Args:
         state_dict: the original checkpoint's `state_dict` (a dict `{'state_dict': ...}` is unwrapped).
 
     Returns:
         A new dict with keys `mask_head.*`, `text_projection.layer_weights`, `text_projection.proj.*`,
-        `sam_refiner.prompt_encoder.*`, `sam_refiner.mask_decoder.*`. Frozen keys are dropped.
+        `sam_refiner.sam.prompt_encoder.*`, `sam_refiner.sam.mask_decoder.*`. Frozen keys are dropped.
 
     Raises:
         ValueError: listing every key that is neither known nor frozen.
@@ -139,10 +139,10 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
             new_key = f"text_projection.proj.{match.group(1)}"
         elif key.startswith("sam.model.prompt_encoder."):
             new_key = _apply_rules(key[len("sam.model.prompt_encoder.") :], _PROMPT_ENCODER_RULES)
-            new_key = new_key and f"sam_refiner.prompt_encoder.{new_key}"
+            new_key = new_key and f"sam_refiner.sam.prompt_encoder.{new_key}"
         elif key.startswith("sam.model.mask_decoder."):
             new_key = _apply_rules(key[len("sam.model.mask_decoder.") :], _MASK_DECODER_RULES)
-            new_key = new_key and f"sam_refiner.mask_decoder.{new_key}"
+            new_key = new_key and f"sam_refiner.sam.mask_decoder.{new_key}"
         if new_key is None:
             unknown.append(key)
         else:
@@ -296,7 +296,7 @@ def convert_original_checkpoint(
     # building the trained parts free, and `assign=True` puts the converted tensors in their place.
     with torch.device("meta"):
         model = FLMMForGrounding(config, _defer_frozen=True)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    result = model.head.load_state_dict(state_dict, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"converted weights do not fit the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}"

@@ -1,6 +1,6 @@
 """Grounded conversation: the frozen LMM answers, and the phrases of its answer are grounded.
 
-`FLMMForGrounding.chat` delegates here. The pipeline (method.md 5, design.md decision 2):
+`FLMMForGrounding.chat` delegates here. The pipeline:
 
 1. The backbone answers with its own chat template (`FLMMProcessor` with `texts=None` gives the
    prompt-only inputs), greedy by default, while an `AttentionCapture(generation=True)` records,
@@ -9,10 +9,10 @@
    states of every decoder layer come from `generate(output_hidden_states=True)`.
 2. Phrases of the answer are chosen: given by the caller, noun chunks (spaCy, optional extra
    `nlp`), or listed by the LMM itself when asked which objects it mentioned (keyword selector).
-3. Each phrase's token rows go through the same head as `FLMMForGrounding.forward`: the rows are
-   merged and laid on the image grid (`_phrase_maps`), the U-Net gives coarse logits
-   (`_coarse_logits`, `crop_to_content`) and the SAM refiner refines them with the phrase's text
-   embedding (`text_projection`). Masks come out at the original image size.
+3. Each phrase's token rows go through the same path as `FLMMForGrounding.forward`: the rows are
+   merged and laid on the image grid (`FLMMForGrounding.phrase_maps`), the head gives coarse logits
+   (`FLMMHead.coarse_logits`) and refines them with SAM prompted by the phrase's text embedding
+   (`FLMMHead.refined_logits`). Masks come out at the original image size.
 
 This file is shipped with the model as Hub custom code: it imports only torch, numpy, PIL,
 transformers and its flat siblings; spaCy is imported lazily, only when noun chunks are asked for.
@@ -28,8 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .attention_capture import AttentionCapture
-from .image_layout import example_image_inputs
-from .processing_flmm import NON_IMAGE_KEYS, FLMMProcessor, sam_preprocess, to_rgb
+from .processing_flmm import FLMMProcessor, backbone_image_inputs, backbone_inputs, sam_preprocess, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +112,8 @@ class GeneratedAnswer:
 # ---------------------------------------------------------------------------------------------
 # 1. generation with attention capture
 # ---------------------------------------------------------------------------------------------
-def _resolve_processor(model: Any, processor: Any | None) -> FLMMProcessor:
-    processor = processor if processor is not None else getattr(model, "processor", None)
-    if processor is None:
-        raise ValueError(
-            "chat() needs an FLMMProcessor: pass processor=FLMMProcessor.from_pretrained(...) or set model.processor"
-        )
-    return processor
-
-
 def _lmm_device(model: Any) -> torch.device:
-    return next(model.lmm.parameters()).device
+    return model.device
 
 
 def token_char_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -183,7 +173,7 @@ def generate_with_attention(
     Returns:
         A [`GeneratedAnswer`].
     """
-    processor = _resolve_processor(model, processor)
+    processor = model.resolve_processor(processor)
     if generate_kwargs.get("use_cache") is False:
         raise ValueError("chat() reads the attention of each new token from the KV-cache decoding steps: use_cache must stay True")
     for key in ("return_dict_in_generate", "output_hidden_states", "output_attentions", "num_return_sequences"):
@@ -196,7 +186,7 @@ def generate_with_attention(
     inputs = processor(images=[image], texts=None, prompt=question, return_sam_inputs=return_sam_inputs)
     device = _lmm_device(model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    lmm_inputs = {k: v for k, v in inputs.items() if k not in NON_IMAGE_KEYS or k in ("input_ids", "attention_mask")}
+    lmm_inputs = backbone_inputs(inputs)
     prompt_ids = inputs["input_ids"]
     prompt_length = prompt_ids.shape[1]
 
@@ -220,7 +210,7 @@ def generate_with_attention(
 
     image_mask = prompt_ids == model.image_token_id
     with AttentionCapture(
-        model.lmm, layers=model.config.selected_layers, query_mask=None, key_mask=image_mask, generation=True
+        model.lmm, layers=model.captured_layers, query_mask=None, key_mask=image_mask, generation=True
     ) as capture:
         out = model.lmm.generate(
             **lmm_inputs,
@@ -260,7 +250,7 @@ def _hidden_from_generate(model: Any, out: Any, count: int) -> torch.Tensor:
     `out.hidden_states[s]` is the forward of decoding step s: step 0 is the prompt, step j + 1 feeds
     generated token j (one query position with a KV cache).
     """
-    num_layers = model.config.num_text_layers
+    num_layers = model.num_text_layers
     per_token = []
     for step in out.hidden_states[1 : count + 1]:
         per_token.append(torch.stack([h[0, -1] for h in step[-num_layers:]]))  # [num_layers, hidden]
@@ -286,9 +276,9 @@ def _rows_by_forward(
     key = full_ids == model.image_token_id
     key[:, prompt_ids.shape[1] :] = False
     forward_inputs = dict(lmm_inputs, input_ids=full_ids, attention_mask=torch.ones_like(full_ids))
-    with AttentionCapture(model.lmm, layers=model.config.selected_layers, query_mask=query, key_mask=key) as capture:
+    with AttentionCapture(model.lmm, layers=model.captured_layers, query_mask=query, key_mask=key) as capture:
         outputs = model.lmm(**forward_inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-    num_layers = model.config.num_text_layers
+    num_layers = model.num_text_layers
     hidden = torch.stack([h[0, prompt_ids.shape[1] :] for h in outputs.hidden_states[-num_layers:]]).float()
     return capture.attentions[0], hidden
 
@@ -436,7 +426,7 @@ def generate_text(
     LMM reads the same pixels it grounds on. Raises whatever the backbone raises if it cannot take that
     many images (the visual chain-of-thought falls back to a single image then).
     """
-    processor = _resolve_processor(model, processor)
+    processor = model.resolve_processor(processor)
     lmm_images = [lmm_view(processor, image) for image in images]
     messages = [
         {"role": "user", "content": [{"type": "image"} for _ in lmm_images] + [{"type": "text", "text": question}]}
@@ -490,10 +480,10 @@ def ground_generated(
     """
     Mask logits of the phrases `spans` of a generated answer, from the attention captured while it was generated.
 
-    Same head path as `FLMMForGrounding.forward`: per phrase, its token rows are merged and laid on the
-    image grid (`_phrase_maps`), the U-Net predicts on the canvas, the logits are cropped to the image
-    content, and the SAM refiner (when present and `use_refiner`) refines them with the phrase's text
-    embedding. Phrases are handled one by one through `_phrase_maps` so that overlapping phrases
+    Same path as `FLMMForGrounding.forward`: per phrase, its token rows are merged and laid on the image grid
+    (`FLMMForGrounding.phrase_maps`), the head predicts on the canvas and crops to the image content
+    (`FLMMHead.coarse_logits`), and the SAM refiner (when present and `use_refiner`) refines with the phrase's
+    text embedding (`FLMMHead.refined_logits`). Phrases are laid out one by one, so that overlapping phrases
     ("the cat", "cat") may share tokens.
 
     Returns:
@@ -501,38 +491,29 @@ def ground_generated(
     """
     inputs = answer.inputs
     height, width = (int(v) for v in inputs["original_sizes"][0])
-    head_device = next(model.mask_head.parameters()).device
+    device = model.device
     if not spans:
-        return torch.zeros(0, height, width, device=head_device)
+        return torch.zeros(0, height, width, device=device)
     token_masks = phrase_token_masks(answer, spans)
     prompt_ids = inputs["input_ids"][0]
-    full_ids = torch.cat([prompt_ids, answer.token_ids.to(prompt_ids)])  # the sequence the LMM saw
-    image_inputs = {k: v for k, v in inputs.items() if k not in NON_IMAGE_KEYS and v is not None}
-    layout_inputs = example_image_inputs(dict(image_inputs, original_sizes=inputs["original_sizes"]), 0)
+    full_ids = torch.cat([prompt_ids, answer.token_ids.to(prompt_ids)])[None]  # the sequence the LMM saw, [1, L]
+    layout_inputs = dict(backbone_image_inputs(inputs), original_sizes=inputs["original_sizes"])
     maps = []
     for k in range(len(spans)):
         selected = token_masks[k].to(answer.attentions.device)
         phrase_ids = torch.full_like(full_ids, -1)
-        phrase_ids[len(prompt_ids) + selected.nonzero().flatten().to(full_ids.device)] = 0
+        phrase_ids[0, len(prompt_ids) + selected.nonzero().flatten().to(full_ids.device)] = 0
         rows = answer.attentions[:, :, selected]  # [layers, heads, n_k, n_image]
-        maps.append(model._phrase_maps(rows, full_ids, phrase_ids, layout_inputs))  # [1, C, h, w]
-    maps = torch.cat(maps).to(head_device)
-    hidden = answer.hidden_states.to(head_device)  # [num_layers, n, hidden]
-    phrase_hidden = [[hidden[:, token_masks[k].to(head_device)] for k in range(len(spans))]]
-    refine = use_refiner and model.sam_refiner is not None
+        maps.append(model.phrase_maps([rows], full_ids, phrase_ids, layout_inputs)[0])  # [1, C, h, w]
+    coarse = model.head.coarse_logits([torch.cat(maps).to(device)], inputs["canvas_sizes"], inputs["content_boxes"])
+    if not (use_refiner and model.head.has_refiner):
+        return coarse[0]
+    hidden = answer.hidden_states.to(device)  # [num_layers, n, hidden]
+    phrase_hidden = [[hidden[:, token_masks[k].to(device)] for k in range(len(spans))]]
     sam_pixel_values = inputs.get("sam_pixel_values")
-    if refine and sam_pixel_values is None:
+    if sam_pixel_values is None:
         sam_pixel_values = sam_preprocess(to_rgb(image))[None]
-    coarse, refined = model._masks_from_maps(
-        [maps],
-        phrase_hidden,
-        inputs["canvas_sizes"],
-        inputs["content_boxes"],
-        inputs["original_sizes"],
-        sam_pixel_values.to(head_device) if refine else None,
-        refine=refine,
-    )
-    return refined[0] if refined is not None else coarse[0]
+    return model.head.refined_logits(coarse, phrase_hidden, sam_pixel_values.to(device), inputs["original_sizes"])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,10 +588,10 @@ def chat(
         raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
-    processor = _resolve_processor(model, processor)
+    processor = model.resolve_processor(processor)
     if phrases is None and selector == "noun_chunks":
         _require_spacy()  # fail before generating, not after
-    refine = use_refiner and model.sam_refiner is not None
+    refine = use_refiner and model.head.has_refiner
     answer = generate_with_attention(model, image, question, processor, return_sam_inputs=refine, **generate_kwargs)
 
     spans, missing, used, reply = select_phrases(model, image, answer.text, phrases, selector, processor, on_missing)

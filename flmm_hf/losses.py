@@ -1,4 +1,4 @@
-"""Mask losses and training metrics of F-LMM (method.md 3.7).
+"""Mask losses and training metrics of F-LMM.
 
 The original computes, per example, mmdet's `CrossEntropyLoss(use_sigmoid=True)` averaged over all
 pixels of the example's masks and mmdet's `DiceLoss(use_sigmoid=True, naive_dice=True, eps=1.0)`
@@ -87,9 +87,9 @@ def mask_losses(
         dice_eps: Dice smoothing term (F-LMM: 1.0).
 
     Returns:
-        dict (the original's names) with scalar tensors `loss_mask` (the BCE) and `loss_dice` (means
-        over all masks; each weight 1, differentiable), and `accuracy` and `aiou` (pixel accuracy and
-        IoU at 0.5, means over all masks, no gradient).
+        dict with scalar tensors `loss_bce` and `loss_dice` (means over all masks; each weight 1,
+        differentiable; the original calls the BCE `loss_mask`), and `accuracy` and `aiou` (pixel
+        accuracy and IoU at 0.5, means over all masks, no gradient).
     """
     if isinstance(pred_logits, torch.Tensor):
         pred_logits, gt_masks = [pred_logits], [gt_masks]
@@ -107,7 +107,7 @@ def mask_losses(
         accuracy.append(acc)
         iou.append(mask_iou)
     return {
-        "loss_mask": torch.cat(bce).mean(),
+        "loss_bce": torch.cat(bce).mean(),
         "loss_dice": torch.cat(dice).mean(),
         "accuracy": torch.cat(accuracy).mean(),
         "aiou": torch.cat(iou).mean(),

@@ -1,10 +1,10 @@
 """The SAM refiner of F-LMM and the phrase text embeddings that prompt it.
 
-`SamRefiner` is built from transformers' own SAM parts: the vision encoder (frozen), the prompt
-encoder and the mask decoder (trained). Per phrase it prompts SAM with the coarse mask (as a dense
-mask prompt), the box of the coarse mask and the phrase's text embedding (as extra sparse tokens),
-and returns one refined mask at the original image size (method.md 3.6). With converted weights
-the outputs equal those of F-LMM's `SAMWrapper` on the `segment_anything` package.
+`SamRefiner` holds a transformers `SamModel`: its vision encoder stays frozen, its prompt encoder and
+mask decoder are trained. Per phrase it prompts SAM with the coarse mask (as a dense mask prompt), the
+box of the coarse mask and the phrase's text embedding (as extra sparse tokens), and returns one
+refined mask at the original image size. With converted weights the outputs equal those of F-LMM's
+`SAMWrapper` on the `segment_anything` package.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import SamConfig, SamModel
-from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPromptEncoder, SamVisionEncoder
 
 
 class TextProjection(nn.Module):
@@ -55,50 +54,63 @@ def sam_input_size(original_size: Sequence[int], longest_side: int = 1024) -> tu
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+# SAM parameters that F-LMM's prompts never reach (no point prompts, a mask prompt is always given, the IoU
+# prediction is not trained). Freezing them changes nothing (AdamW skips parameters without gradients) and lets
+# DDP run without `find_unused_parameters`. Names relative to `SamModel`.
+UNUSED_SAM_PARAMETERS = (
+    "prompt_encoder.no_mask_embed.",
+    "prompt_encoder.point_embed.0.",
+    "prompt_encoder.point_embed.1.",
+    "prompt_encoder.not_a_point_embed.",
+    "mask_decoder.iou_prediction_head.",
+)
+# The parts of SAM that F-LMM trains; the vision encoder (and the positional matrix) stay frozen.
+TRAINED_SAM_PARTS = ("prompt_encoder", "mask_decoder")
+
+
 class SamRefiner(nn.Module):
-    """SAM-based mask refiner (vision encoder frozen; prompt encoder and mask decoder trainable).
+    """SAM-based mask refiner around a transformers `SamModel` (vision encoder frozen; prompt encoder and mask
+    decoder trained).
 
     Args:
-        sam (`SamConfig` or `SamModel`):
-            a configuration (new, randomly initialised parts; the config is copied, not modified), or a
-            loaded `SamModel` whose vision encoder, prompt encoder and mask decoder are shared (weights included).
+        sam (`SamModel` or `SamConfig`):
+            a loaded `SamModel`, used as is (not copied: its vision encoder is frozen and set to eval mode, the
+            parameters in `UNUSED_SAM_PARAMETERS` and the random-Fourier positional matrix get
+            `requires_grad=False`, and with `match_segment_anything` its mask decoder's LayerNorm eps changes),
+            or a configuration (a new, randomly initialised `SamModel`; the config is copied, not modified).
         match_segment_anything (`bool`, *optional*, defaults to `True`):
             Give the mask decoder's two-way attention blocks the LayerNorm eps of `segment_anything`
-            (1e-5, PyTorch's default) instead of transformers' 1e-6 (changed in place on a shared
-            `SamModel`). F-LMM was trained on `segment_anything`; with 1e-6 the refined logits move by
-            about 2e-5 (measured on the reference fixture), with 1e-5 they match to float precision.
+            (1e-5, PyTorch's default) instead of transformers' 1e-6. F-LMM was trained on `segment_anything`;
+            with 1e-6 the refined logits move by about 2e-5 (measured on the reference fixture), with 1e-5 they
+            match to float precision.
     """
 
     def __init__(self, sam: SamConfig | SamModel, match_segment_anything: bool = True):
         super().__init__()
-        if isinstance(sam, SamModel):
-            self.config = sam.config
-            self.vision_encoder = sam.vision_encoder
-            self.prompt_encoder = sam.prompt_encoder
-            self.mask_decoder = sam.mask_decoder
-        else:
-            config = copy.deepcopy(sam)
-            self.config = config
-            self.vision_encoder = SamVisionEncoder(config.vision_config)
-            self.prompt_encoder = SamPromptEncoder(config)
-            # SamMaskDecoder is not a PreTrainedModel; SamModel hands it the attention implementation this way.
-            config.mask_decoder_config._attn_implementation = config._attn_implementation or "eager"
-            self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
-        self._finish_init(match_segment_anything)
-
-    def _finish_init(self, match_segment_anything: bool) -> None:
-        self.vision_encoder.requires_grad_(False)
-        self.vision_encoder.eval()
+        self.sam = sam if isinstance(sam, SamModel) else SamModel(copy.deepcopy(sam))
+        self.sam.vision_encoder.requires_grad_(False)
+        self.sam.vision_encoder.eval()
         # segment_anything keeps the random-Fourier matrix as a buffer, so F-LMM never trained it.
-        self.prompt_encoder.shared_embedding.positional_embedding.requires_grad_(False)
+        self.sam.prompt_encoder.shared_embedding.positional_embedding.requires_grad_(False)
+        for name, param in self.sam.named_parameters():
+            if name.startswith(UNUSED_SAM_PARAMETERS):
+                param.requires_grad_(False)
         if match_segment_anything:
-            for layer in self.mask_decoder.transformer.layers:
+            for layer in self.sam.mask_decoder.transformer.layers:
                 for norm in (layer.layer_norm1, layer.layer_norm2, layer.layer_norm3, layer.layer_norm4):
                     norm.eps = 1e-5
 
+    @property
+    def config(self) -> SamConfig:
+        return self.sam.config
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """The trained parts of SAM by their names under this module (`sam.prompt_encoder`, `sam.mask_decoder`)."""
+        return {f"sam.{name}": getattr(self.sam, name) for name in TRAINED_SAM_PARTS}
+
     def train(self, mode: bool = True) -> SamRefiner:
         super().train(mode)
-        self.vision_encoder.eval()  # frozen: never in training mode (as the original)
+        self.sam.vision_encoder.eval()  # frozen: never in training mode (as the original)
         return self
 
     @property
@@ -114,22 +126,7 @@ class SamRefiner(nn.Module):
     @torch.no_grad()
     def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen SAM image encoder: `[B, 3, 1024, 1024]` -> `[B, 256, 64, 64]` (no gradient)."""
-        return self.vision_encoder(sam_pixel_values).last_hidden_state
-
-    def image_positional_embeddings(self) -> torch.Tensor:
-        """Dense positional encoding of the image-embedding grid, `[1, 256, 64, 64]`.
-
-        Uses the prompt encoder's random-Fourier matrix, as `segment_anything`'s `get_dense_pe`
-        (transformers' `SamModel` ties its `shared_image_embedding` to the same matrix).
-        """
-        size = self.config.prompt_encoder_config.image_embedding_size
-        pos_embed = self.prompt_encoder.shared_embedding
-        grid = torch.ones(
-            (size, size), device=pos_embed.positional_embedding.device, dtype=pos_embed.positional_embedding.dtype
-        )
-        y_embed = (grid.cumsum(dim=0) - 0.5) / size  # pixel centres, normalised to [0, 1]
-        x_embed = (grid.cumsum(dim=1) - 0.5) / size
-        return pos_embed(torch.stack([x_embed, y_embed], dim=-1)).permute(2, 0, 1).unsqueeze(0)
+        return self.sam.get_image_embeddings(sam_pixel_values)
 
     def mask_prompts(self, coarse_logits: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
         """Dense mask prompts from coarse logits (method.md 3.6).
@@ -220,10 +217,11 @@ class SamRefiner(nn.Module):
         prompt_masks = self.mask_prompts(coarse_logits, input_size)  # [K, 1, 256, 256]
         boxes = self.scale_boxes(self.box_prompts(coarse_logits, (height, width)), (height, width))  # [K, 4]
         # Box tokens: [K, 1, 2, 256]; dense prompts: [K, 256, 64, 64].
-        sparse, dense = self.prompt_encoder(
+        sparse, dense = self.sam.prompt_encoder(
             input_points=None, input_labels=None, input_boxes=boxes[:, None].to(dtype), input_masks=prompt_masks
         )
-        image_pe = self.image_positional_embeddings()
+        # segment_anything's `get_dense_pe`: SamModel ties this matrix to the prompt encoder's.
+        image_pe = self.sam.get_image_wide_positional_embeddings()
 
         # Phrases have different numbers of text tokens. Rather than padding (which would need masks in
         # the decoder's self- and image-to-token attention), phrases with the same token count run as
@@ -235,7 +233,7 @@ class SamRefiner(nn.Module):
             group = len(ids)
             texts = torch.stack([text_embeds[k] for k in ids]).to(dtype)  # [G, n, 256]
             tokens = torch.cat([sparse[ids].to(dtype), texts[:, None]], dim=2)  # [G, 1, 2 + n, 256]
-            masks, _ = self.mask_decoder(
+            masks, _ = self.sam.mask_decoder(
                 image_embeddings=image_embeddings.expand(group, -1, -1, -1),
                 image_positional_embeddings=image_pe.to(dtype).expand(group, -1, -1, -1),
                 sparse_prompt_embeddings=tokens,
@@ -249,7 +247,11 @@ class SamRefiner(nn.Module):
     def postprocess_masks(
         self, low_res_masks: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int]
     ) -> torch.Tensor:
-        """`[K, 256, 256]` decoder logits -> `[K, H, W]`: upsample to 1024, drop SAM's padding, resize."""
+        """`[K, 256, 256]` decoder logits -> `[K, H, W]`: upsample to 1024, drop SAM's padding, resize.
+
+        `segment_anything`'s `Sam.postprocess_masks`, on logits (transformers has it only in `SamImageProcessor`,
+        whose default backend needs torchvision).
+        """
         masks = F.interpolate(
             low_res_masks[:, None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
         )

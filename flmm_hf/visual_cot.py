@@ -1,4 +1,4 @@
-"""Applications of a grounded frozen LMM: visual chain-of-thought and reasoning segmentation (method.md 5).
+"""Applications of a grounded frozen LMM: visual chain-of-thought and reasoning segmentation.
 
 Library-only module (not part of the Hub custom code); it builds on `grounded_chat`.
 
@@ -26,7 +26,6 @@ from PIL import Image
 from .grounded_chat import (
     GroundedAnswer,
     FLMMProcessor,
-    _resolve_processor,
     generate_text,
     generate_with_attention,
     ground_generated,
@@ -48,7 +47,7 @@ TWO_IMAGE_QUESTION = "The second image is a close-up of a region of the first im
 """VisCoT, final step with two images (the whole image, then the crop)."""
 
 MIN_CROP = 16
-"""Smallest side of a VisCoT crop, in pixels of the original image (method.md 5)."""
+"""Smallest side of a VisCoT crop, in pixels of the original image."""
 
 
 @dataclass
@@ -109,7 +108,7 @@ def _ground_named_object(
     model: Any, image: Any, question: str, processor: FLMMProcessor, use_refiner: bool, threshold: float, max_new_tokens: int
 ) -> tuple[str, torch.Tensor]:
     """VisCoT v1, steps 1-2: the LMM names the most relevant object; that name is grounded from its own attention."""
-    refine = use_refiner and model.sam_refiner is not None
+    refine = use_refiner and model.head.has_refiner
     answer = generate_with_attention(
         model, image, RELEVANT_OBJECT_QUESTION.format(question=question), processor,
         return_sam_inputs=refine, max_new_tokens=max_new_tokens,
@@ -142,7 +141,7 @@ def visual_cot(
     **generate_kwargs: Any,
 ) -> VisualCoTResult:
     """
-    Visual chain-of-thought with a grounded frozen LMM (method.md 5).
+    Visual chain-of-thought with a grounded frozen LMM.
 
     Args:
         model: an `FLMMForGrounding`.
@@ -159,7 +158,7 @@ def visual_cot(
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-    processor = _resolve_processor(model, processor)
+    processor = model.resolve_processor(processor)
     rgb = to_rgb(image)
     if version == "baseline":
         return VisualCoTResult(answer=generate_text(model, [rgb], question, processor, **generate_kwargs), version=version)
@@ -211,8 +210,8 @@ def reasoning_segmentation(
     Returns:
         A `GroundedAnswer` with at most one phrase and its mask.
     """
-    processor = _resolve_processor(model, processor)
-    refine = use_refiner and model.sam_refiner is not None
+    processor = model.resolve_processor(processor)
+    refine = use_refiner and model.head.has_refiner
     answer = generate_with_attention(model, image, instruction, processor, return_sam_inputs=refine, **generate_kwargs)
     spans, _, used, reply = select_phrases(model, image, answer.text, None, selector, processor)
     if spans:

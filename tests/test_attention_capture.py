@@ -119,11 +119,9 @@ def test_capture_matches_eager_llava(padding, tmp_path):
     # the comparison can fail: another layer's rows are far off
     assert max_abs_diff(capture.attentions, eager_rows(reference, [0, 2, 3], query_mask, key_mask)) > 1e-3
 
-    # the other views agree with `attentions`
-    stacked = capture.stacked()
-    assert stacked.shape == (2, 3, 4, 9, N_IMAGE)
+    # the per-layer view agrees with `attentions`
     for b in range(2):
-        torch.testing.assert_close(stacked[b], capture.attentions[b], rtol=0, atol=0)
+        torch.testing.assert_close(capture.maps(0)[b], capture.attentions[b][1], rtol=0, atol=0)
         torch.testing.assert_close(capture.maps(0)[b], expected[b][1], rtol=0, atol=TOL)
     assert capture.query_counts.tolist() == [9, 9] and capture.key_counts.tolist() == [N_IMAGE, N_IMAGE]
 
@@ -143,7 +141,7 @@ def test_capture_examples_with_different_counts():
         reference = eager(**inputs, output_attentions=True).attentions
     assert [a.shape for a in capture.attentions] == [(4, 4, 4, N_IMAGE + 1), (4, 4, 2, int(key_mask[1].sum()))]
     assert max_abs_diff(capture.attentions, eager_rows(reference, [0, 1, 2, 3], query_mask, key_mask)) <= TOL
-    assert capture.stacked().shape == (2, 4, 4, 4, N_IMAGE + 1)
+    assert capture.query_counts.tolist() == [4, 2] and capture.key_counts.tolist() == [N_IMAGE + 1, key_mask[1].sum()]
 
 
 def test_stop_after_last_layer():
@@ -248,7 +246,7 @@ def check_generation(model, inputs, key_mask, layers, prompt_rows: int, max_new_
     columns[:, :prompt_length] = key_mask
     expected = eager_rows(reference, layers, rows, columns)
     assert capture.query_counts.tolist() == [prompt_rows + max_new_tokens - 1] * 2
-    assert capture.stacked().shape[3] == prompt_rows + max_new_tokens - 1
+    assert all(a.shape[2] == prompt_rows + max_new_tokens - 1 for a in capture.attentions)
     return max_abs_diff(capture.attentions, expected)
 
 
@@ -458,7 +456,11 @@ def test_errors():
         with pytest.raises(ValueError, match="query tokens"), AttentionCapture(model, [1], query_mask, key_mask):
             model(**short)
 
-    # after the `with` blocks nothing is left on the modules: outputs run without capture
-    assert not any(hasattr(m, "_flmm_attention_capture") for m in language_attention_modules(model))
-    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="already active"), capture, capture:
+            pass
+
+    # no capture state lives on the modules, and none is left active: a capture of every layer enters and records
+    assert not any(name.startswith("_flmm") for m in language_attention_modules(model) for name in vars(m))
+    with torch.no_grad(), AttentionCapture(model, None, query_mask, key_mask) as capture:
         model(**inputs)
+    assert len(capture.attentions) == 2

@@ -162,13 +162,46 @@ def test_chat_absent_phrase_is_reported(model, processor, image, generated):
     assert result.masks.shape == (1, image.height, image.width)
 
 
-def test_chat_lmm_selector_gives_substrings(model, processor, image):
-    result = model.chat(image, QUESTION, processor=processor, selector="lmm", max_new_tokens=NEW_TOKENS, use_refiner=False)
-    assert result.selector == "lmm" and isinstance(result.selector_reply, str)
-    assert len(result.phrases) == len(result.spans) == result.masks.shape[0]
-    assert result.masks.shape[1:] == (image.height, image.width)
-    for (start, end), phrase in zip(result.spans, result.phrases):
-        assert result.text[start:end] == phrase
+@pytest.fixture(scope="module")
+def captioner():
+    """The offline demo's tiny LLaVA, pre-trained for 150 steps (about 10 s) on captions of 64 shapes scenes, such as
+    "green triangle middle center ; yellow circle top left .": an LMM whose answers name what it sees."""
+    import numpy as np
+
+    from flmm_hf.demo_backbone import DemoBackboneArguments, PretrainArguments, build_demo_backbone, pretrain_demo_backbone
+    from flmm_hf.shapes import generate_scene
+
+    rng = np.random.default_rng(0)
+    scenes = []
+    for _ in range(64):
+        image, objects = generate_scene(rng, image_size=96)
+        scenes.append((image, [f"the {o['colour']} {o['shape']}" for o in objects], [o["mask"] for o in objects]))
+    sizes = DemoBackboneArguments(
+        image_size=96, vision_hidden_size=64, vision_layers=1, text_hidden_size=64, text_layers=2, text_heads=2
+    )
+    lmm, lmm_processor = build_demo_backbone(sizes, words=[" ".join(expressions) for _, expressions, _ in scenes])
+    stats = pretrain_demo_backbone(lmm, lmm_processor, scenes, PretrainArguments(steps=150, batch_size=16, learning_rate=1e-3))
+    assert stats["pretrain_final_loss"] < 0.5 * stats["pretrain_first_loss"]  # it learned to caption
+    torch.manual_seed(0)
+    model = FLMMForGrounding.from_lmm(lmm, use_sam=False, mask_head_channels=8)
+    return model, FLMMProcessor(lmm_processor), scenes
+
+
+def test_chat_lmm_selector_grounds_the_objects_a_captioner_names(captioner):
+    """The keyword selector: the LMM lists the objects of its own answer; each listed object found in the answer
+    is grounded (a caption-trained LMM answers, and lists, "<colour> <shape> <position>" items)."""
+    model, processor, scenes = captioner
+    grounded = 0
+    for image, _, _ in scenes[:3]:
+        result = model.chat(image, "Please give me a description of the image.", processor=processor, selector="lmm",
+                            max_new_tokens=16)
+        assert result.selector == "lmm" and result.selector_reply
+        assert len(result.phrases) == len(result.spans) == result.masks.shape[0]
+        assert result.masks.shape[1:] == (image.height, image.width)
+        for (start, end), phrase in zip(result.spans, result.phrases):
+            assert result.text[start:end] == phrase and phrase.split()[0] in ("red", "green", "blue", "yellow")
+        grounded += len(result.phrases)
+    assert grounded >= 3  # at least one object per scene on average
 
 
 def test_auto_selector_uses_noun_chunks_when_spacy_is_there(model, processor, image, generated, monkeypatch):

@@ -74,7 +74,7 @@ def bases(tmp_path_factory, fixtures_dir):
 
 @pytest.fixture(scope="module")
 def converted(bases, reference, tmp_path_factory):
-    """Acceptance 3: the command line, run as `python -m flmm_hf.convert` (what the `flmm-convert` script calls)."""
+    """The command line, run as `python -m flmm_hf.convert` (what the `flmm-convert` script calls)."""
     folder = tmp_path_factory.mktemp("converted") / "flmm"
     command = [
         sys.executable, "-m", "flmm_hf.convert", "--checkpoint", str(reference[0] / "official_checkpoint.pth"),
@@ -98,18 +98,19 @@ def assert_close(actual, expected, atol=ATOL):
 def test_converted_model_reproduces_the_reference(model, reference):
     _, meta, outputs = reference
     with torch.no_grad():
-        padded = model.mask_head(outputs["attention_maps"])
+        head = model.head
+        padded = head.mask_head(outputs["attention_maps"])
         side = meta["letterbox"]["padded_side"]
         top, left = meta["letterbox"]["before_height"], meta["letterbox"]["before_width"]
         height, width = meta["image_size_hw"]
         coarse = crop_to_content(padded, (side, side), (top, left, top + height, left + width))
-        texts = [model.text_projection(outputs[f"phrase{k}_hidden_states"]) for k in range(2)]
-        refined = model.sam_refiner(outputs["image_embedding"], coarse, texts, meta["image_size_hw"])
+        texts = [head.text_projection(outputs[f"phrase{k}_hidden_states"]) for k in range(2)]
+        refined = head.sam_refiner(outputs["image_embedding"], coarse, texts, meta["image_size_hw"])
     assert_close(padded, outputs["coarse_logits_padded"])
     assert_close(coarse, outputs["coarse_logits"])
     for k in range(2):
         assert_close(texts[k], outputs[f"phrase{k}_text_embeds"])
-    assert_close(model.sam_refiner.mask_prompts(coarse, meta["sam_input_size_hw"]), outputs["prompt_masks_256"])
+    assert_close(model.head.sam_refiner.mask_prompts(coarse, meta["sam_input_size_hw"]), outputs["prompt_masks_256"])
     assert_close(refined, outputs["refined_logits"])
 
 
@@ -121,7 +122,7 @@ def test_converted_folder_is_an_adapter_in_reproduction_mode(converted, model, r
     assert model.config.mask_head_in_channels == reference[1]["in_channels"]
     checkpoint = torch.load(reference[0] / "official_checkpoint.pth", map_location="cpu", weights_only=True)
     with safe_open(converted / "model.safetensors", "pt") as f:
-        assert set(f.keys()) == set(convert_original_state_dict(checkpoint))  # trained parts only
+        assert set(f.keys()) == {f"head.{k}" for k in convert_original_state_dict(checkpoint)}  # trained parts only
     processor = FLMMProcessor.from_pretrained(converted)
     assert processor.mode == "reproduction" and processor.letterbox
     assert "official_checkpoint.pth" in (converted / "README.md").read_text()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import SamConfig, SamVisionConfig
 
 from flmm_hf.convert import convert_original_state_dict
+from flmm_hf.flmm_head import FLMMHead
 from flmm_hf.losses import mask_losses
 from flmm_hf.mask_head import UNetMaskHead, crop_to_content
 from flmm_hf.sam_refiner import SamRefiner, TextProjection, sam_input_size
@@ -31,10 +32,6 @@ def tiny_sam_config() -> SamConfig:
     return SamConfig(vision_config=vision)
 
 
-def sub_state_dict(state_dict, prefix):
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 @pytest.fixture(scope="module")
 def reference(fixtures_dir):
     folder = fixtures_dir / "reference" / "official_head"
@@ -46,17 +43,16 @@ def reference(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def modules(reference):
-    """Our modules with the converted official weights, loaded strictly."""
+    """Our head with the converted official weights: every trained key loaded, only SAM's frozen parts left out."""
     meta, _, checkpoint = reference
     state_dict = convert_original_state_dict(checkpoint)
-    head = UNetMaskHead(meta["in_channels"]).eval()
-    head.load_state_dict(sub_state_dict(state_dict, "mask_head."), strict=True)
-    text_projection = TextProjection(meta["layers"], meta["lmm_hidden_size"])
-    text_projection.load_state_dict(sub_state_dict(state_dict, "text_projection."), strict=True)
-    refiner = SamRefiner(tiny_sam_config()).eval()
-    refiner.prompt_encoder.load_state_dict(sub_state_dict(state_dict, "sam_refiner.prompt_encoder."), strict=True)
-    refiner.mask_decoder.load_state_dict(sub_state_dict(state_dict, "sam_refiner.mask_decoder."), strict=True)
-    return head, text_projection, refiner
+    head = FLMMHead(meta["in_channels"], meta["layers"], meta["lmm_hidden_size"], sam=tiny_sam_config()).eval()
+    assert set(state_dict) == set(head.trained_state_dict())
+    result = head.load_state_dict(state_dict, strict=False)
+    assert not result.unexpected_keys
+    frozen = ("sam_refiner.sam.vision_encoder.", "sam_refiner.sam.shared_image_embedding.")
+    assert result.missing_keys and all(k.startswith(frozen) for k in result.missing_keys)
+    return head.mask_head, head.text_projection, head.sam_refiner
 
 
 def assert_close(actual, expected, atol=ATOL):
@@ -73,11 +69,11 @@ def test_convert_covers_all_trained_keys(reference):
     assert not any(k.startswith("llava.") for k in converted)
     assert converted.keys() == convert_original_state_dict(checkpoint).keys()
     prefixes = ("mask_head.", "text_projection.layer_weights", "text_projection.proj.")
-    prefixes += ("sam_refiner.prompt_encoder.", "sam_refiner.mask_decoder.")
+    prefixes += ("sam_refiner.sam.prompt_encoder.", "sam_refiner.sam.mask_decoder.")
     assert all(k.startswith(prefixes) for k in converted)
     # The LayerNorm of SAM's mask downscaling keeps its weights (segment_anything index 1 -> layer_norm1).
     torch.testing.assert_close(
-        converted["sam_refiner.prompt_encoder.mask_embed.layer_norm1.weight"],
+        converted["sam_refiner.sam.prompt_encoder.mask_embed.layer_norm1.weight"],
         original["sam.model.prompt_encoder.mask_downscaling.1.weight"],
     )
 
@@ -183,7 +179,7 @@ def test_refiner_matches_segment_anything_layer_norm(reference, modules):
     """With transformers' LayerNorm eps (1e-6) the refined logits drift; the default restores them."""
     meta, outputs, _ = reference
     refiner = modules[2]
-    assert all(layer.layer_norm1.eps == 1e-5 for layer in refiner.mask_decoder.transformer.layers)
+    assert all(layer.layer_norm1.eps == 1e-5 for layer in refiner.sam.mask_decoder.transformer.layers)
     hf_eps = SamRefiner(tiny_sam_config(), match_segment_anything=False).eval()
     hf_eps.load_state_dict(refiner.state_dict())
     texts = [outputs["phrase0_text_embeds"], outputs["phrase1_text_embeds"]]
@@ -198,8 +194,8 @@ def test_gradients_reach_trained_parts_only():
     head = UNetMaskHead(layers * heads, base_channels=8)
     text_projection = TextProjection(layers, hidden)
     refiner = SamRefiner(tiny_sam_config()).train()
-    assert not refiner.vision_encoder.training
-    assert not any(p.requires_grad for p in refiner.vision_encoder.parameters())
+    assert not refiner.sam.vision_encoder.training
+    assert not any(p.requires_grad for p in refiner.sam.vision_encoder.parameters())
 
     maps = torch.rand(2, layers * heads, 24, 24)
     coarse = crop_to_content(head(maps), (640, 640), (80, 0, 560, 640))
@@ -213,7 +209,7 @@ def test_gradients_reach_trained_parts_only():
     gt = torch.zeros(2, 480, 640, dtype=torch.bool)
     gt[0, 100:300, 200:400] = True
     coarse_losses, refined_losses = mask_losses(coarse, gt), mask_losses(refined, gt)
-    total = sum(losses["loss_mask"] + losses["loss_dice"] for losses in (coarse_losses, refined_losses))
+    total = sum(losses["loss_bce"] + losses["loss_dice"] for losses in (coarse_losses, refined_losses))
     total.backward()
 
     def has_grad(param):
@@ -221,14 +217,14 @@ def test_gradients_reach_trained_parts_only():
 
     assert all(has_grad(p) for p in head.parameters())
     assert all(has_grad(p) for p in text_projection.parameters())
-    prompt = refiner.prompt_encoder
+    prompt = refiner.sam.prompt_encoder
     for param in (prompt.mask_embed.conv1.weight, prompt.point_embed[2].weight, prompt.point_embed[3].weight):
         assert has_grad(param)
-    decoder = refiner.mask_decoder
+    decoder = refiner.sam.mask_decoder
     first_attention = decoder.transformer.layers[0].self_attn
     for param in (decoder.mask_tokens.weight, decoder.upscale_conv1.weight, first_attention.q_proj.weight):
         assert has_grad(param)
-    assert all(p.grad is None for p in refiner.vision_encoder.parameters())
+    assert all(p.grad is None for p in refiner.sam.vision_encoder.parameters())
     assert prompt.shared_embedding.positional_embedding.grad is None  # a buffer in segment_anything
 
 
@@ -237,7 +233,7 @@ def test_refiner_from_loaded_sam_model_shares_parts():
 
     sam = SamModel(tiny_sam_config()).eval()
     refiner = SamRefiner(sam)
-    assert refiner.mask_decoder is sam.mask_decoder and refiner.prompt_encoder is sam.prompt_encoder
-    assert refiner.vision_encoder is sam.vision_encoder
-    assert not any(p.requires_grad for p in refiner.vision_encoder.parameters())
+    assert refiner.sam is sam  # used as is: its own methods give the image embeddings and positional encoding
+    assert not any(p.requires_grad for p in sam.vision_encoder.parameters())
+    assert set(refiner.trained_modules()) == {"sam.prompt_encoder", "sam.mask_decoder"}
     assert sam.mask_decoder.transformer.layers[0].layer_norm1.eps == 1e-5

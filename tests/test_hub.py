@@ -25,12 +25,16 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 
 from flmm_hf import FLMMForGrounding, FLMMProcessor
 from flmm_hf.model_card import build_model_card, update_model_index
-from flmm_hf.modeling_flmm import FROZEN_PREFIXES
 from tiny_models import tiny_llava, tiny_sam_config
 
 TEXT = "two cats lying on a pink blanket."
 PHRASES = ["two cats", "a pink blanket"]
-TRAINED_PREFIXES = ("mask_head.", "text_projection.", "sam_refiner.prompt_encoder.", "sam_refiner.mask_decoder.")
+# The head's trained modules (FLMMHead.trained_modules), as the saved keys must spell them.
+TRAINED_PREFIXES = (
+    "head.mask_head.", "head.text_projection.", "head.sam_refiner.sam.prompt_encoder.",
+    "head.sam_refiner.sam.mask_decoder.",
+)
+FROZEN_PREFIXES = ("lmm.", "head.sam_refiner.sam.vision_encoder.")
 # What the copied custom code may import: the model's own dependencies, and the standard library.
 HUB_SAFE_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"} | set(sys.stdlib_module_names)
 
@@ -89,12 +93,13 @@ def _copy(folder: Path, target: Path, **config_changes) -> Path:
 
 
 def test_adapter_file_holds_only_trained_weights(trained, saved):
-    """Acceptance 2: no LMM or SAM-image-encoder tensor; exactly the trained parts."""
+    """No LMM or SAM-image-encoder tensor; exactly the state of the head's trained modules."""
+    assert tuple(f"head.{name}." for name in trained.head.trained_modules()) == TRAINED_PREFIXES
     with safe_open(saved / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    expected = {k for k in trained.state_dict() if not k.startswith(FROZEN_PREFIXES)}
+    expected = {k for k in trained.state_dict() if k.startswith(TRAINED_PREFIXES)}
     assert keys == expected
-    assert not any(k.startswith(("lmm.", "sam_refiner.vision_encoder.")) for k in keys)
+    assert not any(k.startswith(FROZEN_PREFIXES) for k in keys)
     assert all(k.startswith(TRAINED_PREFIXES) for k in keys)
     for prefix in TRAINED_PREFIXES:
         assert any(k.startswith(prefix) for k in keys), prefix
@@ -166,7 +171,7 @@ CHILD = textwrap.dedent(
 
 
 def test_fresh_process_without_flmm_hf_gives_identical_outputs(trained, processor, saved, image, tmp_path):
-    """Acceptance 1: AutoModel / AutoProcessor with remote code, in a process where flmm_hf is not importable."""
+    """AutoModel / AutoProcessor with remote code, in a process where flmm_hf is not importable."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -197,11 +202,13 @@ def test_fresh_process_without_flmm_hf_gives_identical_outputs(trained, processo
 def test_adapter_round_trip_in_process(trained, processor, saved, image):
     loaded = FLMMForGrounding.from_pretrained(saved)
     assert not loaded.training and not any(p.requires_grad for p in loaded.lmm.parameters())
-    assert not any(p.requires_grad for p in loaded.sam_refiner.vision_encoder.parameters())
+    assert not any(p.requires_grad for p in loaded.head.sam_refiner.sam.vision_encoder.parameters())
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
-    for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    expected, found = trained.state_dict(), loaded.state_dict()
+    assert set(found) == set(expected)
+    for name, value in expected.items():  # key by key: the same names hold the same values
+        assert torch.equal(value, found[name]), name
     for name, buffer in trained.named_buffers():  # non-persistent ones too (RoPE inv_freq)
         assert torch.equal(buffer, loaded.get_buffer(name)), name
     inputs = _inputs(processor, image)
@@ -231,7 +238,7 @@ def test_auto_classes_load_without_remote_code_when_installed(trained, processor
 
 
 def test_full_save_round_trip_without_the_bases(trained, processor, image, tmp_path):
-    """Acceptance 2: the full save bundles lmm/ and sam/ and loads the same way, even with the bases gone."""
+    """The full save bundles lmm/ and sam/ and loads the same way, even with the bases gone."""
     trained.save_pretrained(tmp_path / "full", save_mode="full")
     with safe_open(tmp_path / "full" / "model.safetensors", "pt") as f:
         assert not any(k.startswith(FROZEN_PREFIXES) for k in f.keys())
@@ -242,8 +249,10 @@ def test_full_save_round_trip_without_the_bases(trained, processor, image, tmp_p
     folder = _copy(tmp_path / "full", tmp_path / "moved", lmm_name_or_path="missing/lmm", sam_name_or_path="missing/sam")
     loaded = FLMMForGrounding.from_pretrained(folder)
     assert loaded.config.save_mode == "full"
-    for name, value in trained.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[name]), name
+    expected, found = trained.state_dict(), loaded.state_dict()
+    assert set(found) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(value, found[name]), name
     inputs = _inputs(processor, image)
     with torch.no_grad():
         a, b = trained(**inputs), loaded(**inputs)
@@ -252,7 +261,7 @@ def test_full_save_round_trip_without_the_bases(trained, processor, image, tmp_p
 
 
 def test_missing_base_lmm_says_which_and_how_to_fix(saved, tmp_path):
-    """Acceptance 5 (missing)."""
+    """A missing base LMM or SAM: the error names it and says how to fix it."""
     missing = tmp_path / "nowhere" / "llava"
     folder = _copy(saved, tmp_path / "copy", lmm_name_or_path=str(missing))
     with pytest.raises(OSError) as error:
@@ -266,7 +275,7 @@ def test_missing_base_lmm_says_which_and_how_to_fix(saved, tmp_path):
 
 
 def test_base_lmm_of_another_architecture_says_which_and_how_to_fix(saved, bases, tmp_path):
-    """Acceptance 5 (another architecture or shape than recorded); only the configs are read."""
+    """A base of another architecture or shape than recorded is refused before any weight is read."""
     Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
     folder = _copy(saved, tmp_path / "copy", lmm_name_or_path=str(tmp_path / "qwen"))
     with pytest.raises(ValueError) as error:
@@ -288,7 +297,7 @@ def test_base_lmm_of_another_architecture_says_which_and_how_to_fix(saved, bases
 
 
 def test_saved_model_card_parses_and_names_the_bases(saved):
-    """Acceptance 4 for a local-base model: metadata validates; the text names base model and revision."""
+    """A model over local bases: the card's metadata validates; its text names the base model and revision."""
     card = ModelCard.load(saved / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
@@ -301,7 +310,7 @@ def test_saved_model_card_parses_and_names_the_bases(saved):
 
 
 def test_model_card_metadata_for_hub_bases_and_results(saved, tmp_path):
-    """Acceptance 4 for a Hub model: base_model and revision; evaluation results become model-index."""
+    """A model over Hub bases: base_model and revision; evaluation results become model-index."""
     config = json.loads((saved / "config.json").read_text())
     config.update(lmm_name_or_path="llava-hf/llava-1.5-7b-hf", lmm_revision="a" * 40, sam_revision="b" * 40,
                   sam_name_or_path="facebook/sam-vit-large")

@@ -14,7 +14,7 @@ def test_perfect_prediction():
     gt = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 1]]], dtype=torch.bool)
     logits = torch.where(gt, BIG, -BIG)
     out = mask_losses(logits, gt)
-    assert out["loss_mask"].item() == pytest.approx(0.0, abs=1e-12)
+    assert out["loss_bce"].item() == pytest.approx(0.0, abs=1e-12)
     assert out["loss_dice"].item() == pytest.approx(0.0, abs=1e-6)
     assert out["accuracy"].item() == 1.0
     assert out["aiou"].item() == 1.0
@@ -25,7 +25,7 @@ def test_zero_logits():
     gt = torch.zeros(2, 2, 2, dtype=torch.bool)
     gt[0, 0, 0] = True
     out = mask_losses(torch.zeros(2, 2, 2), gt)
-    assert out["loss_mask"].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert out["loss_bce"].item() == pytest.approx(math.log(2), rel=1e-6)
     # Dice, naive with eps 1: mask 0: 1 - (2*0.5 + 1) / (2 + 1 + 1) = 0.5; mask 1: 1 - 1 / (2 + 0 + 1) = 2/3.
     assert out["loss_dice"].item() == pytest.approx((0.5 + 2 / 3) / 2, rel=1e-6)
     # sigmoid(0) = 0.5 is not > 0.5: nothing predicted. Accuracy 3/4 and 1; IoU 0 and 0 (empty union).
@@ -36,7 +36,7 @@ def test_zero_logits():
 def test_empty_masks():
     gt = torch.zeros(1, 4, 4, dtype=torch.bool)
     out = mask_losses(torch.full((1, 4, 4), -BIG), gt)
-    assert out["loss_mask"].item() == pytest.approx(0.0, abs=1e-12)
+    assert out["loss_bce"].item() == pytest.approx(0.0, abs=1e-12)
     assert out["loss_dice"].item() == pytest.approx(0.0, abs=1e-9)  # 1 - 1 / (16 * 9e-14 + 1)
     assert out["accuracy"].item() == 1.0
     assert out["aiou"].item() == 0.0  # an empty union counts as IoU 0, as in the original
@@ -44,7 +44,7 @@ def test_empty_masks():
     # Predicting everything on an empty mask: Dice 1 - 1 / (16 + 1).
     out = mask_losses(torch.full((1, 4, 4), BIG), gt)
     assert out["loss_dice"].item() == pytest.approx(16 / 17, rel=1e-6)
-    assert out["loss_mask"].item() == pytest.approx(BIG, rel=1e-6)
+    assert out["loss_bce"].item() == pytest.approx(BIG, rel=1e-6)
     assert out["accuracy"].item() == 0.0
 
 
@@ -82,7 +82,7 @@ def test_examples_of_different_sizes_match_per_example_weighting():
         bce += example_bce * len(pred)
         dice += example_dice * len(pred)
         count += len(pred)
-    torch.testing.assert_close(out["loss_mask"], bce / count)
+    torch.testing.assert_close(out["loss_bce"], bce / count)
     torch.testing.assert_close(out["loss_dice"], dice / count)
 
 
@@ -90,7 +90,7 @@ def test_losses_are_differentiable():
     logits = torch.zeros(2, 3, 3, requires_grad=True)
     gt = torch.ones(2, 3, 3, dtype=torch.bool)
     out = mask_losses(logits, gt)
-    (out["loss_mask"] + out["loss_dice"]).backward()
+    (out["loss_bce"] + out["loss_dice"]).backward()
     assert logits.grad is not None and (logits.grad < 0).all()  # push every logit up
     assert not out["accuracy"].requires_grad and not out["aiou"].requires_grad
 

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, SamModel
 
 from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
-from flmm_hf.modeling_flmm import UNUSED_SAM_PARAMETERS
+from flmm_hf.sam_refiner import UNUSED_SAM_PARAMETERS
 from tiny_models import tiny_llava, tiny_sam_config
 
 
@@ -68,13 +68,13 @@ def test_phrase_attention_shapes_and_lmm_frozen(model, processor, examples):
     for m in maps:
         assert (m >= 0).all() and (m.sum(dim=(-2, -1)) <= 1 + 1e-5).all()
     model.train()
-    assert not model.lmm.training and not model.sam_refiner.vision_encoder.training
-    assert model.mask_head.training
+    assert not model.lmm.training and not model.head.sam_refiner.sam.vision_encoder.training
+    assert model.head.mask_head.training
     model.eval()
 
 
 def test_batch_equals_one_by_one(model, processor, examples):
-    """Acceptance 5: a padded batch of 3 with 2/1/3 phrases gives the per-example outputs and loss."""
+    """A padded batch of 3 with 2/1/3 phrases gives the per-example outputs and loss."""
     batched = model(**_batch(processor, examples))
     assert batched.loss is not None and torch.isfinite(batched.loss)
     singles = [model(**_batch(processor, [example])) for example in examples]
@@ -83,7 +83,7 @@ def test_batch_equals_one_by_one(model, processor, examples):
         torch.testing.assert_close(batched.refined_logits[b], single.refined_logits[0], atol=1e-4, rtol=1e-4)
     # the original averages per-example losses weighted by each example's phrase count
     counts = torch.tensor([2.0, 1.0, 3.0])
-    for name in ("loss_mask", "loss_dice", "sam_loss_mask", "sam_loss_dice", "accuracy", "aiou"):
+    for name in ("loss_bce", "loss_dice", "sam_loss_bce", "sam_loss_dice", "accuracy", "aiou"):
         expected = (torch.stack([getattr(s, name) for s in singles]) * counts).sum() / counts.sum()
         torch.testing.assert_close(getattr(batched, name), expected, atol=1e-5, rtol=1e-5)
     expected_loss = sum(s.loss * c for s, c in zip(singles, counts)) / counts.sum()
@@ -94,28 +94,31 @@ def test_batch_equals_one_by_one(model, processor, examples):
 
 
 def test_gradients_reach_only_trained_parts(model, processor, examples):
-    """Acceptance 6."""
+    """The loss reaches every parameter of the head's trained modules and nothing else."""
     model.train()
     model.zero_grad(set_to_none=True)
     output = model(**_batch(processor, examples[:2]))
     output.loss.backward()
     model.eval()
-    trained_prefixes = (
-        "mask_head.", "text_projection.", "sam_refiner.prompt_encoder.", "sam_refiner.mask_decoder.",
+    trained_prefixes = tuple(f"head.{name}." for name in model.head.trained_modules())
+    assert trained_prefixes == (
+        "head.mask_head.", "head.text_projection.", "head.sam_refiner.sam.prompt_encoder.",
+        "head.sam_refiner.sam.mask_decoder.",
     )
     for name, param in model.named_parameters():
-        if name.startswith(("lmm.", "sam_refiner.vision_encoder.")):
+        if name.startswith(("lmm.", "head.sam_refiner.sam.vision_encoder.")):
             assert not param.requires_grad and param.grad is None, name
         elif param.requires_grad:
             assert name.startswith(trained_prefixes), name
             assert param.grad is not None, f"no gradient reached {name}"
-        elif name.startswith("sam_refiner."):
-            # segment_anything keeps the positional matrix as a buffer: never trained
-            frozen_ok = UNUSED_SAM_PARAMETERS + ("prompt_encoder.shared_embedding.",)
-            assert name.removeprefix("sam_refiner.").startswith(frozen_ok), f"{name} is frozen"
-    assert model.text_projection.layer_weights.grad.abs().sum() > 0
-    assert model.text_projection.proj.weight.grad.abs().sum() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam_refiner.prompt_encoder.parameters())
+        else:
+            # segment_anything keeps the positional matrix as a buffer (SamModel ties it to the prompt encoder's)
+            frozen_ok = UNUSED_SAM_PARAMETERS + ("prompt_encoder.shared_embedding.", "shared_image_embedding.")
+            assert name.removeprefix("head.sam_refiner.sam.").startswith(frozen_ok), f"{name} is frozen"
+    head = model.head
+    assert head.text_projection.layer_weights.grad.abs().sum() > 0
+    assert head.text_projection.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.sam_refiner.sam.prompt_encoder.parameters())
     model.zero_grad(set_to_none=True)
 
 
@@ -133,10 +136,10 @@ def test_ground_returns_masks_at_original_size(model, processor, examples):
 
 def test_without_sam_refiner(fixtures_dir, processor, examples):
     model = FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), use_sam=False, mask_head_channels=8)
-    assert model.sam_refiner is None and model.config.sam_config is None
+    assert not model.head.has_refiner and model.head.text_projection is None and model.config.sam_config is None
     output = model(**_batch(processor, examples[:2]))
-    assert output.refined_logits is None and output.sam_loss_mask is None
-    torch.testing.assert_close(output.loss, output.loss_mask + output.loss_dice)
+    assert output.refined_logits is None and output.sam_loss_bce is None
+    torch.testing.assert_close(output.loss, output.loss_bce + output.loss_dice)
 
 
 def test_shared_sam_model_and_layer_subset(fixtures_dir, processor, examples):
@@ -175,7 +178,7 @@ def test_early_stop_and_offloaded_weights(fixtures_dir, processor, examples):
     result."""
     from accelerate import cpu_offload
 
-    from flmm_hf.modeling_flmm import _has_offloaded_weights
+    from flmm_hf.attention_capture import has_offloaded_weights
 
     torch.manual_seed(0)
     model = FLMMForGrounding.from_lmm(
@@ -191,12 +194,65 @@ def test_early_stop_and_offloaded_weights(fixtures_dir, processor, examples):
         early = model(**inputs).coarse_logits
     assert finished == [0]  # layer 1 stopped inside its attention; later layers never ran
 
-    assert not _has_offloaded_weights(model.lmm)
+    assert not has_offloaded_weights(model.lmm)
     cpu_offload(model.lmm, execution_device=torch.device("cpu"))
-    assert _has_offloaded_weights(model.lmm)
+    assert has_offloaded_weights(model.lmm)
     finished.clear()
     with torch.no_grad():
         full = model(**inputs).coarse_logits
     assert finished == list(range(len(layers)))
     assert all(p.device.type == "meta" for p in model.lmm.parameters())  # the hook put the weights back
     torch.testing.assert_close(full, early, rtol=0, atol=1e-6)
+
+
+def test_one_model_serves_concurrent_threads(model, processor, examples):
+    """3 threads x 6 `ground` calls on ONE model give exactly the serial masks, while a plain `model.lmm(...)`
+    forward in a 4th thread keeps its serial output: capture state lives per call, not on the shared modules."""
+    import threading
+
+    calls = [examples[i % 3][:3] for i in range(6)]
+    serial = [model.ground(image, text, phrases, processor=processor) for image, text, phrases in calls]
+    plain_inputs = processor(images=[examples[0][0]], texts=[examples[0][1]], return_sam_inputs=False)
+    plain_inputs = {k: v for k, v in plain_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        plain_serial = model.lmm(**plain_inputs).logits
+
+    start = threading.Barrier(4)
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+    grounding_done = threading.Event()
+
+    def ground_all(worker: int) -> None:
+        try:
+            start.wait()
+            order = [(worker + j) % 6 for j in range(6)]  # every thread a different order
+            results[worker] = [(i, model.ground(*calls[i], processor=processor)) for i in order]
+        except BaseException as error:  # reported below, with the thread's traceback
+            errors.append(error)
+
+    plain_outputs = []
+
+    def plain_forwards() -> None:
+        try:
+            start.wait()
+            while not grounding_done.is_set() and len(plain_outputs) < 8:
+                with torch.no_grad():
+                    plain_outputs.append(model.lmm(**plain_inputs).logits)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=ground_all, args=(w,)) for w in range(3)] + [threading.Thread(target=plain_forwards)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[:3]:
+        thread.join(timeout=300)
+    grounding_done.set()
+    threads[3].join(timeout=60)
+    assert not errors, errors
+    assert sorted(results) == [0, 1, 2]
+    for worker, masks in results.items():
+        for i, mask in masks:
+            assert torch.equal(mask, serial[i]), (worker, i)
+    assert plain_outputs
+    for logits in plain_outputs:  # the full forward ran (no early stop leaked in); rounding may differ with load
+        torch.testing.assert_close(logits, plain_serial, rtol=0, atol=1e-5)

@@ -1,0 +1,247 @@
+"""The frozen parts of an F-LMM model on disk and on the Hub: where they load from, checks, saving without them.
+
+An F-LMM folder references its frozen LMM and SAM as a PEFT adapter references its base model: the config
+records their names, revisions and configs, and `model.safetensors` holds only the trained head
+(`FLMMHead.trained_modules()`, one source of truth for what is saved). Loading attaches the frozen parts with
+their own `from_pretrained` after checking that they have the recorded architecture and shapes.
+`save_mode="full"` also bundles them, as their own `save_pretrained` folders `lmm/` and `sam/`, for offline use.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamModel
+
+# Subfolders of a `full` save holding the frozen LMM and SAM.
+LMM_SUBFOLDER = "lmm"
+SAM_SUBFOLDER = "sam"
+# `from_pretrained` arguments that locate the F-LMM folder itself (and a full save's subfolders).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
+# The prefix of the head's keys in the model's state dict.
+HEAD_PREFIX = "head."
+
+LMM_FIX = (
+    "Fix: pass lmm=<Hub id, local folder or loaded model> of the recorded architecture to from_pretrained, "
+    "or set lmm_name_or_path / lmm_revision in config.json."
+)
+SAM_FIX = "Fix: pass sam=<Hub id, local folder or SamModel> to from_pretrained, or set sam_name_or_path in config.json."
+
+
+class FrozenPlaceholder(nn.Module):
+    """Holds the slot of a frozen part while `from_pretrained` loads the trained weights."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"{self.what} is not attached: load the model with FLMMForGrounding.from_pretrained")
+
+
+def recorded_lmm_config(lmm: PreTrainedModel) -> dict[str, Any]:
+    """The LMM's config as the F-LMM config records it: its dict plus the model class (checked on load)."""
+    config = lmm.config.to_dict()
+    config["architectures"] = [type(lmm).__name__]
+    return config
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def _describe(config: dict, keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{key}={config.get(key)}" for key in keys)
+
+
+def check_backbone(what: str, recorded: dict, found: PreTrainedConfig, where: str, fix: str) -> None:
+    """Compare the recorded config of a frozen part ("LMM" or "SAM") with the one found; raise with `fix` if they differ."""
+    recorded_type, found_type = recorded.get("model_type"), getattr(found, "model_type", None)
+    problems = []
+    if recorded_type != found_type:
+        problems.append(f"model_type {recorded_type!r} was recorded but {where} is {found_type!r}")
+    else:
+        recorded_arch, found_arch = recorded.get("architectures"), getattr(found, "architectures", None)
+        if recorded_arch and found_arch and set(recorded_arch) != set(found_arch):
+            problems.append(f"architecture {recorded_arch} was recorded but {where} is {found_arch}")
+        # Shapes the trained head depends on (channels of the U-Net, width of the text projection).
+        if what == "LMM":
+            rec = AutoConfig.for_model(**recorded).get_text_config(decoder=True).to_dict()
+            got = found.get_text_config(decoder=True).to_dict()
+            keys = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+        else:
+            rec, got = recorded.get("vision_config", {}), found.vision_config.to_dict()
+            keys = ("hidden_size", "num_hidden_layers", "output_channels")
+        if any(rec.get(key) != got.get(key) for key in keys):
+            problems.append(f"recorded {_describe(rec, keys)} but {where} has {_describe(got, keys)}")
+    if problems:
+        raise ValueError(f"The base {what} does not match this F-LMM model: {'; '.join(problems)}. {fix}")
+
+
+# ---- where the frozen parts load from ------------------------------------------------------------
+def _bundled(source: str, subfolder: str, hub_kwargs: dict) -> tuple[str, dict]:
+    """Where a full save's frozen part lives: (name or folder, from_pretrained kwargs)."""
+    parent = hub_kwargs.get("subfolder") or ""
+    kwargs = dict(hub_kwargs, subfolder=f"{parent}/{subfolder}" if parent else subfolder)
+    if os.path.isdir(source):  # local folder: point at the subfolder itself (no Hub lookup)
+        kwargs.pop("subfolder")
+        return os.path.join(source, parent, subfolder), kwargs
+    return source, kwargs
+
+
+def frozen_source(
+    what: str, given: str | None, config: Any, source: str, hub_kwargs: dict, fix: str
+) -> tuple[str, dict, PreTrainedConfig]:
+    """Where a frozen part ("LMM" or "SAM") loads from: `given`, bundled in a full save, or recorded in `config`.
+
+    Returns `(name or folder, from_pretrained kwargs, its config)`, the config checked against the recorded one.
+    """
+    prefix, subfolder = ("lmm", LMM_SUBFOLDER) if what == "LMM" else ("sam", SAM_SUBFOLDER)
+    recorded, revision = getattr(config, f"{prefix}_name_or_path"), getattr(config, f"{prefix}_revision")
+    if given is not None:
+        name, kwargs = str(given), {}
+    elif config.save_mode == "full":
+        name, kwargs = _bundled(source, subfolder, hub_kwargs)
+    elif recorded:
+        # A relative path is resolved against the model folder first (the demo keeps its backbone beside the head).
+        local = os.path.join(source, recorded)
+        name = local if not os.path.isabs(recorded) and os.path.isdir(local) else recorded
+        kwargs = {"revision": revision}
+    else:
+        raise ValueError(
+            f"{source} is an adapter-sized F-LMM save whose config records no base {what} (it was built from a "
+            f"config). Fix: pass {prefix}=<Hub id or folder> to from_pretrained, or save with save_mode='full'."
+        )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    where = f"{name!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
+    try:
+        found = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"The base {what} of this F-LMM model could not be loaded from {where}: {error}\n"
+            "Make it reachable (offline mode needs it in the local cache). " + fix
+        ) from error
+    check_backbone(what, getattr(config, f"{prefix}_config"), found, where, fix)
+    return name, kwargs, found
+
+
+def load_frozen_lmm(
+    config: Any, source: str, lmm: str | PreTrainedModel | None, hub_kwargs: dict, **load_kwargs: Any
+) -> PreTrainedModel:
+    """The frozen LMM: given, bundled (full save) or by recorded name and revision; checked against `config`.
+
+    `load_kwargs` (`dtype`, `device_map`, `attn_implementation`; `None` values dropped) go to its `from_pretrained`.
+    """
+    if isinstance(lmm, PreTrainedModel):
+        check_backbone("LMM", config.lmm_config, lmm.config, f"the given {type(lmm).__name__}", LMM_FIX)
+        return lmm
+    name, kwargs, found = frozen_source("LMM", lmm, config, source, hub_kwargs, LMM_FIX)
+    load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    return AutoModelForImageTextToText.from_pretrained(name, config=found, **kwargs, **load_kwargs)
+
+
+def load_frozen_sam(config: Any, source: str, sam: str | SamModel | None, hub_kwargs: dict, dtype: Any) -> SamModel:
+    """SAM: given, bundled (full save) or by recorded name and revision; checked against `config`."""
+    if isinstance(sam, SamModel):
+        check_backbone("SAM", config.sam_config, sam.config, "the given SamModel", SAM_FIX)
+        return sam
+    name, kwargs, found = frozen_source("SAM", sam, config, source, hub_kwargs, SAM_FIX)
+    return SamModel.from_pretrained(name, config=found, dtype=dtype, **kwargs)
+
+
+# ---- saving --------------------------------------------------------------------------------------
+def trained_state_dict(model: Any, state_dict: dict | None = None) -> dict:
+    """The weights an adapter-sized save holds: the state of the head's trained modules, under `head.`.
+
+    `state_dict`, when given (a gathered state dict from accelerate / the Trainer), is the source of the values.
+    """
+    keys = [HEAD_PREFIX + key for key in model.head.trained_state_dict()]
+    if state_dict is None:
+        return {HEAD_PREFIX + key: value for key, value in model.head.trained_state_dict().items()}
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise KeyError(f"the given state_dict lacks trained F-LMM weights: {missing[:5]}")
+    return {key: state_dict[key] for key in keys}
+
+
+def save_flmm(
+    model: Any,
+    save_weights: Callable[..., Any],
+    save_directory: str | os.PathLike,
+    save_mode: str,
+    model_card: bool,
+    **kwargs: Any,
+) -> None:
+    """`FLMMForGrounding.save_pretrained`: `save_weights` is `PreTrainedModel.save_pretrained` bound to `model`."""
+    if save_mode not in ("adapter", "full"):
+        raise ValueError(f"save_mode must be 'adapter' or 'full', got {save_mode!r}")
+    if save_mode == "full" and isinstance(model.lmm, FrozenPlaceholder):
+        raise ValueError("save_mode='full' needs the frozen LMM attached; load the model with from_pretrained first")
+    # Pushing happens after every file is written (transformers' own push would run before lmm/, sam/, README).
+    push_to_hub = kwargs.pop("push_to_hub", False)
+    hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+    hub_kwargs["token"] = kwargs.get("token")
+    state_dict = trained_state_dict(model, kwargs.pop("state_dict", None))
+    save_weights(save_directory, state_dict=state_dict, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return
+    # The saved config says how this folder was saved; the model's own config is left as it is.
+    config = copy.deepcopy(model.config)
+    config.save_mode = save_mode
+    config.save_pretrained(save_directory)
+    if save_mode == "full":
+        model.lmm.save_pretrained(os.path.join(save_directory, LMM_SUBFOLDER))
+        if model.head.has_refiner:
+            model.head.sam_refiner.sam.save_pretrained(os.path.join(save_directory, SAM_SUBFOLDER))
+    if model_card:
+        from .model_card import write_model_card  # library-only (not part of the Hub custom code)
+
+        write_model_card(save_directory, config, save_mode=save_mode)
+    if push_to_hub:
+        _upload(save_directory, **hub_kwargs)
+
+
+def _upload(folder: str | os.PathLike, token: str | None = None, repo_id: str | None = None, **options: Any) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = repo_id or os.path.basename(os.path.normpath(folder))
+    repo_id = api.create_repo(repo_id, private=options.get("private"), exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=options.get("commit_message") or "Upload F-LMM model",
+        create_pr=options.get("create_pr", False),
+    )
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def load_flmm(
+    load_weights: Callable[..., Any],
+    source: str,
+    config: Any,
+    hub_kwargs: dict,
+    lmm: str | PreTrainedModel | None,
+    sam: str | SamModel | None,
+    sam_dtype: Any,
+    **lmm_load_kwargs: Any,
+) -> tuple[Any, dict]:
+    """`FLMMForGrounding.from_pretrained`: `load_weights` is `PreTrainedModel.from_pretrained` bound to the class.
+
+    The frozen parts are loaded (and checked) first, so that a missing base fails before anything else; the
+    trained head then loads as usual around placeholders, and the frozen parts take the placeholders' slots.
+    """
+    lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, **lmm_load_kwargs)
+    sam_model = load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
+    model, loading_info = load_weights(
+        source, config=config, _defer_frozen=True, dtype=torch.float32, output_loading_info=True, **hub_kwargs
+    )
+    trained = {HEAD_PREFIX + key for key in model.head.trained_state_dict()}
+    missing = sorted(set(loading_info["missing_keys"]) & trained)
+    if missing:
+        raise ValueError(f"{source} lacks trained F-LMM weights ({', '.join(missing)}): it is not a complete F-LMM checkpoint")
+    model.attach_frozen_parts(lmm_model, sam_model)
+    model.eval()
+    return model, loading_info
