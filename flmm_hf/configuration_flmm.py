@@ -30,7 +30,7 @@ class FLMMConfig(PreTrainedConfig):
         lmm_config (`dict` or `PreTrainedConfig`, *optional*):
             The LMM's own config. Required: every shape of the head derives from it.
         use_sam (`bool`, *optional*, defaults to `True`):
-            Whether to refine the coarse masks with the SAM refiner (method.md 3.6).
+            Whether to refine the coarse masks with the SAM refiner.
         sam_name_or_path (`str`, *optional*, defaults to `"facebook/sam-vit-large"`):
             Hub id or local folder of the SAM checkpoint (the paper uses SAM ViT-L).
         sam_revision (`str`, *optional*):

@@ -217,6 +217,50 @@ def _head_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return int(first.shape[1]), int(first.shape[0]), max(stages) + 1
 
 
+def config_for_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    lmm_name: str,
+    sam: str | None,
+    lmm_revision: str | None = None,
+    sam_revision: str | None = None,
+):
+    """The reproduction-mode `FLMMConfig` of a converted state dict (`convert_original_state_dict`): the head's
+    shape read from its weights, checked against the backbone's config (only the configs are read)."""
+    from transformers import AutoConfig
+
+    from .configuration_flmm import DEFAULT_SAM, FLMMConfig
+    from .image_layout import get_image_layout
+
+    lmm_config = AutoConfig.from_pretrained(lmm_name, revision=lmm_revision)
+    text_config = lmm_config.get_text_config(decoder=True)
+    in_channels, base_channels, num_stages = _head_shape(state_dict)
+    num_grids = get_image_layout(lmm_config).num_grids
+    expected = num_grids * text_config.num_hidden_layers * text_config.num_attention_heads
+    if in_channels != expected:
+        raise ValueError(
+            f"the checkpoint's mask head takes {in_channels} attention channels, but {lmm_name!r} gives {expected} "
+            f"({num_grids} grid(s) x {text_config.num_hidden_layers} layers x {text_config.num_attention_heads} heads): "
+            "the checkpoint was trained on another backbone"
+        )
+    use_sam = any(k.startswith("sam_refiner.") for k in state_dict)
+    sam_name = (sam or DEFAULT_SAM) if use_sam else None
+    config = FLMMConfig(
+        lmm_name_or_path=lmm_name,
+        lmm_revision=lmm_revision,
+        lmm_config=lmm_config,
+        use_sam=use_sam,
+        sam_name_or_path=sam_name,
+        sam_revision=sam_revision if use_sam else None,
+        sam_config=AutoConfig.from_pretrained(sam_name, revision=sam_revision) if use_sam else None,
+        num_grids=num_grids,
+        mask_head_channels=base_channels,
+        mask_head_stages=num_stages,
+        mode="reproduction",
+        save_mode="adapter",
+    )
+    return config
+
+
 def convert_original_checkpoint(
     checkpoint: str | os.PathLike | dict,
     lmm: str,
@@ -249,10 +293,8 @@ def convert_original_checkpoint(
         NotImplementedError: MiniGemini / HPT backbones.
         ValueError: unknown keys in the checkpoint, or a head that does not fit the backbone's shape.
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
-    from .configuration_flmm import DEFAULT_SAM, FLMMConfig
-    from .image_layout import get_image_layout
     from .model_card import write_model_card
     from .modeling_flmm import FLMMForGrounding
     from .processing_flmm import FLMMProcessor
@@ -264,34 +306,8 @@ def convert_original_checkpoint(
         original = torch.load(checkpoint, map_location="cpu", weights_only=True)  # never unpickle code
         source_name = source_name or f"the original F-LMM checkpoint `{Path(checkpoint).name}`"
     state_dict = convert_original_state_dict(original)
-
-    lmm_config = AutoConfig.from_pretrained(lmm_name, revision=lmm_revision)
-    text_config = lmm_config.get_text_config(decoder=True)
-    in_channels, base_channels, num_stages = _head_shape(state_dict)
-    num_grids = get_image_layout(lmm_config).num_grids
-    expected = num_grids * text_config.num_hidden_layers * text_config.num_attention_heads
-    if in_channels != expected:
-        raise ValueError(
-            f"the checkpoint's mask head takes {in_channels} attention channels, but {lmm_name!r} gives {expected} "
-            f"({num_grids} grid(s) x {text_config.num_hidden_layers} layers x {text_config.num_attention_heads} heads): "
-            "the checkpoint was trained on another backbone"
-        )
-    use_sam = any(k.startswith("sam_refiner.") for k in state_dict)
-    sam_name = (sam or DEFAULT_SAM) if use_sam else None
-    config = FLMMConfig(
-        lmm_name_or_path=lmm_name,
-        lmm_revision=lmm_revision,
-        lmm_config=lmm_config,
-        use_sam=use_sam,
-        sam_name_or_path=sam_name,
-        sam_revision=sam_revision if use_sam else None,
-        sam_config=AutoConfig.from_pretrained(sam_name, revision=sam_revision) if use_sam else None,
-        num_grids=num_grids,
-        mask_head_channels=base_channels,
-        mask_head_stages=num_stages,
-        mode="reproduction",
-        save_mode="adapter",
-    )
+    config = config_for_checkpoint(state_dict, lmm_name, sam, lmm_revision=lmm_revision, sam_revision=sam_revision)
+    sam_name = config.sam_name_or_path
     # The frozen parts stay placeholders (nothing of the LMM or SAM is loaded); the meta device makes
     # building the trained parts free, and `assign=True` puts the converted tensors in their place.
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""The frozen parts of an F-LMM model on disk and on the Hub: where they load from, checks, saving without them.
+"""The frozen parts of an F-LMM model: building around them, where they load from, checks, saving without them.
 
 An F-LMM folder references its frozen LMM and SAM as a PEFT adapter references its base model: the config
 records their names, revisions and configs, and `model.safetensors` holds only the trained head
@@ -16,7 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamModel
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamConfig, SamModel
+
+from .attention_capture import enable_capture
+from .configuration_flmm import DEFAULT_SAM, FLMMConfig
+from .image_layout import get_image_layout
 
 # Subfolders of a `full` save holding the frozen LMM and SAM.
 LMM_SUBFOLDER = "lmm"
@@ -217,22 +221,75 @@ def _upload(folder: str | os.PathLike, token: str | None = None, repo_id: str | 
     )
 
 
+# ---- a new model's config -------------------------------------------------------------------------
+def new_config(
+    lmm: str | PreTrainedModel,
+    sam: str | SamModel | SamConfig | None,
+    lmm_revision: str | None = None,
+    sam_revision: str | None = None,
+    **config_overrides: Any,
+) -> tuple[FLMMConfig, PreTrainedModel, SamModel | None]:
+    """`FLMMForGrounding.from_lmm`: the frozen parts (loaded by name when given as names) and the config that
+    records them. Returns `(config, lmm, sam)`; `sam` is None with `use_sam=False`."""
+    lmm_name = lmm if isinstance(lmm, str) else None
+    if isinstance(lmm, str):
+        lmm = AutoModelForImageTextToText.from_pretrained(lmm, revision=lmm_revision)
+    elif not isinstance(lmm, PreTrainedModel):
+        raise TypeError(f"lmm must be a model name/path or a PreTrainedModel, got {type(lmm).__name__}")
+    sam_name, sam_model = None, None
+    if config_overrides.get("use_sam", True):
+        sam = DEFAULT_SAM if sam is None else sam
+        if isinstance(sam, str):
+            sam_name, sam_model = sam, SamModel.from_pretrained(sam, revision=sam_revision)
+        elif isinstance(sam, (SamConfig, SamModel)):
+            sam_model = SamModel(sam) if isinstance(sam, SamConfig) else sam
+        else:
+            raise TypeError(f"sam must be a name/path, SamModel or SamConfig, got {type(sam).__name__}")
+        sam_name = sam_name or getattr(sam_model, "name_or_path", None) or None
+    config_overrides.setdefault("num_grids", get_image_layout(lmm.config).num_grids)
+    config = FLMMConfig(
+        lmm_name_or_path=lmm_name or getattr(lmm, "name_or_path", None) or None,
+        lmm_revision=lmm_revision,
+        lmm_config=recorded_lmm_config(lmm),
+        sam_name_or_path=sam_name,
+        sam_revision=sam_revision,
+        sam_config=sam_model.config if sam_model is not None else None,
+        **config_overrides,
+    )
+    return config, lmm, sam_model
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def load_flmm(
     load_weights: Callable[..., Any],
+    config_class: type,
     source: str,
     config: Any,
-    hub_kwargs: dict,
     lmm: str | PreTrainedModel | None,
     sam: str | SamModel | None,
     sam_dtype: Any,
-    **lmm_load_kwargs: Any,
+    dtype: Any = None,
+    device_map: Any = None,
+    attn_implementation: str | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, dict]:
-    """`FLMMForGrounding.from_pretrained`: `load_weights` is `PreTrainedModel.from_pretrained` bound to the class.
+    """`FLMMForGrounding.from_pretrained`: `load_weights` is `PreTrainedModel.from_pretrained` bound to the class,
+    `config_class` the model's (with remote code, AutoConfig's class comes from another dynamic module).
 
     The frozen parts are loaded (and checked) first, so that a missing base fails before anything else; the
     trained head then loads as usual around placeholders, and the frozen parts take the placeholders' slots.
     """
+    dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
+    for key in ("trust_remote_code", "_from_auto", "_from_pipeline", "code_revision", "adapter_kwargs"):
+        kwargs.pop(key, None)
+    hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+    if not isinstance(config, PreTrainedConfig):
+        config, kwargs = config_class.from_pretrained(
+            config or source, return_unused_kwargs=True, **hub_kwargs, **kwargs
+        )
+    if kwargs:
+        raise TypeError(f"unexpected arguments to FLMMForGrounding.from_pretrained: {sorted(kwargs)}")
+    lmm_load_kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
     lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, **lmm_load_kwargs)
     sam_model = load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
     model, loading_info = load_weights(
@@ -245,3 +302,128 @@ def load_flmm(
     model.attach_frozen_parts(lmm_model, sam_model)
     model.eval()
     return model, loading_info
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """Mark every sub-module initialised: `post_init` would otherwise re-run a pretrained part's own
+    `_init_weights` over its weights."""
+    for m in module.modules():
+        m._is_hf_initialized = True
+
+
+def freeze_lmm(lmm: PreTrainedModel) -> PreTrainedModel:
+    """Make `lmm` F-LMM's frozen part, in place: its language model runs the capturing `"flmm_sdpa"` attention,
+    every parameter gets `requires_grad=False`, and it is put in eval mode. Returns `lmm`."""
+    enable_capture(lmm)
+    lmm.requires_grad_(False)
+    lmm.eval()
+    mark_initialized(lmm)
+    return lmm
+
+
+class FrozenPartsMixin:
+    """`from_lmm`, `save_pretrained`, `from_pretrained` and `attach_frozen_parts` of `FLMMForGrounding`: a new
+    model around given backbones, adapter-sized or full saves, and loading that attaches the frozen parts."""
+
+    @classmethod
+    def from_lmm(
+        cls,
+        lmm: str | PreTrainedModel,
+        sam: str | SamModel | SamConfig | None = None,
+        *,
+        lmm_revision: str | None = None,
+        sam_revision: str | None = None,
+        **config_overrides: Any,
+    ):
+        """
+        A new, untrained F-LMM around a frozen backbone.
+
+        A loaded `lmm` (and `SamModel`) is used as is, not copied, and becomes the frozen part: its language
+        model's attention implementation is set to `"flmm_sdpa"` (SDPA with capture; outputs as `"sdpa"`, see
+        `attention_capture`), all its parameters get `requires_grad=False` and it is put in eval mode. SAM's
+        image encoder is frozen likewise (see `SamRefiner`).
+
+        Args:
+            lmm: Hub id / local folder of an image-text-to-text model, or a loaded model.
+            sam: Hub id / folder of a SAM checkpoint, a loaded `SamModel`, or a `SamConfig` (random SAM, for
+                tests). `None` means `facebook/sam-vit-large`; pass `use_sam=False` to build without the refiner.
+            config_overrides: any `FLMMConfig` field (`attention_layers`, `merge`, `mode`, ...).
+        """
+        config, lmm, sam = new_config(lmm, sam, lmm_revision=lmm_revision, sam_revision=sam_revision, **config_overrides)
+        return cls(config, lmm=lmm, sam=sam)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, save_mode: str | None = None, model_card: bool = True, **kwargs: Any
+    ) -> None:
+        """
+        Save the trained head's weights, the config (which pins the frozen LMM and SAM by name and revision),
+        the custom code (for `trust_remote_code=True`) and a model card (`README.md`).
+
+        Args:
+            save_directory: the folder to write.
+            save_mode (`str`, *optional*): `"adapter"` (only the head; the frozen parts are attached by name on
+                load) or `"full"` (also the frozen LMM in `lmm/` and SAM in `sam/`, each a `save_pretrained`
+                folder, for offline use). Defaults to `config.save_mode`. The model's config is not changed
+                beyond what transformers' own `save_pretrained` records (`architectures`, `dtype`, `auto_map`).
+            model_card (`bool`, *optional*, defaults to `True`): write `README.md` (evaluation results of an
+                existing card are kept).
+            kwargs: passed to `PreTrainedModel.save_pretrained` (`is_main_process`, `state_dict`,
+                `max_shard_size`, `push_to_hub`, `repo_id`, `token`, ...).
+        """
+        save_flmm(self, super().save_pretrained, save_directory, save_mode or self.config.save_mode, model_card, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: PreTrainedConfig | None = None,
+        lmm: str | PreTrainedModel | None = None,
+        sam: str | SamModel | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        sam_dtype: torch.dtype | str = torch.float32,
+        **kwargs: Any,
+    ):
+        """
+        Load a saved F-LMM: the trained head from `pretrained_model_name_or_path`, the frozen LMM and SAM with
+        their own `from_pretrained` (from `lmm/` and `sam/` in a `full` save, else by the recorded name and
+        revision), checked against the recorded architecture and shapes.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or folder written by `save_pretrained`.
+            lmm: override the recorded LMM (a name/folder, or a loaded model); its architecture is checked.
+            sam: override the recorded SAM (a name/folder, or a loaded `SamModel`).
+            dtype, device_map, attn_implementation: passed to the LMM's `from_pretrained` (the language model
+                then switches to the capturing SDPA attention). The head stays float32, as trained, and sits on
+                the LMM's first device.
+            sam_dtype: SAM's dtype (default float32: the refiner runs SAM in one dtype, and its trained prompt
+                encoder and mask decoder are float32).
+            kwargs: Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `subfolder`, ...) for
+                this folder, and `output_loading_info`.
+
+        Raises:
+            OSError: the recorded base LMM or SAM cannot be found (the message says how to fix it).
+            ValueError: the base found is of another architecture or shape than the recorded one.
+        """
+        if model_args:
+            raise TypeError("FLMMForGrounding.from_pretrained takes no positional model arguments")
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = load_flmm(
+            super().from_pretrained, cls.config_class, str(pretrained_model_name_or_path), config, lmm, sam, sam_dtype,
+            dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, **kwargs,
+        )
+        return (model, loading_info) if output_loading_info else model
+
+    def attach_frozen_parts(self, lmm: PreTrainedModel, sam: SamModel | None) -> None:
+        """Use `lmm` (and `sam`) as the frozen parts: after `from_pretrained` loaded the head around placeholders,
+        or to swap in a backbone of the recorded architecture. The head moves to the LMM's first device."""
+        self.lmm = freeze_lmm(lmm)
+        self.layout = get_image_layout(lmm.config)
+        self.config.lmm_config = recorded_lmm_config(lmm)
+        self.head.to(lmm.device)
+        if sam is not None:
+            # One dtype and one attention implementation for all of SAM: the loaded SAM receives the trained parts.
+            self.head.attach_sam(sam.to(lmm.device))
+            mark_initialized(self.head.sam_refiner.sam)

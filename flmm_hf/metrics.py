@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's benchmarks (method.md section 5).
+"""Evaluation metrics of the paper's benchmarks: RES cIoU / gIoU and PNG average recall.
 
 - Referring expression segmentation (RES): cIoU and mIoU (also called gIoU), as mmdet's
   ``RefSegMetric`` computes them: cIoU = 100 * sum of intersections / sum of unions over all

@@ -8,24 +8,23 @@ Reads top to bottom as the method does:
 3. the trained head (`FLMMHead`) turns the maps into coarse mask logits with a U-Net, refines them with SAM
    prompted by the coarse mask, its box and the phrase's text embedding, and computes BCE + Dice losses.
 
-Building a new model (`from_lmm`), saving and loading (`frozen_parts`) come after the method.
+Building a new model (`from_lmm`), saving and loading live in `frozen_parts.FrozenPartsMixin`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamConfig, SamModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel, SamModel
 from transformers.utils import ModelOutput
 
-from .attention_capture import AttentionCapture, enable_capture
-from .configuration_flmm import DEFAULT_SAM, FLMMConfig
+from .attention_capture import AttentionCapture
+from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
-from .frozen_parts import HUB_KWARGS, FrozenPlaceholder, load_flmm, recorded_lmm_config, save_flmm
+from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
 from .image_layout import example_image_inputs, get_image_layout
 from .processing_flmm import backbone_image_inputs
 from .sam_refiner import TextProjection
@@ -63,12 +62,6 @@ class FLMMOutput(ModelOutput):
     sam_aiou: torch.FloatTensor | None = None
 
 
-def _mark_initialized(module: nn.Module) -> None:
-    # `post_init` would otherwise re-run a pretrained part's own `_init_weights` over its weights.
-    for m in module.modules():
-        m._is_hf_initialized = True
-
-
 def phrase_hidden_states(
     hidden_states: tuple[torch.Tensor, ...], phrase_ids: torch.Tensor, num_phrases: list[int]
 ) -> list[list[torch.Tensor]]:
@@ -91,14 +84,15 @@ class FLMMPreTrainedModel(PreTrainedModel):
             module.layer_weights.fill_(1.0)
 
 
-class FLMMForGrounding(FLMMPreTrainedModel):
+class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
     """
     A frozen image-text-to-text model (`lmm`) plus the trained F-LMM head (`head`): a U-Net over word-to-image
     attention maps, per-layer weights and a text projection, and an optional SAM refiner.
 
     The LMM never receives gradients and stays in eval mode even when the model is in train mode. No state of a
     call is kept on the model: one model may serve several threads. Build a new, untrained model with
-    [`FLMMForGrounding.from_lmm`]; load a saved one with [`FLMMForGrounding.from_pretrained`].
+    [`FLMMForGrounding.from_lmm`]; load a saved one with [`FLMMForGrounding.from_pretrained`] (both, and
+    `save_pretrained`, come from `FrozenPartsMixin`: the frozen parts are referenced, not saved).
     """
 
     def __init__(self, config: FLMMConfig, lmm: PreTrainedModel | None = None, sam: SamModel | None = None, *,
@@ -112,8 +106,7 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             # hold the frozen parts' slots until `attach_frozen_parts`.
             self.lmm = FrozenPlaceholder("the frozen LMM")
         else:
-            self.lmm = lmm if lmm is not None else AutoModelForImageTextToText.from_config(lmm_config)
-            self._freeze(self.lmm)
+            self.lmm = freeze_lmm(lmm if lmm is not None else AutoModelForImageTextToText.from_config(lmm_config))
         self.layout = get_image_layout(lmm_config if _defer_frozen else self.lmm.config)
         # Derived once, read by every forward.
         self.captured_layers = config.selected_layers
@@ -132,15 +125,8 @@ class FLMMForGrounding(FLMMPreTrainedModel):
             if _defer_frozen:  # the frozen parts of SAM come with the SAM that `attach_frozen_parts` receives
                 self.head.sam_refiner.sam.vision_encoder = FrozenPlaceholder("SAM's image encoder")
                 self.head.sam_refiner.sam.shared_image_embedding = FrozenPlaceholder("SAM's positional embedding")
-            _mark_initialized(self.head.sam_refiner.sam)
+            mark_initialized(self.head.sam_refiner.sam)
         self.post_init()
-
-    @staticmethod
-    def _freeze(lmm: PreTrainedModel) -> None:
-        enable_capture(lmm)
-        lmm.requires_grad_(False)
-        lmm.eval()
-        _mark_initialized(lmm)
 
     @property
     def image_token_id(self) -> int:
@@ -315,146 +301,6 @@ class FLMMForGrounding(FLMMPreTrainedModel):
         from .grounded_chat import chat
 
         return chat(self, image, question, phrases=phrases, processor=processor, **kwargs)
-
-    # ---- construction --------------------------------------------------------------------------------
-    @classmethod
-    def from_lmm(
-        cls,
-        lmm: str | PreTrainedModel,
-        sam: str | SamModel | SamConfig | None = None,
-        *,
-        lmm_revision: str | None = None,
-        sam_revision: str | None = None,
-        **config_overrides: Any,
-    ) -> FLMMForGrounding:
-        """
-        A new, untrained F-LMM around a frozen backbone.
-
-        A loaded `lmm` (and `SamModel`) is used as is, not copied, and becomes the frozen part: its language
-        model's attention implementation is set to `"flmm_sdpa"` (SDPA with capture; outputs as `"sdpa"`, see
-        `attention_capture`), all its parameters get `requires_grad=False` and it is put in eval mode. SAM's
-        image encoder is frozen likewise (see `SamRefiner`).
-
-        Args:
-            lmm: Hub id / local folder of an image-text-to-text model, or a loaded model.
-            sam: Hub id / folder of a SAM checkpoint, a loaded `SamModel`, or a `SamConfig` (random SAM, for
-                tests). `None` means `facebook/sam-vit-large`; pass `use_sam=False` to build without the refiner.
-            config_overrides: any [`FLMMConfig`] field (`attention_layers`, `merge`, `mode`, ...).
-        """
-        lmm_name = lmm if isinstance(lmm, str) else None
-        if isinstance(lmm, str):
-            lmm = AutoModelForImageTextToText.from_pretrained(lmm, revision=lmm_revision)
-        elif not isinstance(lmm, PreTrainedModel):
-            raise TypeError(f"lmm must be a model name/path or a PreTrainedModel, got {type(lmm).__name__}")
-        sam_name, sam_model = None, None
-        if config_overrides.get("use_sam", True):
-            sam = DEFAULT_SAM if sam is None else sam
-            if isinstance(sam, str):
-                sam_name, sam_model = sam, SamModel.from_pretrained(sam, revision=sam_revision)
-            elif isinstance(sam, (SamConfig, SamModel)):
-                sam_model = SamModel(sam) if isinstance(sam, SamConfig) else sam
-            else:
-                raise TypeError(f"sam must be a name/path, SamModel or SamConfig, got {type(sam).__name__}")
-            sam_name = sam_name or getattr(sam_model, "name_or_path", None) or None
-        config_overrides.setdefault("num_grids", get_image_layout(lmm.config).num_grids)
-        config = FLMMConfig(
-            lmm_name_or_path=lmm_name or getattr(lmm, "name_or_path", None) or None,
-            lmm_revision=lmm_revision,
-            lmm_config=recorded_lmm_config(lmm),
-            sam_name_or_path=sam_name,
-            sam_revision=sam_revision,
-            sam_config=sam_model.config if sam_model is not None else None,
-            **config_overrides,
-        )
-        return cls(config, lmm=lmm, sam=sam_model)
-
-    # ---- saving and loading (the frozen parts are referenced, see `frozen_parts`) ------------------------
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, save_mode: str | None = None, model_card: bool = True, **kwargs: Any
-    ) -> None:
-        """
-        Save the trained head's weights, the config (which pins the frozen LMM and SAM by name and revision),
-        the custom code (for `trust_remote_code=True`) and a model card (`README.md`).
-
-        Args:
-            save_directory: the folder to write.
-            save_mode (`str`, *optional*): `"adapter"` (only the head; the frozen parts are attached by name on
-                load) or `"full"` (also the frozen LMM in `lmm/` and SAM in `sam/`, each a `save_pretrained`
-                folder, for offline use). Defaults to `config.save_mode`; the model's config is not changed.
-            model_card (`bool`, *optional*, defaults to `True`): write `README.md` (evaluation results of an
-                existing card are kept).
-            kwargs: passed to `PreTrainedModel.save_pretrained` (`is_main_process`, `state_dict`,
-                `max_shard_size`, `push_to_hub`, `repo_id`, `token`, ...).
-        """
-        save_flmm(self, super().save_pretrained, save_directory, save_mode or self.config.save_mode, model_card, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        config: FLMMConfig | None = None,
-        lmm: str | PreTrainedModel | None = None,
-        sam: str | SamModel | None = None,
-        dtype: torch.dtype | str | None = None,
-        device_map: Any = None,
-        attn_implementation: str | None = None,
-        sam_dtype: torch.dtype | str = torch.float32,
-        **kwargs: Any,
-    ) -> FLMMForGrounding:
-        """
-        Load a saved F-LMM: the trained head from `pretrained_model_name_or_path`, the frozen LMM and SAM with
-        their own `from_pretrained` (from `lmm/` and `sam/` in a `full` save, else by the recorded name and
-        revision), checked against the recorded architecture and shapes.
-
-        Args:
-            pretrained_model_name_or_path: Hub id or folder written by `save_pretrained`.
-            lmm: override the recorded LMM (a name/folder, or a loaded model); its architecture is checked.
-            sam: override the recorded SAM (a name/folder, or a loaded `SamModel`).
-            dtype, device_map, attn_implementation: passed to the LMM's `from_pretrained` (the language model
-                then switches to the capturing SDPA attention). The head stays float32, as trained, and sits on
-                the LMM's first device.
-            sam_dtype: SAM's dtype (default float32: the refiner runs SAM in one dtype, and its trained prompt
-                encoder and mask decoder are float32).
-            kwargs: Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `subfolder`, ...) for
-                this folder, and `output_loading_info`.
-
-        Raises:
-            OSError: the recorded base LMM or SAM cannot be found (the message says how to fix it).
-            ValueError: the base found is of another architecture or shape than the recorded one.
-        """
-        if model_args:
-            raise TypeError("FLMMForGrounding.from_pretrained takes no positional model arguments")
-        dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        for key in ("trust_remote_code", "_from_auto", "_from_pipeline", "code_revision", "adapter_kwargs"):
-            kwargs.pop(key, None)
-        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
-        # Not `cls.config_class`: with remote code, AutoConfig's class comes from another dynamic module.
-        if not isinstance(config, PreTrainedConfig):
-            config, kwargs = cls.config_class.from_pretrained(
-                config or pretrained_model_name_or_path, return_unused_kwargs=True, **hub_kwargs, **kwargs
-            )
-        if kwargs:
-            raise TypeError(f"unexpected arguments to FLMMForGrounding.from_pretrained: {sorted(kwargs)}")
-        model, loading_info = load_flmm(
-            super().from_pretrained, str(pretrained_model_name_or_path), config, hub_kwargs, lmm, sam, sam_dtype,
-            dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-        )
-        return (model, loading_info) if output_loading_info else model
-
-    def attach_frozen_parts(self, lmm: PreTrainedModel, sam: SamModel | None) -> None:
-        """Use `lmm` (and `sam`) as the frozen parts: after `from_pretrained` loaded the head around placeholders,
-        or to swap in a backbone of the recorded architecture. The head moves to the LMM's first device."""
-        self._freeze(lmm)
-        self.lmm = lmm
-        self.layout = get_image_layout(lmm.config)
-        self.config.lmm_config = recorded_lmm_config(lmm)
-        self.head.to(lmm.device)
-        if sam is not None:
-            # One dtype and one attention implementation for all of SAM: the loaded SAM receives the trained parts.
-            self.head.attach_sam(sam.to(lmm.device))
-            _mark_initialized(self.head.sam_refiner.sam)
 
     def train(self, mode: bool = True) -> FLMMForGrounding:
         super().train(mode)

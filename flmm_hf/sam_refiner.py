@@ -129,7 +129,7 @@ class SamRefiner(nn.Module):
         return self.sam.get_image_embeddings(sam_pixel_values)
 
     def mask_prompts(self, coarse_logits: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
-        """Dense mask prompts from coarse logits (method.md 3.6).
+        """Dense mask prompts from coarse logits, as the original refiner makes them.
 
         The logits are resized (bilinear) to SAM's resized-image size, padded bottom/right to the
         1024 square with `min(-1, min logit)` (the minimum over ALL given phrases, as the original does

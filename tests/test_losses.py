@@ -1,4 +1,4 @@
-"""Mask losses and metrics (method.md 3.7) against hand-computed values."""
+"""Mask losses and metrics against hand-computed values."""
 
 import math
 
