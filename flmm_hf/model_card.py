@@ -131,15 +131,6 @@ def build_model_card(
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    results_text = ""
-    if eval_results:
-        rows = "\n".join(
-            f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name or r.metric_type} | {r.metric_value:.2f} |"
-            if isinstance(r.metric_value, float)
-            else f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name or r.metric_type} | {r.metric_value} |"
-            for r in eval_results
-        )
-        results_text = f"\n## Results\n\n| dataset | split | metric | value |\n|---|---|---|---|\n{rows}\n"
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -164,8 +155,20 @@ def build_model_card(
         ),
         in_channels=_in_channels(config),
         layers_text=f" (decoder layers {layers})" if layers is not None else " (all decoder layers)",
-        results_text=results_text,
+        results_text=_results_table(eval_results),
     )
+
+
+def _results_table(eval_results: list[EvalResult] | None) -> str:
+    """The card's "Results" section: one Markdown row per result (empty without results)."""
+    if not eval_results:
+        return ""
+    rows = "\n".join(
+        f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name or r.metric_type} | "
+        + (f"{r.metric_value:.2f} |" if isinstance(r.metric_value, float) else f"{r.metric_value} |")
+        for r in eval_results
+    )
+    return f"\n## Results\n\n| dataset | split | metric | value |\n|---|---|---|---|\n{rows}\n"
 
 
 def _in_channels(config: Any) -> str:
