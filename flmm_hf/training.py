@@ -321,6 +321,9 @@ class FLMMTrainer(Trainer):
         start_factor = getattr(self.args, "warmup_start_factor", None)
         kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
         if self.lr_scheduler is None and start_factor is not None and kind == "cosine":
+            # The Trainer's own cosine scheduler first, for its bookkeeping (a scheduler it created is
+            # rebuilt on the next train()); then ours replaces it on the same optimizer.
+            super().create_scheduler(num_training_steps, optimizer)
             optimizer = optimizer if optimizer is not None else self.optimizer
             warmup = paper_warmup_steps(self.args, num_training_steps)
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -329,7 +332,6 @@ class FLMMTrainer(Trainer):
                     warmup_cosine_factor, warmup_steps=warmup, total_steps=num_training_steps, start_factor=start_factor
                 ),
             )
-            self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
