@@ -439,7 +439,7 @@ def test_yaml_and_command_line_override(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # ModelArguments: FLMMConfig's fields with FLMMConfig's types, defaults and help
 # ---------------------------------------------------------------------------------------------
-def test_model_arguments_take_type_default_and_help_from_flmm_config():
+def test_model_arguments_take_type_default_and_help_from_flmm_config(monkeypatch):
     import dataclasses
     import inspect
 
@@ -465,6 +465,7 @@ def test_model_arguments_take_type_default_and_help_from_flmm_config():
     reference = FLMMConfig()
     assert all(getattr(reference, k) == v for k, v in overrides.items())
     assert (defaults.sam_name_or_path, defaults.lmm_dtype, defaults.demo_pretrain_steps) == (reference.sam_name_or_path, "bfloat16", 400)
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps the help at the terminal's width
     help_text = HfArgumentParser((ModelArguments, DataArguments, FLMMTrainingArguments)).format_help()
     assert "Number of U-Net encoder stages" in help_text and "--demo_backbone_dir" in help_text
 
