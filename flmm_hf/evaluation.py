@@ -21,7 +21,8 @@ no padding, no duplicates), accumulates per-mask pixel counts
 (:class:`flmm_hf.metrics.MaskIoUAccumulator`) and the processes gather their counts once
 (``accelerate.utils.gather_object``). The gathered per-example counts are put back in dataset
 order before the metrics are computed, so any number of processes gives exactly the numbers of
-one process; a check fails loudly if an example is missing or counted twice.
+one process; a check fails loudly if an example is missing or counted twice. The same loop and
+gather (:func:`evaluate_dataset`) serve ``FLMMTrainer.evaluate`` during and after training.
 
 Python API::
 
@@ -36,6 +37,7 @@ Library-only: nothing here is needed by the Hub custom code. This module must no
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -43,7 +45,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -220,8 +222,12 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharded prediction and exact gathering
+# Sharded prediction and exact gathering (shared by evaluate.py and FLMMTrainer.evaluate)
 # ---------------------------------------------------------------------------------------------
+#: Example keys that are targets of the metrics, not inputs of the model (masks are both with a loss).
+TARGET_KEYS = ("masks", "isthing", "plural")
+
+
 def shard_indices(num_examples: int, process_index: int, num_processes: int) -> list[int]:
     """Index striding: process ``r`` of ``W`` takes ``r, r + W, ...`` (disjoint, covering, unpadded)."""
     return list(range(process_index, num_examples, num_processes))
@@ -253,17 +259,86 @@ class _IndexedCollator:
         return indices, self.collator([row for _, row in items])
 
 
-def make_collator(processor, use_sam: bool, sentence_field: str = "raw_sentences"):
-    """Evaluation collator: first sentence per ref, targets kept aside (not given to the model)."""
+def make_collator(processor, use_sam: bool, sentence_field: str = "raw_sentences", with_loss: bool = False):
+    """The evaluation collator: the first sentence of every ref, the targets in the batch.
+
+    Args:
+        processor: the ``FLMMProcessor``.
+        use_sam: also prepare SAM's inputs (``sam_pixel_values``).
+        sentence_field: ``"raw_sentences"`` or ``"sentences"``.
+        with_loss: the ground-truth ``masks`` go to the model too (which then returns its loss);
+            otherwise they are, like ``isthing`` / ``plural``, a target kept beside the model's inputs.
+    """
     from .data import FLMMCollator, FLMMTransform
 
     call = functools.partial(processor, return_sam_inputs=use_sam)
     return FLMMCollator(
         call,
         transform=FLMMTransform(train=False, sentence_field=sentence_field),
-        with_masks=False,
-        extra_keys=("masks", "isthing", "plural"),
+        with_masks=with_loss,
+        extra_keys=tuple(key for key in TARGET_KEYS if not (with_loss and key == "masks")),
     )
+
+
+@dataclass
+class MaskPrediction:
+    """One example's predicted masks (refined where the model refines, else coarse) and its targets."""
+
+    index: int  # position of the example in the evaluated dataset
+    masks: torch.Tensor  # [K, H, W] bool at the original image size, on the CPU
+    targets: torch.Tensor  # [K, H, W] bool, the ground truth, on the CPU
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside lists and tuples) moved to ``device``; anything else unchanged."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class _ShardScorer:
+    """Runs the model batch by batch over one process's shard and counts per-mask pixels per variant."""
+
+    def __init__(self, model, processor, threshold: float, with_loss: bool, keep_predictions: int,
+                 autocast: Callable[[], Any] | None) -> None:
+        self.model, self.processor, self.threshold, self.with_loss = model, processor, threshold, with_loss
+        self.keep_predictions, self.autocast = keep_predictions, autocast
+        self.use_sam = bool(model.config.use_sam)
+        self.accumulators = {v: MaskIoUAccumulator() for v in VARIANTS if self.use_sam or v == "coarse"}
+        self.payload: dict[str, Any] = {"index": [], "num_masks": [], "loss_sum": 0.0, "loss_batches": 0, "kept": []}
+
+    def add(self, batch_indices: Sequence[int], batch: dict[str, Any]) -> None:
+        """Score one collated batch (``batch_indices``: the examples' positions in the dataset)."""
+        given = ("masks",) if self.with_loss else ()  # the model's loss needs the masks too
+        targets = {key: batch[key] if key in given else batch.pop(key) for key in TARGET_KEYS}
+        inputs = _to_device(batch, self.model.device)
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            output = self.model(**inputs)
+        if output.loss is not None:
+            self.payload["loss_sum"] += float(output.loss)
+            self.payload["loss_batches"] += 1
+        sizes = inputs["original_sizes"].cpu()
+        logits = {"coarse": output.coarse_logits, "refined": output.refined_logits}
+        # resized, thresholded and counted where the logits are (the GPU in real runs)
+        predictions = {
+            variant: self.processor.post_process_masks([x.float() for x in logits[variant]], sizes, threshold=self.threshold)
+            for variant in self.accumulators
+        }
+        shown = "refined" if self.use_sam else "coarse"
+        for b, index in enumerate(batch_indices):
+            gt = targets["masks"][b]
+            for variant, accumulator in self.accumulators.items():
+                accumulator.add(predictions[variant][b], gt, isthing=targets["isthing"][b], plural=targets["plural"][b])
+            self.payload["index"].append(int(index))
+            self.payload["num_masks"].append(int(gt.shape[0]))
+            if index < self.keep_predictions:
+                self.payload["kept"].append(MaskPrediction(int(index), predictions[shown][b].cpu(), gt.cpu()))
+
+    def result(self) -> dict[str, Any]:
+        """The picklable payload (see :func:`predict_shard`)."""
+        return dict(self.payload, **{variant: acc.state_dict() for variant, acc in self.accumulators.items()})
 
 
 @torch.no_grad()
@@ -276,58 +351,52 @@ def predict_shard(
     num_workers: int = 0,
     sentence_field: str = "raw_sentences",
     threshold: float = 0.5,
+    with_loss: bool = False,
+    keep_predictions: int = 0,
+    autocast: Callable[[], Any] | None = None,
     progress: bool = False,
     description: str = "",
 ) -> dict[str, Any]:
     """Run the model on ``dataset[indices]`` and count per-mask pixels for each variant.
 
+    Args:
+        model: an ``FLMMForGrounding`` (inputs go to ``model.device``; it is put in eval mode and
+            back in training mode afterwards if it was).
+        processor: its ``FLMMProcessor`` (batches and ``post_process_masks``).
+        dataset / indices: the rows (RefCOCO or PNG layout) and which of them this process scores.
+        batch_size / num_workers: of the ``DataLoader``.
+        sentence_field / threshold: see :class:`EvaluationArguments`.
+        with_loss: give the model the ground-truth masks and sum its loss.
+        keep_predictions: keep the predicted masks of the examples with index below this.
+        autocast: a context-manager factory entered around every forward (the Trainer's autocast).
+        progress / description: a tqdm progress bar.
+
     Returns:
         A picklable payload: ``index`` (the global example indices, in processing order),
-        ``num_masks`` (masks per example) and one :meth:`MaskIoUAccumulator.state_dict` per
-        variant (``"coarse"`` and, with a refiner, ``"refined"``), masks in processing order.
+        ``num_masks`` (masks per example), one :meth:`MaskIoUAccumulator.state_dict` per variant
+        (``"coarse"`` and, with a refiner, ``"refined"``; masks in processing order),
+        ``loss_sum`` / ``loss_batches`` (batches that returned a loss) and ``kept`` (a list of
+        :class:`MaskPrediction`).
     """
     from tqdm.auto import tqdm
 
-    use_sam = getattr(model, "sam_refiner", None) is not None
-    device = next(model.mask_head.parameters()).device
     loader = torch.utils.data.DataLoader(
         _IndexedRows(dataset, indices),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_IndexedCollator(make_collator(processor, use_sam, sentence_field)),
+        collate_fn=_IndexedCollator(make_collator(processor, bool(model.config.use_sam), sentence_field, with_loss)),
     )
-    accumulators = {"coarse": MaskIoUAccumulator()}
-    if use_sam:
-        accumulators["refined"] = MaskIoUAccumulator()
-    order: list[int] = []
-    num_masks: list[int] = []
+    scorer = _ShardScorer(model, processor, threshold, with_loss, keep_predictions, autocast)
     was_training = model.training
     model.eval()
-    for batch_indices, batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
-        targets = {key: batch.pop(key) for key in ("masks", "isthing", "plural")}
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        output = model(**inputs)
-        sizes = inputs["original_sizes"].cpu()
-        logits = {"coarse": output.coarse_logits}
-        if use_sam:
-            logits["refined"] = output.refined_logits
-        # resized, thresholded and counted where the logits are (the GPU in real runs)
-        predictions = {
-            variant: processor.post_process_masks([x.float() for x in logits[variant]], sizes, threshold=threshold)
-            for variant in accumulators
-        }
-        for b, index in enumerate(batch_indices):
-            gt = targets["masks"][b]
-            for variant, accumulator in accumulators.items():
-                accumulator.add(predictions[variant][b], gt, isthing=targets["isthing"][b], plural=targets["plural"][b])
-            order.append(int(index))
-            num_masks.append(int(gt.shape[0]))
-    if was_training:
-        model.train()
-    payload: dict[str, Any] = {"index": order, "num_masks": num_masks}
-    payload.update({variant: accumulator.state_dict() for variant, accumulator in accumulators.items()})
-    return payload
+    try:
+        for batch_indices, batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
+            scorer.add(batch_indices, batch)
+    finally:
+        if was_training:
+            model.train()
+    return scorer.result()
 
 
 def merge_payloads(payloads: Sequence[dict[str, Any]], num_examples: int) -> dict[str, MaskIoUAccumulator]:
@@ -374,13 +443,67 @@ def process_state():
     return PartialState(cpu=cpu)
 
 
-def _gather(payload: dict[str, Any], state) -> list[dict[str, Any]]:
-    """One ``gather_object`` of every process's payload, in process order."""
-    if state.num_processes == 1:
+def gather_payloads(payload: dict[str, Any], num_processes: int) -> list[dict[str, Any]]:
+    """Every process's payload, in process order: one ``accelerate.utils.gather_object`` (which works
+    under ``accelerate launch``, ``torchrun`` and the Trainer's distributed set-up alike)."""
+    if num_processes == 1:
         return [payload]
     from accelerate.utils import gather_object
 
     return gather_object([payload])
+
+
+@dataclass
+class DatasetEvaluation:
+    """What :func:`evaluate_dataset` returns, the same on every process."""
+
+    accumulators: dict[str, MaskIoUAccumulator]  # per variant ("coarse", "refined"), masks in dataset order
+    num_examples: int
+    loss: float | None = None  # mean loss over all processes' batches (with_loss=True)
+    predictions: list[MaskPrediction] = field(default_factory=list)  # the first kept examples, dataset order
+
+
+def evaluate_dataset(
+    model,
+    processor,
+    dataset,
+    state: Any = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    sentence_field: str = "raw_sentences",
+    threshold: float = 0.5,
+    with_loss: bool = False,
+    keep_predictions: int = 0,
+    autocast: Callable[[], Any] | None = None,
+    progress: bool | None = None,
+    description: str = "",
+) -> DatasetEvaluation:
+    """Score ``dataset`` over all processes: each runs :func:`predict_shard` on its strided share,
+    the payloads are gathered once and merged in dataset order, so any number of processes gives
+    exactly the counts of one.
+
+    Args:
+        state: anything with ``process_index`` and ``num_processes``: an ``accelerate``
+            ``PartialState`` / ``Accelerator`` (default: :func:`process_state`).
+        progress: show a progress bar (default: on the main process).
+        Others: see :func:`predict_shard`.
+    """
+    state = state if state is not None else process_state()
+    num_examples = len(dataset)
+    payload = predict_shard(
+        model, processor, dataset, shard_indices(num_examples, state.process_index, state.num_processes),
+        batch_size=batch_size, num_workers=num_workers, sentence_field=sentence_field, threshold=threshold,
+        with_loss=with_loss, keep_predictions=keep_predictions, autocast=autocast,
+        progress=state.process_index == 0 if progress is None else progress, description=description,
+    )
+    payloads = gather_payloads(payload, state.num_processes)
+    batches = sum(p["loss_batches"] for p in payloads)
+    return DatasetEvaluation(
+        accumulators=merge_payloads(payloads, num_examples),
+        num_examples=num_examples,
+        loss=sum(p["loss_sum"] for p in payloads) / batches if batches else None,
+        predictions=sorted((kept for p in payloads for kept in p["kept"]), key=lambda kept: kept.index),
+    )
 
 
 def evaluate_task(
@@ -401,16 +524,13 @@ def evaluate_task(
         ``ar_plurals``, ``acc_50``, ``pixel_acc``); the private key ``"_ious"`` holds the per-mask
         IoUs per variant (dataset order) for plots.
     """
-    state = state if state is not None else process_state()
-    num_examples = len(task.dataset)
-    indices = shard_indices(num_examples, state.process_index, state.num_processes)
-    payload = predict_shard(
-        model, processor, task.dataset, indices,
+    evaluation = evaluate_dataset(
+        model, processor, task.dataset, state,
         batch_size=batch_size, num_workers=num_workers, sentence_field=sentence_field, threshold=threshold,
-        progress=state.is_main_process, description=task.name,
+        description=task.name,
     )
-    merged = merge_payloads(_gather(payload, state), num_examples)
-    result: dict[str, Any] = {"num_examples": num_examples, "num_masks": len(merged["coarse"])}
+    merged = evaluation.accumulators
+    result: dict[str, Any] = {"num_examples": evaluation.num_examples, "num_masks": len(merged["coarse"])}
     for variant in VARIANTS:
         if variant not in merged:
             continue

@@ -1,27 +1,40 @@
-"""Training with the Hugging Face `Trainer`: argument dataclasses, the F-LMM trainer, the paper's
-learning-rate schedule, data and model set-up, and the pieces of the offline demo.
+"""Training with the Hugging Face `Trainer`: argument dataclasses, config files, the paper's
+learning-rate schedule, the F-LMM trainer, data and model set-up, and :func:`run_training`.
 
 `train.py` stays thin (parse arguments, call :func:`run_training`); everything here is library code.
+The offline demo's own pieces (shapes data, demo backbone, baseline, overlay picture) are in
+:mod:`flmm_hf.demo`; evaluation runs the loop of :mod:`flmm_hf.evaluation`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from .configuration_flmm import FLMMConfig
+from .demo import (
+    build_demo_backbone_for,
+    demo_backbone_reference,
+    mean_mask_baseline,
+    save_prediction_overlay,
+    shapes_datasets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,41 +45,104 @@ LOGGED_PARTS = ("loss_mask", "loss_dice", "accuracy", "aiou", "sam_loss_mask", "
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class ModelArguments:
-    """Which frozen backbone and SAM to use, and the head's shape (see `FLMMConfig`)."""
+#: `FLMMConfig` fields that are training arguments; their type, default and help come from FLMMConfig.
+CONFIG_ARGUMENTS = (
+    "lmm_name_or_path", "lmm_revision", "use_sam", "sam_name_or_path", "sam_revision",
+    "attention_layers", "merge", "mask_head_channels", "mask_head_stages", "mode", "save_mode",
+)
+#: The config arguments that name the frozen parts (given to `FLMMForGrounding.from_lmm` as its own
+#: arguments); the others are the head's config overrides (:func:`head_config_overrides`).
+FROZEN_PART_ARGUMENTS = ("lmm_name_or_path", "lmm_revision", "sam_name_or_path", "sam_revision")
+#: What a config argument means for train.py beyond its FLMMConfig description.
+TRAINING_NOTES = {"lmm_name_or_path": "train.py: None trains on the offline demo's small LLaVA."}
 
-    lmm_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub id or folder of the frozen image-text-to-text model. None: the demo's small LLaVA."},
-    )
-    lmm_revision: str | None = field(default=None, metadata={"help": "Revision of lmm_name_or_path."})
-    lmm_dtype: str = field(
+# An `Args:` entry: `name (`type`, *optional*, defaults to ...):` (text may follow on the same line).
+_ARG_ENTRY = re.compile(r"^(?P<indent>\s*)(?P<name>\w+)\s*\((?P<spec>.*)\)\s*:(?P<rest>.*)$")
+
+
+def docstring_arguments(doc: str | None) -> dict[str, str]:
+    """The `Args:` section of a transformers-style docstring as `{name: description}`.
+
+    An entry is a line `name (`type`, *optional*, defaults to ...):` followed by lines indented
+    deeper; the description is their text joined by single spaces. The section ends at the first
+    non-blank line indented no deeper than `Args:` itself.
+    """
+    entries: dict[str, list[str]] = {}
+    section_indent = entry_indent = None
+    name = None
+    for line in inspect.cleandoc(doc or "").splitlines():
+        indent = len(line) - len(line.lstrip())
+        if section_indent is None:
+            if line.strip() in ("Args:", "Arguments:", "Parameters:"):
+                section_indent = indent
+            continue
+        if not line.strip():
+            continue
+        if indent <= section_indent:
+            break
+        match = _ARG_ENTRY.match(line)
+        if match and (entry_indent is None or indent <= entry_indent):
+            entry_indent, name = indent, match["name"]
+            entries[name] = [match["rest"].strip()]
+        elif name is not None:
+            entries[name].append(line.strip())
+    return {key: " ".join(part for part in parts if part) for key, parts in entries.items()}
+
+
+def config_argument_fields(
+    config_class: type = FLMMConfig, names: Sequence[str] = CONFIG_ARGUMENTS
+) -> list[tuple[str, Any, dataclasses.Field]]:
+    """`(name, type, field)` for each of `names`, taken from `config_class.__init__`'s signature
+    (type and default) and its docstring's `Args:` (help); for `dataclasses.make_dataclass`."""
+    parameters = inspect.signature(config_class.__init__, eval_str=True).parameters
+    docs = docstring_arguments(config_class.__doc__)
+    fields = []
+    for name in names:
+        if name not in parameters:
+            raise TypeError(f"{config_class.__name__} has no argument {name!r}")
+        parameter = parameters[name]
+        text = " ".join(t for t in (docs.get(name, ""), TRAINING_NOTES.get(name, "")) if t)
+        metadata = {"help": text.replace("%", "%%")}  # argparse formats help with %
+        default = None if parameter.default is inspect.Parameter.empty else parameter.default
+        if isinstance(default, (list, dict, set)):
+            spec = field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+        else:
+            spec = field(default=default, metadata=metadata)
+        fields.append((name, parameter.annotation, spec))
+    return fields
+
+
+# Arguments of train.py that are not FLMMConfig fields.
+_TRAINING_ONLY_FIELDS: list[tuple[str, Any, dataclasses.Field]] = [
+    ("lmm_dtype", str, field(
         default="bfloat16", metadata={"help": "dtype of the frozen LMM weights (paper: bfloat16): bfloat16, float16, float32."}
-    )
-    use_sam: bool = field(default=True, metadata={"help": "Refine the coarse masks with the SAM refiner."})
-    sam_name_or_path: str = field(default="facebook/sam-vit-large", metadata={"help": "SAM checkpoint (paper: ViT-L)."})
-    sam_revision: str | None = field(default=None, metadata={"help": "Revision of sam_name_or_path."})
-    attention_layers: list[int] | None = field(
-        default=None, metadata={"help": "Decoder layers whose attention feeds the head (default: all, the paper)."}
-    )
-    merge: str = field(default="mean", metadata={"help": "Merge of a phrase's token rows: mean (paper) or max."})
-    mask_head_channels: int = field(default=64, metadata={"help": "Width of the first U-Net stage (paper: 64)."})
-    mask_head_stages: int = field(default=4, metadata={"help": "U-Net encoder stages (paper: 4)."})
-    mode: str = field(default="reproduction", metadata={"help": "reproduction (original prompt + letterbox) or native."})
-    save_mode: str = field(default="adapter", metadata={"help": "adapter (trained weights only) or full."})
+    )),
     # The offline demo's backbone (used when lmm_name_or_path is None).
-    demo_image_size: int = field(default=224, metadata={"help": "Demo backbone: input size (px)."})
-    demo_patch_size: int = field(default=16, metadata={"help": "Demo backbone: patch size (grid = size // patch)."})
-    demo_pretrain_steps: int = field(default=400, metadata={"help": "Demo backbone: caption pre-training steps (0: random)."})
-    demo_pretrain_batch_size: int = field(default=16, metadata={"help": "Demo backbone: pre-training batch size."})
-    demo_pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Demo backbone: pre-training lr."})
-    demo_pretrain_max_seconds: float | None = field(
+    ("demo_image_size", int, field(default=224, metadata={"help": "Demo backbone: input size (px)."})),
+    ("demo_patch_size", int, field(default=16, metadata={"help": "Demo backbone: patch size (grid = size // patch)."})),
+    ("demo_pretrain_steps", int, field(
+        default=400, metadata={"help": "Demo backbone: caption pre-training steps (0: random)."}
+    )),
+    ("demo_pretrain_batch_size", int, field(default=16, metadata={"help": "Demo backbone: pre-training batch size."})),
+    ("demo_pretrain_learning_rate", float, field(default=1e-3, metadata={"help": "Demo backbone: pre-training lr."})),
+    ("demo_pretrain_max_seconds", float | None, field(
         default=None, metadata={"help": "Demo backbone: stop pre-training after this many seconds."}
-    )
-    demo_backbone_dir: str | None = field(
+    )),
+    ("demo_backbone_dir", str | None, field(
         default=None, metadata={"help": "Where the pre-trained demo backbone is cached (default: <output_dir>/backbone)."}
-    )
+    )),
+]
+
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    config_argument_fields() + _TRAINING_ONLY_FIELDS,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "Which frozen backbone and SAM to use and the head's shape (the `FLMMConfig` fields "
+        "named in `CONFIG_ARGUMENTS`, with FLMMConfig's types, defaults and help), the frozen LMM's dtype, "
+        "and the offline demo backbone's sizes and pre-training (`demo_*`).",
+    },
+)
 
 
 @dataclass
@@ -189,13 +265,22 @@ class FLMMTrainer(Trainer):
     """
     `Trainer` for `FLMMForGrounding`: logs every loss part (coarse BCE/Dice, refined BCE/Dice, pixel
     accuracy, IoU) averaged over the logging interval and all processes, uses the paper's schedule,
-    and evaluates referring segmentation (cIoU / mIoU) exactly: each process scores a disjoint
-    strided share of the eval set and the per-mask counts are gathered once.
+    and evaluates referring segmentation (cIoU / mIoU) exactly with the loop of `evaluate.py`
+    (:func:`flmm_hf.evaluation.evaluate_dataset`): each process scores a disjoint strided share of
+    the eval set and the per-mask counts are gathered once, in dataset order.
+
+    The processor (`processing_class`, an `FLMMProcessor`) batches the evaluation examples and
+    turns logits into masks.
 
     Args (beyond `Trainer`'s):
-        eval_collator: collator for evaluation (first sentence per ref); defaults to `data_collator`.
-        eval_processor: the `FLMMProcessor` (its `post_process_masks` turns logits into masks).
+        sentence_field: the rows' sentence column read in evaluation (first sentence per ref).
     """
+
+    def __init__(self, *args: Any, sentence_field: str = "raw_sentences", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sentence_field = sentence_field
+        self._part_sums: dict[str, float] = {}
+        self._part_count = 0
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The F-LMM model card (base model and revision, how to load, results kept), not the Trainer's generic one."""
@@ -205,15 +290,9 @@ class FLMMTrainer(Trainer):
             repo_id = self.args.hub_model_id if self.args.push_to_hub else None
             write_model_card(self.args.output_dir, self.model.config, repo_id=repo_id)
 
-    def __init__(self, *args: Any, eval_collator: Any = None, eval_processor: Any = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.eval_collator = eval_collator or self.data_collator
-        self.eval_processor = eval_processor
-        self._part_sums: dict[str, float] = {}
-        self._part_count = 0
-
     # ---- loss + logging of its parts ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss; in training, its parts (`LOGGED_PARTS`) are summed for :meth:`log`."""
         outputs = model(**inputs)
         loss = outputs.loss
         if model.training:
@@ -225,6 +304,7 @@ class FLMMTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """`Trainer.log`, plus the loss parts' means since the last training log (over all processes)."""
         if "loss" in logs and self._part_count:
             names = sorted(self._part_sums)
             local = torch.tensor([self._part_sums[n] / self._part_count for n in names], dtype=torch.float64)
@@ -236,9 +316,14 @@ class FLMMTrainer(Trainer):
 
     # ---- schedule ----
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The paper's warm-up + cosine (see :func:`warmup_cosine_factor`) when `warmup_start_factor`
+        is set and `lr_scheduler_type` is cosine; the Trainer's own schedule otherwise."""
         start_factor = getattr(self.args, "warmup_start_factor", None)
         kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
         if self.lr_scheduler is None and start_factor is not None and kind == "cosine":
+            # The Trainer's own cosine scheduler first, for its bookkeeping (a scheduler it created is
+            # rebuilt on the next train()); then ours replaces it on the same optimizer.
+            super().create_scheduler(num_training_steps, optimizer)
             optimizer = optimizer if optimizer is not None else self.optimizer
             warmup = paper_warmup_steps(self.args, num_training_steps)
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -247,97 +332,55 @@ class FLMMTrainer(Trainer):
                     warmup_cosine_factor, warmup_steps=warmup, total_steps=num_training_steps, start_factor=start_factor
                 ),
             )
-            self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
     # ---- evaluation ----
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        rank, world = self.args.process_index, self.args.world_size
-        share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-        return DataLoader(
-            share,
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=self.eval_collator,
-            num_workers=self.args.dataloader_num_workers,
-            shuffle=False,
-        )
-
-    @torch.no_grad()
-    def predict_masks(self, dataset: Dataset, limit: int | None = None) -> tuple[list, list, dict]:
-        """This process's share of `dataset`: predicted and ground-truth masks per example, and mean loss."""
-        from .metrics import MaskIoUAccumulator
-
-        model = self.model
-        was_training = model.training
-        model.eval()
-        predictions, targets = [], []
-        loss_sum, batches = 0.0, 0
-        accumulator, coarse_accumulator = MaskIoUAccumulator(), MaskIoUAccumulator()
-        for inputs in self._eval_loader(dataset):
-            inputs = self._prepare_inputs(inputs)
-            with self.autocast_smart_context_manager():
-                outputs = model(**inputs)
-            if outputs.loss is not None:
-                loss_sum += float(outputs.loss)
-                batches += 1
-            sizes = inputs["original_sizes"]
-            coarse = self.eval_processor.post_process_masks(outputs.coarse_logits, sizes)
-            refined = (
-                self.eval_processor.post_process_masks(outputs.refined_logits, sizes)
-                if outputs.refined_logits is not None
-                else coarse
-            )
-            for b, gt in enumerate(inputs["masks"]):
-                accumulator.add(refined[b].cpu(), gt.cpu())
-                coarse_accumulator.add(coarse[b].cpu(), gt.cpu())
-                if limit is None or len(predictions) < limit:
-                    predictions.append(refined[b].cpu())
-                    targets.append(gt.cpu())
-        if was_training:
-            model.train()
-        return predictions, targets, {
-            "loss_sum": loss_sum,
-            "batches": batches,
-            "counts": accumulator.state_dict(),
-            "coarse_counts": coarse_accumulator.state_dict(),
-        }
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        from .metrics import MaskIoUAccumulator
+        """Referring-segmentation metrics of `eval_dataset` (default: the trainer's); see
+        :meth:`evaluate_with_predictions`. `ignore_keys` is unused (no logits are returned)."""
+        metrics, _ = self.evaluate_with_predictions(eval_dataset, metric_key_prefix=metric_key_prefix)
+        return metrics
+
+    def evaluate_with_predictions(
+        self, eval_dataset=None, metric_key_prefix: str = "eval", keep_predictions: int = 0
+    ) -> tuple[dict[str, float], list]:
+        """Evaluate over all processes, log the metrics and call the `on_evaluate` callbacks.
+
+        Returns:
+            The metrics: `<prefix>_miou` / `<prefix>_ciou` (0-100) of the refined masks where the model
+            refines, else the coarse ones; `<prefix>_coarse_miou` / `_ciou` too when it refines;
+            `<prefix>_loss` (mean over batches), `<prefix>_samples` (the number of masks scored) and
+            `<prefix>_runtime` (s). And the predictions of the first `keep_predictions` examples of
+            the dataset (`flmm_hf.evaluation.MaskPrediction`, in dataset order, on every process).
+        """
+        from .evaluation import evaluate_dataset
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval dataset")
+        if self.processing_class is None:
+            raise ValueError("FLMMTrainer evaluates with its processing_class: pass the FLMMProcessor")
         start = time.time()
-        _, _, local = self.predict_masks(dataset, limit=0)
-        shares = [local]
-        if self.accelerator.num_processes > 1:
-            shares = gather_objects(local)
-        counts = MaskIoUAccumulator.merge([s["counts"] for s in shares])
-        coarse = MaskIoUAccumulator.merge([s["coarse_counts"] for s in shares])
-        batches = sum(s["batches"] for s in shares)
-        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in counts.compute_refer_seg().items()}
-        if self.model.sam_refiner is not None:
-            metrics.update({f"{metric_key_prefix}_coarse_{k}": float(v) for k, v in coarse.compute_refer_seg().items()})
-        if batches:
-            metrics[f"{metric_key_prefix}_loss"] = sum(s["loss_sum"] for s in shares) / batches
-        metrics[f"{metric_key_prefix}_samples"] = len(counts)
+        result = evaluate_dataset(
+            self.model, self.processing_class, dataset, self.accelerator,
+            batch_size=self.args.per_device_eval_batch_size, num_workers=self.args.dataloader_num_workers,
+            sentence_field=self.sentence_field, with_loss=True, keep_predictions=keep_predictions,
+            autocast=self.autocast_smart_context_manager,
+            progress=not self.args.disable_tqdm and self.is_world_process_zero(), description="evaluation",
+        )
+        shown = result.accumulators.get("refined", result.accumulators["coarse"])
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in shown.compute_refer_seg().items()}
+        if "refined" in result.accumulators:
+            coarse = result.accumulators["coarse"].compute_refer_seg()
+            metrics.update({f"{metric_key_prefix}_coarse_{k}": float(v) for k, v in coarse.items()})
+        if result.loss is not None:
+            metrics[f"{metric_key_prefix}_loss"] = result.loss
+        metrics[f"{metric_key_prefix}_samples"] = len(shown)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 3)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """`torch.distributed.all_gather_object` in process order (a one-element list without distribution)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+        return metrics, result.predictions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,33 +414,13 @@ def build_datasets(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     return train, evaluation
 
 
-def shapes_datasets(data_args: DataArguments):
-    """Shapes scenes in concat mode (one row per scene, all its objects): training and held-out."""
-    from .data import group_refs_by_image
-    from .shapes import make_shapes_dataset
-
-    train = make_shapes_dataset(data_args.shapes_train_scenes, seed=data_args.shapes_seed, image_size=data_args.shapes_image_size)
-    held_out = make_shapes_dataset(
-        data_args.shapes_eval_scenes,
-        seed=data_args.shapes_seed + 1,
-        image_size=data_args.shapes_image_size,
-        id_offset=10 * (data_args.shapes_train_scenes + 1),
-    )
-    train = group_refs_by_image(train, keep_in_memory=True)
-    held_out = group_refs_by_image(held_out, keep_in_memory=True)
-    if data_args.max_eval_samples is not None:
-        held_out = held_out.select(range(min(data_args.max_eval_samples, len(held_out))))
-    return train, held_out
-
-
-def build_collators(processor: Any, use_sam: bool, seed: int, sentence_field: str = "raw_sentences"):
-    """Training collator (random sentence per ref) and evaluation collator (first sentence)."""
+def build_train_collator(processor: Any, use_sam: bool, seed: int, sentence_field: str = "raw_sentences"):
+    """The training collator: a random (seeded, reproducible) sentence per ref, masks given to the model.
+    (Evaluation builds its own: :func:`flmm_hf.evaluation.make_collator`.)"""
     from .data import FLMMCollator, FLMMTransform
 
     call = functools.partial(processor, return_sam_inputs=use_sam)
-    train = FLMMCollator(call, transform=FLMMTransform(train=True, seed=seed, sentence_field=sentence_field))
-    evaluation = FLMMCollator(call, transform=FLMMTransform(train=False, sentence_field=sentence_field))
-    return train, evaluation
+    return FLMMCollator(call, transform=FLMMTransform(train=True, seed=seed, sentence_field=sentence_field))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,15 +430,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def head_config_overrides(model_args: ModelArguments) -> dict[str, Any]:
-    return {
-        "use_sam": model_args.use_sam,
-        "attention_layers": model_args.attention_layers,
-        "merge": model_args.merge,
-        "mask_head_channels": model_args.mask_head_channels,
-        "mask_head_stages": model_args.mask_head_stages,
-        "mode": model_args.mode,
-        "save_mode": model_args.save_mode,
-    }
+    """The `FLMMConfig` fields of `model_args` other than those naming the frozen parts
+    (`FROZEN_PART_ARGUMENTS`), as keyword arguments of `FLMMForGrounding.from_lmm`."""
+    return {name: getattr(model_args, name) for name in CONFIG_ARGUMENTS if name not in FROZEN_PART_ARGUMENTS}
 
 
 def build_model(model_args: ModelArguments, lmm: Any = None, sam: Any = None):
@@ -450,116 +467,15 @@ def build_processor(model_args: ModelArguments, lmm_processor: Any = None):
     return FLMMProcessor.from_pretrained(model_args.lmm_name_or_path, revision=model_args.lmm_revision, mode=model_args.mode)
 
 
-def build_demo_backbone_for(model_args: ModelArguments, train_dataset, output_dir: str):
-    """The demo's frozen LLaVA: loaded from its cache folder, or built + pre-trained on the training scenes."""
-    from .data import FLMMTransform
-    from .demo_backbone import DemoBackboneArguments, PretrainArguments, load_or_pretrain_demo_backbone
-
-    folder = model_args.demo_backbone_dir or os.path.join(output_dir, "backbone")
-    scenes, words = [], set()
-    if not (Path(folder) / "config.json").is_file():
-        transform = FLMMTransform(train=False)
-        for i in range(len(train_dataset)):
-            row = train_dataset[i]
-            words.update(s for per_ref in row["raw_sentences"] for s in per_ref)
-            example = transform.example(row)
-            expressions = [example["text"][s:e] for s, e in example["phrases"]]
-            scenes.append((example["image"], expressions, [m.numpy() for m in example["masks"]]))
-    return load_or_pretrain_demo_backbone(
-        folder,
-        scenes=scenes,
-        backbone_args=DemoBackboneArguments(image_size=model_args.demo_image_size, patch_size=model_args.demo_patch_size),
-        pretrain_args=PretrainArguments(
-            steps=model_args.demo_pretrain_steps,
-            batch_size=model_args.demo_pretrain_batch_size,
-            learning_rate=model_args.demo_pretrain_learning_rate,
-            max_seconds=model_args.demo_pretrain_max_seconds,
-            seed=0,
-        ),
-        words=sorted(words),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Demo extras: trivial baseline and overlay picture
-# ---------------------------------------------------------------------------------------------
-def _examples(dataset, sentence_field: str = "raw_sentences"):
-    from .data import FLMMTransform
-
-    transform = FLMMTransform(train=False, sentence_field=sentence_field)
-    for i in range(len(dataset)):
-        yield transform.example(dataset[i])
-
-
-def mean_mask_baseline(train_dataset, eval_dataset, size: int = 64) -> dict[str, float]:
-    """
-    The trivial baseline: every phrase gets the same mask, the mean training mask (in normalised
-    image coordinates) thresholded at the level that maximises the training mIoU. Returns mIoU/cIoU
-    on `eval_dataset`.
-    """
-    from .metrics import MaskIoUAccumulator
-
-    def normalised(masks: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(masks[:, None].float(), size=(size, size), mode="area")[:, 0]
-
-    train_masks = torch.cat([normalised(ex["masks"]) for ex in _examples(train_dataset)])
-    mean = train_masks.mean(0)
-    best, best_threshold = -1.0, 0.5
-    binary_train = train_masks > 0.5
-    for threshold in torch.linspace(0.02, 0.5, 25).tolist():
-        pred = mean > threshold
-        inter = (binary_train & pred).flatten(1).sum(1).float()
-        union = (binary_train | pred).flatten(1).sum(1).float()
-        miou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union)).mean().item()
-        if miou > best:
-            best, best_threshold = miou, threshold
-    accumulator = MaskIoUAccumulator()
-    for ex in _examples(eval_dataset):
-        gt = ex["masks"]
-        h, w = gt.shape[-2:]
-        prob = F.interpolate(mean[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        accumulator.add((prob > best_threshold)[None].expand(gt.shape[0], h, w).clone(), gt)
-    return accumulator.compute_refer_seg()
-
-
-PALETTE = [(255, 0, 0), (0, 200, 255), (255, 200, 0), (0, 255, 0), (255, 0, 255), (255, 128, 0)]
-
-
-def save_overlay(images: Sequence[Any], predictions: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                 path: str | os.PathLike, texts: Sequence[str] | None = None, columns: int = 4) -> None:
-    """Predicted masks blended over each image, ground-truth outlines in white; one tile per image."""
-    from PIL import Image, ImageDraw
-
-    tiles = []
-    for i, (image, pred, gt) in enumerate(zip(images, predictions, targets)):
-        base = np.asarray(image.convert("RGB")).astype(np.float32)
-        out = base.copy()
-        for k in range(pred.shape[0]):
-            colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-            m = pred[k].numpy()
-            out[m] = 0.45 * out[m] + 0.55 * colour
-            g = gt[k].numpy()
-            edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
-            out[edge] = 255
-        tile = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-        if texts is not None:
-            ImageDraw.Draw(tile).text((3, 3), texts[i][:60], fill=(255, 255, 255))
-        tiles.append(tile)
-    if not tiles:
-        return
-    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
-    rows = math.ceil(len(tiles) / columns)
-    canvas = Image.new("RGB", (w * min(columns, len(tiles)), h * rows), (0, 0, 0))
-    for i, tile in enumerate(tiles):
-        canvas.paste(tile, ((i % columns) * w, (i // columns) * h))
-    canvas.save(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 def setup_training(model_args: ModelArguments, data_args: DataArguments, training_args: FLMMTrainingArguments):
-    """Data, frozen backbone, model, processor and `FLMMTrainer`; returns (trainer, extras) without training."""
+    """Data, frozen backbone, model, processor and `FLMMTrainer`; returns (trainer, extras) without training.
+
+    `extras`: `demo` (whether this is the offline demo), `train_dataset`, `eval_dataset` and
+    `metrics` (the demo backbone's pre-training statistics, `backbone_*`).
+    """
     from transformers import set_seed
 
     if training_args.remove_unused_columns:
@@ -575,93 +491,83 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
         extras["metrics"].update({f"backbone_{k}": v for k, v in stats.items()})
         set_seed(training_args.seed)  # the head's initialisation must not depend on the backbone's cache state
         model, processor = build_model(model_args, lmm=lmm), build_processor(model_args, lmm_processor)
-        backbone = Path(model_args.demo_backbone_dir or os.path.join(training_args.output_dir, "backbone")).resolve()
-        output = Path(training_args.output_dir).resolve()
-        if backbone.is_relative_to(output):
-            # Recorded relative to the model folder, so the saved demo can be moved or copied.
-            model.config.lmm_name_or_path = backbone.relative_to(output).as_posix()
+        model.config.lmm_name_or_path = demo_backbone_reference(model_args, training_args.output_dir)
     else:
         model, processor = build_model(model_args), build_processor(model_args)
-    train_collator, eval_collator = build_collators(processor, model_args.use_sam, training_args.seed, data_args.sentence_field)
     trainer = FLMMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=train_collator,
-        eval_collator=eval_collator,
-        eval_processor=processor,
+        data_collator=build_train_collator(processor, model_args.use_sam, training_args.seed, data_args.sentence_field),
         processing_class=processor,
+        sentence_field=data_args.sentence_field,
     )
     return trainer, extras
 
 
+def _train(trainer: FLMMTrainer, extra_metrics: dict[str, Any]) -> dict[str, float]:
+    """Train (resuming if asked), save the model, metrics and state; the train metrics."""
+    resume = trainer.args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the last checkpoint-* in output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    metrics.update(extra_metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def _evaluate(trainer: FLMMTrainer, extras: dict[str, Any], sentence_field: str) -> dict[str, float]:
+    """Evaluate on the held-out set (the demo adds its baseline), save the metrics and draw the first
+    `overlay_examples` predictions into `predictions.png`; the eval metrics."""
+    eval_dataset = extras["eval_dataset"]
+    metrics, predictions = trainer.evaluate_with_predictions(keep_predictions=trainer.args.overlay_examples)
+    if extras["demo"] and trainer.is_world_process_zero():
+        baseline = mean_mask_baseline(extras["train_dataset"], eval_dataset)
+        metrics.update({f"eval_baseline_{k}": float(v) for k, v in baseline.items()})
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if predictions and trainer.is_world_process_zero():
+        save_prediction_overlay(eval_dataset, predictions, Path(trainer.args.output_dir) / "predictions.png", sentence_field)
+    return metrics
+
+
+def _report_demo(metrics: dict[str, float], seconds: float) -> None:
+    """The demo's result line: held-out IoU against the trivial baseline."""
+    logger.info(
+        "demo: held-out mIoU %.1f / cIoU %.1f  vs  mean-mask baseline mIoU %.1f / cIoU %.1f  (%.0f s in all)",
+        metrics["eval_miou"], metrics["eval_ciou"], metrics["eval_baseline_miou"], metrics["eval_baseline_ciou"], seconds,
+    )
+    print(
+        f"\nF-LMM demo on held-out shapes scenes: mIoU {metrics['eval_miou']:.1f}, cIoU {metrics['eval_ciou']:.1f}"
+        f"  |  trivial baseline (mean training mask): mIoU {metrics['eval_baseline_miou']:.1f},"
+        f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {seconds:.0f} s\n"
+    )
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, training_args: FLMMTrainingArguments) -> dict:
-    """Build data + model, train (resuming if asked), evaluate, save; the demo adds its baseline and picture."""
+    """Build data + model, train (resuming if asked), evaluate, save; the demo adds its baseline and picture.
+
+    Returns the train and eval metrics (`train_*`, `eval_*`; the demo adds `eval_baseline_*` and
+    `backbone_*`), as `all_results.json` holds them.
+    """
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
     t0 = time.time()
     trainer, extras = setup_training(model_args, data_args, training_args)
-    demo, train_dataset, eval_dataset = extras["demo"], extras["train_dataset"], extras["eval_dataset"]
-    extra_metrics = extras["metrics"]
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if isinstance(resume, str) and resume.lower() in ("true", "last"):
-            resume = True  # the last checkpoint-* in output_dir
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        train_metrics = dict(result.metrics)
-        train_metrics.update(extra_metrics)
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
-    if eval_dataset is not None and (training_args.do_eval or demo):
-        eval_metrics = trainer.evaluate()
-        if demo and trainer.is_world_process_zero():
-            baseline = mean_mask_baseline(train_dataset, eval_dataset)
-            eval_metrics.update({f"eval_baseline_{k}": float(v) for k, v in baseline.items()})
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-        if training_args.overlay_examples and trainer.is_world_process_zero():
-            n = min(training_args.overlay_examples, len(eval_dataset))
-            subset = torch.utils.data.Subset(eval_dataset, range(n))
-            preds, gts = local_predictions(trainer, subset)
-            examples = list(_examples(subset))
-            save_overlay([e["image"] for e in examples], preds, gts, Path(training_args.output_dir) / "predictions.png",
-                         texts=[e["text"] for e in examples])
-    if demo and trainer.is_world_process_zero() and "eval_miou" in metrics:
-        logger.info(
-            "demo: held-out mIoU %.1f / cIoU %.1f  vs  mean-mask baseline mIoU %.1f / cIoU %.1f  (%.0f s in all)",
-            metrics["eval_miou"], metrics["eval_ciou"], metrics["eval_baseline_miou"], metrics["eval_baseline_ciou"],
-            time.time() - t0,
-        )
-        print(
-            f"\nF-LMM demo on held-out shapes scenes: mIoU {metrics['eval_miou']:.1f}, cIoU {metrics['eval_ciou']:.1f}"
-            f"  |  trivial baseline (mean training mask): mIoU {metrics['eval_baseline_miou']:.1f},"
-            f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {time.time() - t0:.0f} s\n"
-        )
+        metrics.update(_train(trainer, extras["metrics"]))
+    if extras["eval_dataset"] is not None and (training_args.do_eval or extras["demo"]):
+        metrics.update(_evaluate(trainer, extras, data_args.sentence_field))
+    if extras["demo"] and trainer.is_world_process_zero() and "eval_miou" in metrics:
+        _report_demo(metrics, time.time() - t0)
     if training_args.push_to_hub:
         trainer.push_to_hub()  # every process calls it (saving may be collective); rank 0 uploads
     return metrics
-
-
-def local_predictions(trainer: FLMMTrainer, dataset) -> tuple[list, list]:
-    """Predicted and ground-truth masks of `dataset` in this process alone (for the overlay picture)."""
-    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.eval_collator)
-    model = trainer.model
-    model.eval()
-    preds, gts = [], []
-    with torch.no_grad():
-        for inputs in loader:
-            inputs = trainer._prepare_inputs(inputs)
-            outputs = model(**inputs)
-            logits = outputs.refined_logits if outputs.refined_logits is not None else outputs.coarse_logits
-            masks = trainer.eval_processor.post_process_masks(logits, inputs["original_sizes"])
-            preds += [m.cpu() for m in masks]
-            gts += [g.cpu() for g in inputs["masks"]]
-    return preds, gts

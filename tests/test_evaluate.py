@@ -1,4 +1,5 @@
-"""evaluate.py and flmm_hf.evaluation end to end on the real fixtures (issue 6, acceptance 2-4).
+"""evaluate.py and flmm_hf.evaluation end to end on the real fixtures: the script name, sharding and
+gathering, both protocols, every benchmark and metric, the CLI over two processes.
 
 Datasets are built by the real builders (dataset_scripts/) from the fixture annotations; the
 model is the tiny LLaVA-1.5-shaped LMM + tiny SAM of test_modeling.py.
@@ -187,6 +188,33 @@ def test_shards_cover_once_and_merge_in_dataset_order():
         merge_payloads(payloads + [payloads[0]], n)  # duplicates
     with pytest.raises(RuntimeError, match="exactly once"):
         merge_payloads(payloads[:2], n)  # a missing shard
+
+
+def test_shards_of_the_model_loop_merge_to_the_one_process_run(model, processor, data):
+    """predict_shard on the two shares of 2 processes, merged, gives exactly the one-process counts
+    (batch 1 in both, so every forward is the same); the first predictions are kept in dataset order;
+    the loss only comes when the model is given the masks (with_loss)."""
+    from types import SimpleNamespace
+
+    from flmm_hf.evaluation import evaluate_dataset, predict_shard
+
+    rows = prepare_res_split(load_dataset(str(data["refcoco_val"]), split="val"), "concat", cache_dir=str(data["cache"]))
+    one = evaluate_dataset(model, processor, rows, SimpleNamespace(process_index=0, num_processes=1),
+                           with_loss=True, keep_predictions=2)
+    shards = [predict_shard(model, processor, rows, shard_indices(len(rows), r, 2), keep_predictions=2) for r in range(2)]
+    merged = merge_payloads(shards, len(rows))
+    assert set(merged) == set(one.accumulators) == {"coarse", "refined"}
+    for variant in merged:
+        np.testing.assert_array_equal(merged[variant].state_dict()["intersection"], one.accumulators[variant].state_dict()["intersection"])
+        np.testing.assert_array_equal(merged[variant].ious, one.accumulators[variant].ious)
+    assert len(one.accumulators["coarse"]) == 7 and one.num_examples == 3  # 3 images, 7 refs
+    assert one.loss is not None and math.isfinite(one.loss)
+    assert all(shard["loss_batches"] == 0 for shard in shards)
+    kept = sorted((p for shard in shards for p in shard["kept"]), key=lambda p: p.index)
+    assert [p.index for p in one.predictions] == [p.index for p in kept] == [0, 1]
+    for ours, theirs in zip(one.predictions, kept):
+        assert torch.equal(ours.masks, theirs.masks) and torch.equal(ours.targets, theirs.targets)
+        assert ours.masks.dtype == torch.bool and ours.masks.shape == ours.targets.shape
 
 
 def test_protocols_concat_and_per_sentence(data):

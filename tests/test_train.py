@@ -59,19 +59,44 @@ def _head(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The demo config, shortened, end to end: train, save, load the saved folder, predict
+# The demo config, shortened, end to end: train, save, evaluate, draw, load the saved folder, predict
 # ---------------------------------------------------------------------------------------------
-def test_demo_end_to_end(tmp_path):
+def _held_out(out: Path, extra: list[str] = ()):
+    """The held-out shapes scenes the shortened demo evaluates on (rebuilt from the same arguments)."""
+    from flmm_hf.demo import shapes_datasets
+    from flmm_hf.training import parse_arguments
+
+    _, data_args, _ = parse_arguments(["--output_dir", str(out)] + TINY_DEMO + list(extra), default_config=CONFIGS / "demo.yaml")
+    return shapes_datasets(data_args)[1]
+
+
+def _independent_metrics(model, processor, rows) -> tuple[dict[str, float], int]:
+    """cIoU / mIoU of `model` on `rows`, one batch, computed here without the evaluation loop."""
+    from flmm_hf.data import FLMMTransform
+    from flmm_hf.metrics import refer_seg_metrics
+
+    examples = [FLMMTransform(train=False).example(rows[i]) for i in range(len(rows))]
+    inputs = processor(images=[e["image"] for e in examples], texts=[e["text"] for e in examples],
+                       phrases=[e["phrases"] for e in examples], return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs)
+    logits = output.refined_logits if model.config.use_sam else output.coarse_logits
+    predictions = torch.cat(processor.post_process_masks(logits, inputs["original_sizes"]))
+    targets = torch.cat([e["masks"] for e in examples])
+    return refer_seg_metrics(predictions, targets), len(targets)
+
+
+def test_demo_trains_and_reports_the_held_out_metrics_of_its_saved_model(tmp_path):
     from train import main
 
     out = tmp_path / "demo"
     metrics = main(["--output_dir", str(out)] + TINY_DEMO + ["--max_steps", "3", "--overlay_examples", "2"])
-    for key in ("eval_miou", "eval_ciou", "eval_baseline_miou", "eval_baseline_ciou", "train_loss"):
+    for key in ("eval_miou", "eval_ciou", "eval_loss", "eval_samples", "eval_baseline_miou", "eval_baseline_ciou",
+                "train_loss"):
         assert key in metrics and math.isfinite(metrics[key]), key
+    assert "eval_coarse_miou" not in metrics  # the demo has no refiner: its coarse masks are the reported ones
     results = json.loads((out / "all_results.json").read_text())
-    for key in ("eval_miou", "eval_ciou", "eval_baseline_miou"):
-        assert 0.0 <= results[key] <= 100.0
-    assert (out / "predictions.png").is_file()
+    assert {k: results[k] for k in metrics} == pytest.approx(metrics)
     assert (out / "backbone" / "config.json").is_file()  # the cached frozen backbone
     saved = _head(out)
     assert saved and not any(k.startswith("lmm.") for k in saved), "the frozen LMM must not be saved in adapter mode"
@@ -79,15 +104,17 @@ def test_demo_end_to_end(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "loss" in h]
     assert logged and all("loss_mask" in h and "loss_dice" in h for h in logged)
-
-    # Load the saved folder and predict.
+    # the overlay: the first 2 held-out scenes (64 px each) side by side
     from PIL import Image
 
+    with Image.open(out / "predictions.png") as picture:
+        assert picture.size == (2 * 64, 64)
+
+    # Load the saved folder: the folder records its backbone relative to itself, so a moved copy loads too.
     from flmm_hf import FLMMForGrounding, FLMMProcessor
     from flmm_hf.shapes import generate_scene
     import numpy as np
 
-    # the folder records its backbone relative to itself, so a moved copy loads too
     assert json.loads((out / "config.json").read_text())["lmm_name_or_path"] == "backbone"
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
@@ -96,6 +123,13 @@ def test_demo_end_to_end(tmp_path):
     processor = FLMMProcessor.from_pretrained(moved)
     for name, value in saved.items():
         torch.testing.assert_close(model.state_dict()[name], value)
+    # The reported held-out metrics are those of the saved model, recomputed here on the same scenes
+    # in the same single batch (per_device_eval_batch_size 4 = all 4 scenes).
+    expected, num_masks = _independent_metrics(model, processor, _held_out(out))
+    assert metrics["eval_samples"] == num_masks
+    assert metrics["eval_miou"] == pytest.approx(expected["miou"], abs=1e-6)
+    assert metrics["eval_ciou"] == pytest.approx(expected["ciou"], abs=1e-6)
+
     image, objects = generate_scene(np.random.default_rng(123), image_size=64)
     text = ". ".join(f"the {o['colour']} {o['shape']}" for o in objects) + "."
     phrases = [f"the {o['colour']} {o['shape']}" for o in objects]
@@ -104,8 +138,32 @@ def test_demo_end_to_end(tmp_path):
     assert isinstance(image, Image.Image)
 
 
+def test_demo_backbone_pretraining_lowers_the_caption_loss():
+    """A few steps of the demo backbone's caption pre-training on tiny sizes: the loss falls."""
+    import numpy as np
+
+    from flmm_hf.demo_backbone import DemoBackboneArguments, PretrainArguments, build_demo_backbone, pretrain_demo_backbone
+    from flmm_hf.shapes import generate_scene
+
+    rng = np.random.default_rng(0)
+    scenes = []
+    for _ in range(8):
+        image, objects = generate_scene(rng, image_size=32)
+        scenes.append((image, [f"the {o['colour']} {o['shape']}" for o in objects], [o["mask"] for o in objects]))
+    sizes = DemoBackboneArguments(image_size=32, patch_size=16, vision_hidden_size=32, text_hidden_size=32, text_layers=2)
+    model, processor = build_demo_backbone(sizes, seed=0)
+    stats = pretrain_demo_backbone(
+        model, processor, scenes, PretrainArguments(steps=30, batch_size=8, learning_rate=1e-2, warmup_steps=3, seed=0)
+    )
+    assert stats["pretrain_steps"] == 30
+    # the mean of the last 20 steps' losses against the first step's
+    assert stats["pretrain_final_loss"] < 0.7 * stats["pretrain_first_loss"], stats
+    assert not model.training and not any(p.requires_grad for p in model.parameters())  # frozen afterwards
+
+
 # ---------------------------------------------------------------------------------------------
-# 2. Two processes (torchrun, gloo on CPU): both ranks train, the saved heads are equal
+# Two processes (torchrun, gloo on CPU): both ranks train, the saved heads are equal, evaluation
+# gathers both shares and gives the numbers of one process
 # ---------------------------------------------------------------------------------------------
 DRIVER = textwrap.dedent(
     """
@@ -139,9 +197,11 @@ DRIVER = textwrap.dedent(
         os.remove(os.path.join(trainer.args.output_dir, "README.md"))  # save_model wrote one already
     trainer.create_model_card()  # what push_to_hub writes before uploading
     if report:
+        metrics, kept = trainer.evaluate_with_predictions(keep_predictions=3)  # every rank takes part
         rank = trainer.args.process_index
         head = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items() if not k.startswith("lmm.")}
-        torch.save({"world_size": trainer.args.world_size, "batches": seen, "head": head}, f"{report}.rank{rank}.pt")
+        torch.save({"world_size": trainer.args.world_size, "batches": seen, "head": head, "metrics": metrics,
+                    "kept": [(p.index, p.masks, p.targets) for p in kept]}, f"{report}.rank{rank}.pt")
     """
 )
 
@@ -152,7 +212,7 @@ def _driver(tmp_path: Path) -> Path:
     return path
 
 
-def test_two_processes_torchrun(tmp_path):
+def test_two_processes_train_one_head_and_evaluate_as_one_process(tmp_path):
     driver = _driver(tmp_path)
     out = tmp_path / "ddp"
     report = tmp_path / "report"
@@ -181,9 +241,36 @@ def test_two_processes_torchrun(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "trust_remote_code=True" in card.text
 
+    # Trainer evaluation over 2 processes (2 + 2 held-out scenes): every rank reports the gathered
+    # metrics and the first 3 predictions in dataset order; one process on the saved folder gives the
+    # same counts, and metrics equal up to float rounding (batches of 2 there, of 4 here).
+    from types import SimpleNamespace
+
+    from flmm_hf import FLMMForGrounding, FLMMProcessor
+    from flmm_hf.evaluation import evaluate_dataset
+
+    assert ranks[0]["metrics"].keys() == ranks[1]["metrics"].keys()
+    assert {k: v for k, v in ranks[0]["metrics"].items() if k != "eval_runtime"} == {
+        k: v for k, v in ranks[1]["metrics"].items() if k != "eval_runtime"}
+    assert [index for index, _, _ in ranks[0]["kept"]] == [0, 1, 2]
+    held_out = _held_out(out)
+    single = evaluate_dataset(
+        FLMMForGrounding.from_pretrained(out).eval(), FLMMProcessor.from_pretrained(out), held_out,
+        SimpleNamespace(process_index=0, num_processes=1), batch_size=4, with_loss=True, keep_predictions=3,
+    )
+    coarse = single.accumulators["coarse"]
+    assert ranks[0]["metrics"]["eval_samples"] == len(coarse) == sum(len(r) for r in held_out["ref_ids"])
+    for key, value in coarse.compute_refer_seg().items():
+        assert ranks[0]["metrics"][f"eval_{key}"] == pytest.approx(value, abs=1e-4), key
+    # eval_loss is the mean of per-batch mean losses, so it depends on how the scenes are batched
+    assert ranks[0]["metrics"]["eval_loss"] == pytest.approx(single.loss, rel=2e-2)
+    for (index, masks, targets), kept in zip(ranks[0]["kept"], single.predictions):
+        assert index == kept.index and torch.equal(targets, kept.targets)
+        assert (masks != kept.masks).float().mean() < 1e-3
+
 
 # ---------------------------------------------------------------------------------------------
-# 3. Kill after step 2's checkpoint, resume, and end where an uninterrupted run ends
+# Kill after step 2's checkpoint, resume, and end where an uninterrupted run ends
 # ---------------------------------------------------------------------------------------------
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     driver = _driver(tmp_path)
@@ -212,7 +299,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Backbone YAMLs: parse, the paper's hyper-parameters, and a tiny same-architecture model
+# Backbone YAMLs: parse, the paper's hyper-parameters, and a tiny same-architecture model
 # ---------------------------------------------------------------------------------------------
 # model_type each Hub repo resolves to (checked against transformers' model docs).
 BACKBONES = {
@@ -295,13 +382,14 @@ def test_backbone_yaml(name, tmp_path):
                                                  iou_head_hidden_dim=16),
     )
     model = build_model(model_args, lmm=lmm, sam=sam)
-    assert model.config.use_sam and model.sam_refiner is not None
+    assert model.config.use_sam
     assert model.config.mask_head_in_channels == model.config.num_grids * len(model.config.selected_layers) * (
         lmm.config.get_text_config(decoder=True).num_attention_heads
     )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any(n.startswith("lmm.") for n in trainable)
-    assert not any(n.startswith("sam_refiner.vision_encoder.") for n in trainable)
+    assert not any("vision_encoder." in n for n in trainable)  # SAM's image encoder stays frozen
+    assert any("mask_decoder." in n for n in trainable)  # its mask decoder trains
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,3 +434,59 @@ def test_yaml_and_command_line_override(tmp_path):
     assert args.learning_rate == 2e-4 and not model_args.use_sam and model_args.attention_layers == [1, 3]
     model_args, data_args, args = parse_arguments(["--output_dir", str(tmp_path)], default_config=CONFIGS / "demo.yaml")
     assert model_args.lmm_name_or_path is None and data_args.train_datasets is None
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelArguments: FLMMConfig's fields with FLMMConfig's types, defaults and help
+# ---------------------------------------------------------------------------------------------
+def test_model_arguments_take_type_default_and_help_from_flmm_config(monkeypatch):
+    import dataclasses
+    import inspect
+
+    from transformers import HfArgumentParser
+
+    from flmm_hf.configuration_flmm import FLMMConfig
+    from flmm_hf.training import (
+        CONFIG_ARGUMENTS, FROZEN_PART_ARGUMENTS, DataArguments, FLMMTrainingArguments, ModelArguments,
+        docstring_arguments, head_config_overrides,
+    )
+
+    parameters = inspect.signature(FLMMConfig.__init__, eval_str=True).parameters
+    docs = docstring_arguments(FLMMConfig.__doc__)
+    fields = {f.name: f for f in dataclasses.fields(ModelArguments)}
+    for name in CONFIG_ARGUMENTS:
+        assert fields[name].type == parameters[name].annotation, name
+        assert fields[name].default == parameters[name].default, name
+        assert len(docs[name]) > 10 and fields[name].metadata["help"].startswith(docs[name].replace("%", "%%")), name
+    # the defaults build FLMMConfig's defaults; the frozen parts are named apart
+    defaults = ModelArguments()
+    overrides = head_config_overrides(defaults)
+    assert set(overrides) == set(CONFIG_ARGUMENTS) - set(FROZEN_PART_ARGUMENTS)
+    reference = FLMMConfig()
+    assert all(getattr(reference, k) == v for k, v in overrides.items())
+    assert (defaults.sam_name_or_path, defaults.lmm_dtype, defaults.demo_pretrain_steps) == (reference.sam_name_or_path, "bfloat16", 400)
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps the help at the terminal's width
+    help_text = HfArgumentParser((ModelArguments, DataArguments, FLMMTrainingArguments)).format_help()
+    assert "Number of U-Net encoder stages" in help_text and "--demo_backbone_dir" in help_text
+
+
+def test_docstring_arguments_parses_reworded_entries():
+    from flmm_hf.training import docstring_arguments
+
+    doc = """Summary line.
+
+        Args:
+            alpha (`int`, *optional*, defaults to 3): The first
+                value, 50% of it (see `beta`):
+
+                still alpha.
+            beta (`dict` or `PreTrainedConfig`, *optional*, defaults to `{"a": (1, 2)}`):
+                Beta, e.g. `f(x)`.
+        Returns:
+            gamma (`int`): not an argument.
+        """
+    assert docstring_arguments(doc) == {
+        "alpha": "The first value, 50% of it (see `beta`): still alpha.",
+        "beta": "Beta, e.g. `f(x)`.",
+    }
+    assert docstring_arguments("No arguments here.") == {}

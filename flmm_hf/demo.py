@@ -1,0 +1,195 @@
+"""The offline demo around training: its data, its frozen backbone, its baseline and its picture.
+
+`python train.py` with no argument trains F-LMM's head on a synthetic shapes set
+(:mod:`flmm_hf.shapes`) over a small LLaVA built from configs and pre-trained on captions of the
+training scenes (:mod:`flmm_hf.demo_backbone`), then compares the held-out IoU with a trivial
+baseline. This module joins those pieces to the training arguments, and draws predictions over
+their images (``predictions.png``, written for real runs too).
+
+Library-only module (not part of the Hub custom code).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .evaluation import MaskPrediction
+    from .training import DataArguments, ModelArguments
+
+#: Colours of the predicted masks in the overlay picture, one per phrase of an image.
+PALETTE = [(255, 0, 0), (0, 200, 255), (255, 200, 0), (0, 255, 0), (255, 0, 255), (255, 128, 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def shapes_datasets(data_args: DataArguments):
+    """The shapes scenes in concat mode (one row per scene, all its objects): training and held-out.
+
+    The held-out scenes are drawn with seed ``shapes_seed + 1`` and ids after the training ones;
+    ``max_eval_samples`` truncates them.
+    """
+    from .data import group_refs_by_image
+    from .shapes import make_shapes_dataset
+
+    train = make_shapes_dataset(data_args.shapes_train_scenes, seed=data_args.shapes_seed, image_size=data_args.shapes_image_size)
+    held_out = make_shapes_dataset(
+        data_args.shapes_eval_scenes,
+        seed=data_args.shapes_seed + 1,
+        image_size=data_args.shapes_image_size,
+        id_offset=10 * (data_args.shapes_train_scenes + 1),
+    )
+    train = group_refs_by_image(train, keep_in_memory=True)
+    held_out = group_refs_by_image(held_out, keep_in_memory=True)
+    if data_args.max_eval_samples is not None:
+        held_out = held_out.select(range(min(data_args.max_eval_samples, len(held_out))))
+    return train, held_out
+
+
+def _examples(dataset, sentence_field: str = "raw_sentences") -> Iterator[dict[str, Any]]:
+    """The evaluation view of every row (first sentence per ref): image, text, phrases, masks."""
+    from .data import FLMMTransform
+
+    transform = FLMMTransform(train=False, sentence_field=sentence_field)
+    for i in range(len(dataset)):
+        yield transform.example(dataset[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen backbone
+# ---------------------------------------------------------------------------------------------
+def demo_backbone_folder(model_args: ModelArguments, output_dir: str | os.PathLike) -> Path:
+    """Where the demo backbone is cached: ``demo_backbone_dir``, else ``<output_dir>/backbone``."""
+    return Path(model_args.demo_backbone_dir or os.path.join(output_dir, "backbone"))
+
+
+def build_demo_backbone_for(model_args: ModelArguments, train_dataset, output_dir: str | os.PathLike):
+    """The demo's frozen LLaVA: loaded from its cache folder, or built and pre-trained on captions of
+    the training scenes (``demo_pretrain_steps`` steps; 0 gives a random frozen backbone) and saved there.
+
+    Returns:
+        ``(model, LlavaProcessor, stats)``; ``stats`` holds the pre-training's steps, time and losses.
+    """
+    from .data import FLMMTransform
+    from .demo_backbone import DemoBackboneArguments, PretrainArguments, load_or_pretrain_demo_backbone
+
+    folder = demo_backbone_folder(model_args, output_dir)
+    scenes, words = [], set()
+    if not (folder / "config.json").is_file():
+        transform = FLMMTransform(train=False)
+        for i in range(len(train_dataset)):
+            row = train_dataset[i]
+            words.update(s for per_ref in row["raw_sentences"] for s in per_ref)
+            example = transform.example(row)
+            expressions = [example["text"][s:e] for s, e in example["phrases"]]
+            scenes.append((example["image"], expressions, [m.numpy() for m in example["masks"]]))
+    return load_or_pretrain_demo_backbone(
+        folder,
+        scenes=scenes,
+        backbone_args=DemoBackboneArguments(image_size=model_args.demo_image_size, patch_size=model_args.demo_patch_size),
+        pretrain_args=PretrainArguments(
+            steps=model_args.demo_pretrain_steps,
+            batch_size=model_args.demo_pretrain_batch_size,
+            learning_rate=model_args.demo_pretrain_learning_rate,
+            max_seconds=model_args.demo_pretrain_max_seconds,
+            seed=0,
+        ),
+        words=sorted(words),
+    )
+
+
+def demo_backbone_reference(model_args: ModelArguments, output_dir: str | os.PathLike) -> str:
+    """The backbone's name for the saved F-LMM config: relative to the model folder when the cache
+    lies inside it (so that the saved demo can be moved or copied), else the absolute folder."""
+    backbone = demo_backbone_folder(model_args, output_dir).resolve()
+    output = Path(output_dir).resolve()
+    return backbone.relative_to(output).as_posix() if backbone.is_relative_to(output) else str(backbone)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trivial baseline
+# ---------------------------------------------------------------------------------------------
+def mean_mask_baseline(train_dataset, eval_dataset, size: int = 64) -> dict[str, float]:
+    """
+    The trivial baseline: every phrase gets the same mask, the mean training mask (in normalised
+    image coordinates) thresholded at the level that maximises the training mIoU. Returns mIoU/cIoU
+    (0-100) on `eval_dataset`.
+    """
+    from .metrics import MaskIoUAccumulator
+
+    def normalised(masks: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(masks[:, None].float(), size=(size, size), mode="area")[:, 0]
+
+    train_masks = torch.cat([normalised(ex["masks"]) for ex in _examples(train_dataset)])
+    mean = train_masks.mean(0)
+    best, best_threshold = -1.0, 0.5
+    binary_train = train_masks > 0.5
+    for threshold in torch.linspace(0.02, 0.5, 25).tolist():
+        pred = mean > threshold
+        inter = (binary_train & pred).flatten(1).sum(1).float()
+        union = (binary_train | pred).flatten(1).sum(1).float()
+        miou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union)).mean().item()
+        if miou > best:
+            best, best_threshold = miou, threshold
+    accumulator = MaskIoUAccumulator()
+    for ex in _examples(eval_dataset):
+        gt = ex["masks"]
+        h, w = gt.shape[-2:]
+        prob = F.interpolate(mean[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        accumulator.add((prob > best_threshold)[None].expand(gt.shape[0], h, w).clone(), gt)
+    return accumulator.compute_refer_seg()
+
+
+# ---------------------------------------------------------------------------------------------
+# The overlay picture
+# ---------------------------------------------------------------------------------------------
+def save_overlay(images: Sequence[Any], predictions: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                 path: str | os.PathLike, texts: Sequence[str] | None = None, columns: int = 4) -> None:
+    """Predicted masks (``[K, H, W]`` bool per image) blended over each image in `PALETTE` colours,
+    ground-truth outlines in white, the text (if given) in the corner; one tile per image, `columns`
+    tiles per row. Nothing is written when there is no image."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for i, (image, pred, gt) in enumerate(zip(images, predictions, targets)):
+        base = np.asarray(image.convert("RGB")).astype(np.float32)
+        out = base.copy()
+        for k in range(pred.shape[0]):
+            colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+            m = pred[k].numpy()
+            out[m] = 0.45 * out[m] + 0.55 * colour
+            g = gt[k].numpy()
+            edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
+            out[edge] = 255
+        tile = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+        if texts is not None:
+            ImageDraw.Draw(tile).text((3, 3), texts[i][:60], fill=(255, 255, 255))
+        tiles.append(tile)
+    if not tiles:
+        return
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = math.ceil(len(tiles) / columns)
+    canvas = Image.new("RGB", (w * min(columns, len(tiles)), h * rows), (0, 0, 0))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, ((i % columns) * w, (i // columns) * h))
+    canvas.save(path)
+
+
+def save_prediction_overlay(dataset, predictions: Sequence[MaskPrediction], path: str | os.PathLike,
+                            sentence_field: str = "raw_sentences") -> None:
+    """:func:`save_overlay` of evaluation predictions (``flmm_hf.evaluation.MaskPrediction``, as
+    ``FLMMTrainer.evaluate_with_predictions`` keeps them) over their rows of `dataset`."""
+    from .data import FLMMTransform
+
+    transform = FLMMTransform(train=False, sentence_field=sentence_field)
+    examples = [transform.example(dataset[p.index]) for p in predictions]
+    save_overlay([e["image"] for e in examples], [p.masks for p in predictions], [p.targets for p in predictions],
+                 path, texts=[e["text"] for e in examples])
