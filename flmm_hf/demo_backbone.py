@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 
-# Vicuna-style template of LLaVA-1.5, which the reproduction-mode prompt follows (method.md 2).
+# Vicuna-style template of LLaVA-1.5, which the reproduction-mode prompt follows.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "

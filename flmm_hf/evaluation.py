@@ -1,4 +1,4 @@
-"""Benchmark evaluation of an F-LMM model (method.md section 5): the logic behind ``evaluate.py``.
+"""Benchmark evaluation of an F-LMM model (RefCOCO/+/g RES and PNG): the logic behind ``evaluate.py``.
 
 - Referring expression segmentation (RES): RefCOCO val/testA/testB, RefCOCO+ val/testA/testB,
   RefCOCOg (umd) val/test; cIoU and mIoU (gIoU). Two protocols, both reportable:

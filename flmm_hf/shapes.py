@@ -1,4 +1,4 @@
-"""A synthetic referring-segmentation set for the offline demo (design.md, "The offline demo").
+"""A synthetic referring-segmentation set for the offline demo.
 
 Each scene is a plain background with a few coloured circles, squares and triangles that do not
 overlap; each object is one "ref" with referring expressions such as ``"the red circle"``,

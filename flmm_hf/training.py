@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .configuration_flmm import FLMMConfig
+from .modeling_flmm import FLMMOutput
 from .demo import (
     build_demo_backbone_for,
     demo_backbone_reference,
@@ -38,8 +39,10 @@ from .demo import (
 
 logger = logging.getLogger(__name__)
 
-# Loss parts and metrics of FLMMOutput that are averaged over the logging interval.
-LOGGED_PARTS = ("loss_mask", "loss_dice", "accuracy", "aiou", "sam_loss_mask", "sam_loss_dice", "sam_accuracy", "sam_aiou")
+# Loss parts and metrics of FLMMOutput (its scalar fields but the total loss), averaged over the logging interval.
+LOGGED_PARTS = tuple(
+    f.name for f in dataclasses.fields(FLMMOutput) if f.name not in ("loss", "coarse_logits", "refined_logits")
+)
 
 
 # ---------------------------------------------------------------------------------------------
