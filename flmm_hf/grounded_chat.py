@@ -29,7 +29,7 @@ import torch
 
 from .attention_capture import AttentionCapture
 from .image_layout import example_image_inputs
-from .processing_flmm import NON_IMAGE_KEYS, FLMMProcessor, sam_preprocess, to_rgb
+from .processing_flmm import NON_IMAGE_KEYS, FLMMProcessor, match_phrases, sam_preprocess, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def generate_with_attention(
         # Beam search reorders the cache between steps: the captured rows would mix beams.
         raise ValueError("chat() supports greedy decoding and sampling, not beam search (num_beams must be 1)")
 
-    inputs = processor(images=[image], texts=None, prompt=question, return_sam_inputs=return_sam_inputs)
+    inputs = processor(images=[image], texts=None, question=question, return_sam_inputs=return_sam_inputs)
     device = _lmm_device(model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     lmm_inputs = {k: v for k, v in inputs.items() if k not in NON_IMAGE_KEYS or k in ("input_ids", "attention_mask")}
@@ -300,43 +300,23 @@ def find_phrases(
     text: str, phrases: Sequence[str | tuple[int, int]]
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """
-    Character spans of explicit `phrases` in `text`, and the phrases that are not there.
+    Character spans of explicit `phrases` in the LMM's answer `text`, and the phrases that are not there.
 
-    A string is searched after the previous phrase first (repeated words resolve in reading order),
-    then anywhere, then case-insensitively. A `(start, end)` pair is taken as a span of `text`.
-    Leading/trailing whitespace is excluded from the spans.
+    The phrases are placed by `match_phrases(text, phrases, lenient=True)` (see its rules: a string is
+    stripped and searched after the previous phrase, then anywhere, then case-insensitively; spans are
+    trimmed of whitespace). A phrase that is not there is reported, not raised: a string as given, a span
+    as its text and offsets.
     """
     spans: list[tuple[int, int]] = []
     missing: list[str] = []
-    cursor = 0
-    lower = text.lower()
-    for phrase in phrases:
-        if isinstance(phrase, str):
-            needle = phrase.strip()
-            if not needle:
-                raise ValueError("empty phrase")
-            start = text.find(needle, cursor)
-            if start < 0:
-                start = text.find(needle)
-            if start < 0:
-                start = lower.find(needle.lower(), cursor)
-                if start < 0:
-                    start = lower.find(needle.lower())
-            if start < 0:
-                missing.append(phrase)
-                continue
-            end = start + len(needle)
+    for phrase, match in zip(phrases, match_phrases(text, phrases, lenient=True)):
+        if match.span is not None:
+            spans.append(match.span)
+        elif isinstance(phrase, str):
+            missing.append(phrase)
         else:
             start, end = (int(v) for v in phrase)
-            if not (0 <= start < end <= len(text)) or not text[start:end].strip():
-                missing.append(f"{text[max(start, 0):max(end, 0)]!r} at span ({start}, {end})")
-                continue
-            while text[start].isspace():
-                start += 1
-            while text[end - 1].isspace():
-                end -= 1
-        spans.append((start, end))
-        cursor = end
+            missing.append(f"{text[max(start, 0):max(end, 0)]!r} at span ({start}, {end})")
     return spans, missing
 
 

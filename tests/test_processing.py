@@ -248,15 +248,18 @@ def test_masks_are_returned_at_original_size(llava, cats):
     assert len(out["masks"]) == 1
     assert out["masks"][0].dtype == torch.bool and out["masks"][0].shape == (2, 480, 640)
     assert int(out["masks"][0].sum()) == 100
-    listed = llava(cats, "a white bear and a kid.", ["white bear", "kid"], masks=[list(masks)], return_sam_inputs=False)
+    # one image: a list of K HxW masks is the same; a list of images: one mask entry per image
+    listed = llava(cats, "a white bear and a kid.", ["white bear", "kid"], masks=list(masks), return_sam_inputs=False)
     assert torch.equal(listed["masks"][0], out["masks"][0])
+    batched = llava([cats], ["a white bear and a kid."], [["white bear", "kid"]], masks=[list(masks)], return_sam_inputs=False)
+    assert torch.equal(batched["masks"][0], out["masks"][0])
 
 
 def test_prompt_only_for_generation(llava, cats):
     out = llava(cats, return_sam_inputs=False)
     assert (out["phrase_ids"] == -1).all()
     assert llava.decode(out["input_ids"][0][-5:]).endswith("ASSISTANT:")
-    custom = llava(cats, prompt="What is the kid holding?", return_sam_inputs=False)
+    custom = llava(cats, question="What is the kid holding?", return_sam_inputs=False)
     assert "What is the kid holding?" in llava.decode(custom["input_ids"][0])
 
 
