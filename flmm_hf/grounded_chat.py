@@ -309,7 +309,8 @@ def find_phrases(
     """
     spans: list[tuple[int, int]] = []
     missing: list[str] = []
-    for phrase, match in zip(phrases, match_phrases(text, phrases, lenient=True)):
+    matches = match_phrases(text, phrases, lenient=True)  # a str for `phrases` is refused here
+    for phrase, match in zip(phrases, matches):
         if match.span is not None:
             spans.append(match.span)
         elif isinstance(phrase, str):
@@ -534,7 +535,7 @@ def select_phrases(
         `(spans, missing, selector_used, selector_reply)`.
     """
     if phrases is not None:
-        spans, missing = find_phrases(text, list(phrases))
+        spans, missing = find_phrases(text, phrases)
         if missing and on_missing == "raise":
             raise PhraseNotFoundError(missing, text)
         return spans, missing, "explicit", None

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 from .image_layout import FAMILIES, Family, get_family
 
@@ -173,6 +174,7 @@ def match_phrases(text: str, phrases: Sequence[PhraseSpec], lenient: bool = Fals
     """
     if isinstance(phrases, str):
         raise TypeError(f"phrases must be a list of phrases, got the str {phrases!r}: pass [{phrases!r}]")
+    phrases = list(phrases)
     for k, phrase in enumerate(phrases):
         if isinstance(phrase, str):
             if not phrase.strip():
@@ -245,8 +247,6 @@ def processor_model_types(processor_class: str) -> list[str]:
 
     Read from transformers' `PROCESSOR_MAPPING_NAMES` (`model_type -> processor class name`).
     """
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
     return [mt for mt, name in PROCESSOR_MAPPING_NAMES.items() if name == processor_class and mt in FAMILIES]
 
 
@@ -464,27 +464,22 @@ class FLMMProcessor:
     ) -> BatchFeature:
         """Build a padded batch of model inputs.
 
-        The shape of `texts`, `phrases` and `masks` follows `images`, and is never guessed:
-
-        - `images` one image: `texts` one `str` (or None), `phrases` one flat list of phrases
-          for that image, `masks` one `[K, H, W]` array/tensor or a list of K HxW masks;
-        - `images` a list: `texts`, `phrases` and `masks` lists with one entry per image (each
-          entry as above).
-
-        Anything else (a `str` for `phrases`, a phrase list that is not a list, a nested phrase
-        list for one image, a flat one for a list of images, mismatched lengths) raises a
-        `TypeError`/`ValueError` that names the argument.
+        The shapes of `texts`, `phrases` and `masks` follow `images` and are never guessed:
+        `images` one image -> `texts` one `str` (or None), `phrases` one flat list of phrases for
+        it, `masks` one `[K, H, W]` array/tensor or a list of K HxW masks; `images` a list ->
+        `texts`, `phrases`, `masks` lists with one such entry per image. Anything else (a `str`
+        for `phrases`, a nested phrase list for one image, a flat one for a list of images,
+        mismatched lengths) raises a `TypeError`/`ValueError` that names the argument.
 
         Args:
             images: one image or a list (PIL, or uint8 numpy arrays); non-RGB modes are converted
                 (alpha composited on the mean colour, see `to_rgb`).
             texts: the answer text(s), appended after the assistant prompt. `None`: prompt only
                 (for generation); then `phrases` and `masks` must be `None` too.
-            phrases: the grounded phrases of each answer, each a substring of it or a
-                `(start, end)` character span (placed by `match_phrases`: a substring is searched
-                from the end of the previous phrase).
-            masks: optional, the phrases' boolean masks at the original image size (K = number
-                of phrases of that image).
+            phrases: the grounded phrases of each answer: substrings of it or `(start, end)`
+                character spans (placed by `match_phrases`; a substring is searched from the end
+                of the previous phrase).
+            masks: optional boolean masks at the original image size, one per phrase.
             question: the user question, replacing `self.question` for this call.
             return_sam_inputs: also return `sam_pixel_values` [B, 3, 1024, 1024].
             max_length: cut each sequence to at most this many tokens; a `ValueError` is raised if
@@ -495,8 +490,8 @@ class FLMMProcessor:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
             index), the backbone's image inputs (`pixel_values`, ...), `original_sizes` [B, 2]
             (H, W), `canvas_sizes` [B, 2], `content_boxes` [B, 4] (top, left, bottom, right) in
-            the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of BoolTensor
-            [K_b, H_b, W_b]) when masks are given.
+            the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of
+            BoolTensor [K_b, H_b, W_b]) when masks are given.
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
@@ -543,9 +538,8 @@ class FLMMProcessor:
         examples = []
         for b, (answer, example_phrases) in enumerate(zip(texts, phrases)):
             sep = self._separator(prompt, answer)
-            examples.append(
-                _Text(answer, prompt + sep + answer, len(prompt) + len(sep), resolve_phrase_spans(answer, example_phrases, b))
-            )
+            spans = resolve_phrase_spans(answer, example_phrases, example=b)
+            examples.append(_Text(answer, prompt + sep + answer, len(prompt) + len(sep), spans))
         return examples
 
     def _place_phrase_ids(

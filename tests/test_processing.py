@@ -331,34 +331,40 @@ def test_bad_inputs(llava, cats):
         FLMMProcessor(llava.processor, mode="fancy")
 
 
+BEAR = "a white bear."
+MASK = np.zeros((1, 480, 640), bool)
+
+
 @pytest.mark.parametrize(
-    "call, error, message",
+    "images, kwargs, error, message",
     [
         # one image: one str, one flat phrase list, one mask stack
-        (lambda p, im: p(im, "a white bear.", "white bear"), TypeError, r"phrases must be a list of phrases, got the str 'white bear'.*pass \['white bear'\]"),
-        (lambda p, im: p(im, "a white bear.", (2, 12)), TypeError, r"phrases must be a list of phrases, got the single span \(2, 12\)"),
-        (lambda p, im: p(im, "a white bear.", [["white bear"]]), TypeError, r"phrases must be a flat list.*images=\[image"),
-        (lambda p, im: p(im, ["a white bear."], ["white bear"]), TypeError, "images is one image, so texts must be one str"),
-        (lambda p, im: p(im, "a white bear.", ["white bear"], masks=[np.zeros((1, 480, 640), bool)]), TypeError,
+        ("one", dict(texts=BEAR, phrases="white bear"), TypeError,
+         r"phrases must be a list of phrases, got the str 'white bear'.*pass \['white bear'\]"),
+        ("one", dict(texts=BEAR, phrases=(2, 12)), TypeError, r"phrases must be a list of phrases, got the single span"),
+        ("one", dict(texts=BEAR, phrases=[["white bear"]]), TypeError, r"phrases must be a flat list.*images=\[image"),
+        ("one", dict(texts=BEAR, phrases={"white bear"}), TypeError, "phrases must be a list of phrases"),
+        ("one", dict(texts=[BEAR], phrases=["white bear"]), TypeError, "images is one image, so texts must be one str"),
+        ("one", dict(texts=BEAR, phrases=["white bear"], masks=[MASK]), TypeError,
          r"images is one image, so masks must be one \[K, H, W\]"),
-        (lambda p, im: p(im, "a white bear.", {"white bear"}), TypeError, "phrases must be a list of phrases"),
+        ("one", dict(phrases=["bear"]), ValueError, "need the answer texts"),
         # a list of images: one entry per image in every argument
-        (lambda p, im: p([im], ["a white bear."], ["white bear"]), TypeError, r"phrases\[0\] must be a list of phrases, got the str"),
-        (lambda p, im: p([im], ["a white bear."], [(2, 12)]), TypeError, r"phrases\[0\] must be a list of phrases, got the single span"),
-        (lambda p, im: p([im], ["a white bear."], [[["white bear"]]]), TypeError, r"phrases\[0\] must be a flat list"),
-        (lambda p, im: p([im], "a white bear.", [["white bear"]]), TypeError, "images is a list, so texts must be a list"),
-        (lambda p, im: p([im, im], ["a bear.", "a bear."], [["bear"]]), ValueError, "got 2 images, 1 phrases"),
-        (lambda p, im: p([im], ["a white bear."], [["white bear"]], masks=np.zeros((1, 1, 480, 640), bool)), TypeError,
+        ("list", dict(texts=[BEAR], phrases=["white bear"]), TypeError, r"phrases\[0\] must be a list of phrases, got the str"),
+        ("list", dict(texts=[BEAR], phrases=[(2, 12)]), TypeError, r"phrases\[0\] must be a list of phrases, got the single"),
+        ("list", dict(texts=[BEAR], phrases=[[["white bear"]]]), TypeError, r"phrases\[0\] must be a flat list"),
+        ("list", dict(texts=BEAR, phrases=[["white bear"]]), TypeError, "images is a list, so texts must be a list"),
+        ("list", dict(texts=[BEAR], phrases=[["white bear"]], masks=MASK[None]), TypeError,
          "images is a list, so masks must be a list"),
-        (lambda p, im: p([im], ["a bear."], [["bear"]], masks=[]), ValueError, "got 1 images, 0 masks"),
-        (lambda p, im: p([], ["a bear."]), ValueError, "images is empty"),
-        (lambda p, im: p([im], [3]), TypeError, r"texts\[0\] must be a str"),
-        (lambda p, im: p(im, phrases=["bear"]), ValueError, "need the answer texts"),
+        ("list", dict(texts=[BEAR], phrases=[["white bear"]], masks=[]), ValueError, "got 1 images, 0 masks"),
+        ("list", dict(texts=[BEAR, BEAR], phrases=[["bear"]]), ValueError, "got 1 images, 2 texts"),
+        ("list", dict(texts=[3]), TypeError, r"texts\[0\] must be a str"),
+        ("none", dict(texts=[BEAR]), ValueError, "images is empty"),
     ],
 )
-def test_input_shapes_follow_images_and_are_never_guessed(llava, cats, call, error, message):
+def test_input_shapes_follow_images_and_are_never_guessed(llava, cats, images, kwargs, error, message):
+    images = {"one": cats, "list": [cats], "none": []}[images]
     with pytest.raises(error, match=message):
-        call(llava, cats)
+        llava(images, return_sam_inputs=False, **kwargs)
 
 
 def test_one_image_and_a_batch_of_one_give_the_same_inputs(llava, cats):
