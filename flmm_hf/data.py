@@ -11,7 +11,7 @@ The transform (:class:`FLMMTransform`) turns one row into the processor's per-ex
 Row kinds (detected from the columns):
 
 - PNG row (``caption`` + ``segments``): the answer is the caption; every segment with
-  ``segment_ids`` is a phrase (method.md section 2).
+  ``segment_ids`` is a phrase.
 - RefCOCO row grouped by image (``ref_ids``, see :func:`group_refs_by_image`): the reference
   "concat" prompt: the expressions of all refs of the image, each followed by ``"."``,
   joined by a space (``"man texting. guy on right."``), as the original tokenises each
@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .datasets_io import rle_feature, rle_to_mask
+from .processing_flmm import match_phrases
 
 EXAMPLE_KEYS = ("image", "text", "phrases", "masks", "plural", "isthing", "image_id")
 
@@ -160,15 +161,6 @@ def _decode_masks(rles: Sequence[dict], height: int, width: int) -> torch.Tensor
     return torch.from_numpy(np.stack(masks))
 
 
-def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
-    """Shrink [start, end) so that it neither starts nor ends with whitespace."""
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
-
 def build_concat_answer(expressions: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
     """``["a b", "c"]`` -> ``("a b. c.", [(0, 3), (5, 6)])``: each expression followed by ``.``."""
     parts, spans, pos = [], [], 0
@@ -260,17 +252,23 @@ class FLMMTransform:
 
     def _png_example(self, row: dict, image) -> dict:
         caption = row["caption"]
-        phrases, rles, plural, isthing = [], [], [], []
+        spans, rles, plural, isthing = [], [], [], []
         for seg in row["segments"]:
             if not seg["segment_ids"]:
                 continue
             start, end = int(seg["start"]), int(seg["end"])
             if caption[start:end] != seg["utterance"]:
                 raise ValueError(f"segment span {start}:{end} does not index {seg['utterance']!r}")
-            phrases.append(list(_strip_span(caption, start, end)))
+            spans.append((start, end))
             rles.append(seg["mask"])
             plural.append(bool(seg["plural"]))
             isthing.append(bool(seg["isthing"]))
+        # the processor's own phrase rules: spans trimmed of surrounding whitespace
+        phrases = []
+        for match in match_phrases(caption, spans):
+            if match.span is None:
+                raise ValueError(f"image {row['image_id']}: segment {match.problem}")
+            phrases.append(list(match.span))
         return {
             "image": image,
             "text": caption,

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .attention_capture import AttentionCapture
-from .processing_flmm import FLMMProcessor, backbone_image_inputs, backbone_inputs, sam_preprocess, to_rgb
+from .processing_flmm import FLMMProcessor, backbone_image_inputs, backbone_inputs, match_phrases, sam_preprocess, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -174,24 +174,15 @@ def generate_with_attention(
         A [`GeneratedAnswer`].
     """
     processor = model.resolve_processor(processor)
-    if generate_kwargs.get("use_cache") is False:
-        raise ValueError("chat() reads the attention of each new token from the KV-cache decoding steps: use_cache must stay True")
-    for key in ("return_dict_in_generate", "output_hidden_states", "output_attentions", "num_return_sequences"):
-        if key in generate_kwargs:
-            raise ValueError(f"chat() sets {key!r} itself; do not pass it")
-    if generate_kwargs.get("num_beams", 1) != 1:
-        # Beam search reorders the cache between steps: the captured rows would mix beams.
-        raise ValueError("chat() supports greedy decoding and sampling, not beam search (num_beams must be 1)")
-
-    inputs = processor(images=[image], texts=None, prompt=question, return_sam_inputs=return_sam_inputs)
+    _check_capture_kwargs(generate_kwargs)
+    inputs = processor(images=[image], texts=None, question=question, return_sam_inputs=return_sam_inputs)
     device = _lmm_device(model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     lmm_inputs = backbone_inputs(inputs)
     prompt_ids = inputs["input_ids"]
     prompt_length = prompt_ids.shape[1]
 
-    kwargs = dict(generate_kwargs)
-    kwargs.setdefault("do_sample", False)
+    kwargs = _decoding_kwargs(model, processor.tokenizer, generate_kwargs)
     if "max_new_tokens" in kwargs:
         max_new = int(kwargs.pop("max_new_tokens"))
     elif "max_length" in kwargs:
@@ -200,13 +191,7 @@ def generate_with_attention(
         max_new = DEFAULT_MAX_NEW_TOKENS
     if max_new < 1:
         raise ValueError(f"the answer may have {max_new} new tokens; ask for at least one")
-    # The image placeholder must never be generated: the layout reads image tokens off input_ids.
-    suppress = list(kwargs.pop("suppress_tokens", None) or [])
-    kwargs["suppress_tokens"] = sorted(set(suppress) | {model.image_token_id})
     tokenizer = processor.tokenizer
-    if kwargs.get("pad_token_id") is None and getattr(model.lmm.generation_config, "pad_token_id", None) is None:
-        # Silences generate's "Setting pad_token_id to eos_token_id" warning (batch of one: no padding).
-        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     image_mask = prompt_ids == model.image_token_id
     with AttentionCapture(
@@ -235,6 +220,30 @@ def generate_with_attention(
     return GeneratedAnswer(
         text=text, token_ids=generated, token_spans=spans, attentions=rows, hidden_states=hidden_states, inputs=inputs
     )
+
+
+def _check_capture_kwargs(generate_kwargs: dict[str, Any]) -> None:
+    """Refuse `generate` arguments under which the captured rows would be wrong or missing."""
+    if generate_kwargs.get("use_cache") is False:
+        raise ValueError("chat() reads the attention of each new token from the KV-cache decoding steps: use_cache must stay True")
+    for key in ("return_dict_in_generate", "output_hidden_states", "output_attentions", "num_return_sequences"):
+        if key in generate_kwargs:
+            raise ValueError(f"chat() sets {key!r} itself; do not pass it")
+    if generate_kwargs.get("num_beams", 1) != 1:
+        # Beam search reorders the cache between steps: the captured rows would mix beams.
+        raise ValueError("chat() supports greedy decoding and sampling, not beam search (num_beams must be 1)")
+
+
+def _decoding_kwargs(model: Any, tokenizer: Any, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate_kwargs` with F-LMM's defaults: greedy, the image placeholder never generated, a pad token."""
+    kwargs = dict(generate_kwargs)
+    kwargs.setdefault("do_sample", False)
+    # The image placeholder must never be generated: the layout reads image tokens off input_ids.
+    kwargs["suppress_tokens"] = sorted(set(kwargs.get("suppress_tokens") or []) | {model.image_token_id})
+    if kwargs.get("pad_token_id") is None and getattr(model.lmm.generation_config, "pad_token_id", None) is None:
+        # Silences generate's "Setting pad_token_id to eos_token_id" warning (batch of one: no padding).
+        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return kwargs
 
 
 def _pad_last(rows: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,43 +299,24 @@ def find_phrases(
     text: str, phrases: Sequence[str | tuple[int, int]]
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """
-    Character spans of explicit `phrases` in `text`, and the phrases that are not there.
+    Character spans of explicit `phrases` in the LMM's answer `text`, and the phrases that are not there.
 
-    A string is searched after the previous phrase first (repeated words resolve in reading order),
-    then anywhere, then case-insensitively. A `(start, end)` pair is taken as a span of `text`.
-    Leading/trailing whitespace is excluded from the spans.
+    The phrases are placed by `match_phrases(text, phrases, lenient=True)` (see its rules: a string is
+    stripped and searched after the previous phrase, then anywhere, then case-insensitively; spans are
+    trimmed of whitespace). A phrase that is not there is reported, not raised: a string as given, a span
+    as its text and offsets.
     """
     spans: list[tuple[int, int]] = []
     missing: list[str] = []
-    cursor = 0
-    lower = text.lower()
-    for phrase in phrases:
-        if isinstance(phrase, str):
-            needle = phrase.strip()
-            if not needle:
-                raise ValueError("empty phrase")
-            start = text.find(needle, cursor)
-            if start < 0:
-                start = text.find(needle)
-            if start < 0:
-                start = lower.find(needle.lower(), cursor)
-                if start < 0:
-                    start = lower.find(needle.lower())
-            if start < 0:
-                missing.append(phrase)
-                continue
-            end = start + len(needle)
+    matches = match_phrases(text, phrases, lenient=True)  # a str for `phrases` is refused here
+    for phrase, match in zip(phrases, matches):
+        if match.span is not None:
+            spans.append(match.span)
+        elif isinstance(phrase, str):
+            missing.append(phrase)
         else:
             start, end = (int(v) for v in phrase)
-            if not (0 <= start < end <= len(text)) or not text[start:end].strip():
-                missing.append(f"{text[max(start, 0):max(end, 0)]!r} at span ({start}, {end})")
-                continue
-            while text[start].isspace():
-                start += 1
-            while text[end - 1].isspace():
-                end -= 1
-        spans.append((start, end))
-        cursor = end
+            missing.append(f"{text[max(start, 0):max(end, 0)]!r} at span ({start}, {end})")
     return spans, missing
 
 
@@ -437,13 +427,9 @@ def generate_text(
     )
     device = _lmm_device(model)
     encoded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.items()}
-    kwargs = dict(generate_kwargs)
-    kwargs.setdefault("do_sample", False)
-    kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    kwargs["suppress_tokens"] = sorted(set(kwargs.get("suppress_tokens") or []) | {model.image_token_id})
     tokenizer = processor.tokenizer
-    if kwargs.get("pad_token_id") is None and getattr(model.lmm.generation_config, "pad_token_id", None) is None:
-        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = _decoding_kwargs(model, tokenizer, generate_kwargs)
+    kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     sequences = model.lmm.generate(**encoded, **kwargs)
     new_tokens = sequences[0, encoded["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
@@ -535,7 +521,7 @@ def select_phrases(
         `(spans, missing, selector_used, selector_reply)`.
     """
     if phrases is not None:
-        spans, missing = find_phrases(text, list(phrases))
+        spans, missing = find_phrases(text, phrases)
         if missing and on_missing == "raise":
             raise PhraseNotFoundError(missing, text)
         return spans, missing, "explicit", None

@@ -1,42 +1,46 @@
-"""Where the image tokens of each backbone family sit, arranged in image geometry.
+"""Where the image tokens of each backbone family sit, and the one registry of backbone families.
 
 F-LMM reads attention from text tokens to image tokens and reshapes the image axis to the
-image's spatial grid (method.md 3.2-3.3). Every backbone family lays its image tokens out
-differently, so each family gets one small adapter (an :class:`ImageLayout`) that answers,
-for one example:
+image's spatial grid. Every backbone family lays its image tokens out differently, so each
+family gets one small adapter (an :class:`ImageLayout`) that answers, for one example:
 
 * ``grids(input_ids, image_inputs)`` -> a list of ``num_grids`` LongTensors ``[h_g, w_g]``
   holding the SEQUENCE POSITIONS of the image tokens, row-major in image geometry
   (``grid[r, c]`` is the position of the token that looks at row ``r``, column ``c``);
 * ``num_grids``: constant per backbone config, so the mask head's input width is fixed;
 * ``main_grid``: the index of the grid whose size every grid is resized to by
-  :meth:`ImageLayout.merge` / :func:`merge_grids` (channels are concatenated in grid order).
+  :meth:`ImageLayout.stack` / :func:`stack_grids` (channels are concatenated in grid order).
 
-Image tokens are ``input_ids == config.image_token_id`` (``image_token_index`` in older
-configs; for Gemma3 it is the id of the MODEL config, not the processor's boi token).
+Image tokens are ``input_ids == image_token_id(config)`` (``image_token_id``, or
+``image_token_index`` in older configs; for Gemma3 it is the id of the MODEL config, not the
+processor's boi token).
 
 Grid -> original image. Every grid of every family spans the whole *canvas* the LMM saw
 (``canvas_sizes`` in the processor output: the letterboxed square in reproduction mode, the
-original image for native dynamic-resolution processors): cell ``(r, c)`` of an ``h x w`` grid
-covers ``[r * H / h, (r + 1) * H / h) x [c * W / w, (c + 1) * W / w)`` of a canvas ``H x W``
-(:func:`cell_box`, :func:`cell_at`). This holds because the tiles of the tiled families
-partition the resized image, the global / thumbnail / base views are the whole image resized,
-and the dynamic-resolution families resize the whole image (to multiples of their patch size,
-so the mapping is exact up to that rounding; LLaVA-NeXT's un-padded grid is exact up to the
-one-cell rounding of ``unpad_image``).
+original image for dynamic-resolution processors): cell ``(r, c)`` of an ``h x w`` grid covers
+``[r * H / h, (r + 1) * H / h) x [c * W / w, (c + 1) * W / w)`` of a canvas ``H x W``. This holds
+because the tiles of the tiled families partition the resized image, the global / thumbnail /
+base views are the whole image resized, and the dynamic-resolution families resize the whole
+image (to multiples of their patch size, so the mapping is exact up to that rounding;
+LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_image``).
 
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
 ``image_rows`` / ``image_cols``, ``tile_grid``); :func:`example_image_inputs` picks them
 from a batch. One image per example is supported.
 
-To support a new family: subclass :class:`ImageLayout`, implement ``grids`` and
-register it with :func:`register_image_layout`.
+Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
+factory (``config -> ImageLayout``; None when F-LMM has no adapter for it yet) and the traits
+of its processor that ``FLMMProcessor`` needs (``dynamic_resolution``: the processor resizes or
+tiles images itself, so they are not letterboxed and the canvas is the original image). To
+support a new family: subclass :class:`ImageLayout`, implement ``grids`` and call
+:func:`register_family` (or :func:`register_image_layout` for the layout alone).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +137,7 @@ def _stitch(tiles: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
     return torch.cat([torch.cat(tiles[r * cols : (r + 1) * cols], dim=1) for r in range(rows)], dim=0)
 
 
-def merge_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> torch.Tensor:
+def stack_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> torch.Tensor:
     """Resize every grid's maps to the main grid's size and concatenate their channels.
 
     Args:
@@ -145,7 +149,7 @@ def merge_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> to
         ``align_corners=False`` (as the reference does for LLaVA-NeXT); the main grid is untouched.
     """
     if not maps_per_grid:
-        raise ValueError("merge_grids needs at least one grid")
+        raise ValueError("stack_grids needs at least one grid")
     size = tuple(maps_per_grid[main_grid].shape[-2:])
     out = []
     for maps in maps_per_grid:
@@ -155,20 +159,6 @@ def merge_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> to
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         out.append(maps)
     return torch.cat(out, dim=1)
-
-
-def cell_box(row: int, col: int, grid_size: Sequence[int], canvas_size: Sequence[int]) -> tuple[float, ...]:
-    """(top, left, bottom, right) in canvas pixels covered by cell ``(row, col)`` of a grid."""
-    gh, gw = grid_size
-    ch, cw = (float(v) for v in canvas_size)
-    return (row * ch / gh, col * cw / gw, (row + 1) * ch / gh, (col + 1) * cw / gw)
-
-
-def cell_at(y: float, x: float, grid_size: Sequence[int], canvas_size: Sequence[int]) -> tuple[int, int]:
-    """The (row, col) of the grid cell that covers canvas pixel (y, x)."""
-    gh, gw = grid_size
-    ch, cw = (float(v) for v in canvas_size)
-    return min(int(y * gh / ch), gh - 1), min(int(x * gw / cw), gw - 1)
 
 
 def example_image_inputs(inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
@@ -194,7 +184,7 @@ class ImageLayout:
         model_type: the config's ``model_type``.
         image_token_id: the placeholder id of image tokens.
         num_grids: grids returned per example (constant for a config).
-        main_grid: index of the grid the others are resized to by :meth:`merge`.
+        main_grid: index of the grid the others are resized to by :meth:`stack`.
         grid_names: a short name per grid, for documentation and debugging.
     """
 
@@ -211,18 +201,11 @@ class ImageLayout:
         """Sequence positions of one example's image tokens: ``num_grids`` LongTensors [h_g, w_g]."""
         raise NotImplementedError
 
-    def batch_grids(self, inputs: Mapping[str, torch.Tensor]) -> list[list[torch.Tensor]]:
-        """``grids`` of every example of a padded processor batch."""
-        return [
-            self.grids(inputs["input_ids"][b], example_image_inputs(inputs, b))
-            for b in range(inputs["input_ids"].shape[0])
-        ]
-
-    def merge(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
-        """:func:`merge_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
+    def stack(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:func:`stack_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
         if len(maps_per_grid) != self.num_grids:
             raise ValueError(f"{self.model_type}: expected {self.num_grids} grids, got {len(maps_per_grid)}")
-        return merge_grids(maps_per_grid, self.main_grid)
+        return stack_grids(maps_per_grid, self.main_grid)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r}, grids={self.grid_names}, main={self.main_grid})"
@@ -462,7 +445,8 @@ class InternVLLayout(TiledLayout):
         return super().grids(input_ids, image_inputs)
 
 
-def _paligemma(config) -> ImageLayout:
+def _square_patch_grid(config) -> ImageLayout:
+    """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS."""
     return SquareLayout(config, _llava_side(config))
 
 
@@ -474,24 +458,77 @@ def _gemma3(config) -> ImageLayout:
     return SquareLayout(config, side)
 
 
-_LAYOUTS: dict[str, Callable[[object], ImageLayout]] = {
-    "llava": LlavaLayout,
-    "llava_next": LlavaNextLayout,
-    "qwen2_vl": QwenVLLayout,
-    "qwen2_5_vl": QwenVLLayout,
-    "paligemma": _paligemma,
-    "gemma3": _gemma3,
-    "deepseek_vl": lambda config: SquareLayout(config, _llava_side(config)),
-    "idefics3": Idefics3Layout,
-    "smolvlm": Idefics3Layout,
-    "internvl": InternVLLayout,
-    "mistral3": Mistral3Layout,
+# --------------------------------------------------------------------------------------------
+# families
+# --------------------------------------------------------------------------------------------
+LayoutFactory = Callable[[Any], ImageLayout]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What F-LMM knows about one backbone family (one config ``model_type``).
+
+    Attributes:
+        layout: ``config -> ImageLayout`` for this family's configs; None when F-LMM has no
+            adapter yet (:func:`get_image_layout` then takes the generic square fallback).
+        dynamic_resolution: the family's processor resizes or tiles images itself (LLaVA-NeXT's
+            any-res, Qwen-VL's dynamic resolution, Idefics3's splitting, ...): ``FLMMProcessor``
+            then never letterboxes them and the canvas is the original image. False: the
+            processor feeds one fixed-size image, which ``FLMMProcessor`` letterboxes.
+    """
+
+    layout: LayoutFactory | None = None
+    dynamic_resolution: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    # the 11 supported families
+    "llava": Family(LlavaLayout),
+    "llava_next": Family(LlavaNextLayout, dynamic_resolution=True),
+    "qwen2_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen2_5_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "paligemma": Family(_square_patch_grid),
+    "gemma3": Family(_gemma3),
+    "deepseek_vl": Family(_square_patch_grid),
+    "idefics3": Family(Idefics3Layout, dynamic_resolution=True),
+    "smolvlm": Family(Idefics3Layout, dynamic_resolution=True),
+    "internvl": Family(InternVLLayout, dynamic_resolution=True),
+    "mistral3": Family(Mistral3Layout, dynamic_resolution=True),
+    # processors known to resize/tile images themselves; no image layout yet
+    "llava_onevision": Family(dynamic_resolution=True),
+    "llava_next_video": Family(dynamic_resolution=True),
+    "qwen3_vl": Family(dynamic_resolution=True),
+    "idefics2": Family(dynamic_resolution=True),
+    "pixtral": Family(dynamic_resolution=True),
+    "aya_vision": Family(dynamic_resolution=True),
+    "glm4v": Family(dynamic_resolution=True),
 }
+"""The registry of backbone families, keyed by config ``model_type`` (see :class:`Family`)."""
 
 
-def register_image_layout(model_type: str, factory: Callable[[object], ImageLayout]) -> None:
-    """Make ``get_image_layout`` use ``factory(config)`` for configs of ``model_type``."""
-    _LAYOUTS[model_type] = factory
+def get_family(model_type: str | None) -> Family | None:
+    """The registered :class:`Family` of ``model_type``, or None."""
+    return FAMILIES.get(model_type) if model_type is not None else None
+
+
+def register_family(model_type: str, layout: LayoutFactory | None = None, dynamic_resolution: bool = False) -> None:
+    """Register (or replace) the :class:`Family` of configs of ``model_type``.
+
+    Args:
+        model_type: the backbone config's ``model_type``.
+        layout: ``config -> ImageLayout`` (e.g. an :class:`ImageLayout` subclass).
+        dynamic_resolution: whether the family's processor resizes/tiles images itself.
+    """
+    FAMILIES[model_type] = Family(layout=layout, dynamic_resolution=dynamic_resolution)
+
+
+def register_image_layout(model_type: str, factory: LayoutFactory) -> None:
+    """Make ``get_image_layout`` use ``factory(config)`` for configs of ``model_type``.
+
+    The family's processor traits stay as registered (fixed-size for a new family).
+    """
+    previous = FAMILIES.get(model_type, Family())
+    FAMILIES[model_type] = Family(layout=factory, dynamic_resolution=previous.dynamic_resolution)
 
 
 def _unknown_family_error(model_type: str, count: int | None) -> ValueError:
@@ -517,15 +554,16 @@ def _config_token_count(config) -> int | None:
 
 
 def get_image_layout(lmm_config) -> ImageLayout:
-    """The image-layout adapter of a multimodal backbone config (dispatch on ``model_type``).
+    """The image-layout adapter of a multimodal backbone config: its ``model_type``'s registered layout.
 
-    Unknown families fall back to a square grid when their image-token count (from the config,
+    Families without a registered layout fall back to a square grid when their image-token count (from the config,
     or else from each example's input_ids) is a perfect square, with a warning; otherwise a
     ValueError explains how to add an adapter.
     """
     model_type = getattr(lmm_config, "model_type", None)
-    if model_type in _LAYOUTS:
-        return _LAYOUTS[model_type](lmm_config)
+    family = get_family(model_type)
+    if family is not None and family.layout is not None:
+        return family.layout(lmm_config)
     count = _config_token_count(lmm_config)
     if count is not None and math.isqrt(count) ** 2 != count:
         raise _unknown_family_error(model_type, count)

@@ -211,7 +211,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         column_of_position = torch.full_like(input_ids, -1)
         column_of_position[image_positions] = torch.arange(len(image_positions), device=input_ids.device)
         grids = self.layout.grids(input_ids, layout_inputs)
-        return self.layout.merge([merged[:, :, column_of_position[grid]] for grid in grids])  # [K, C, h, w]
+        return self.layout.stack([merged[:, :, column_of_position[grid]] for grid in grids])  # [K, C, h, w]
 
     def phrase_attention(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, phrase_ids: torch.Tensor, **inputs: Any
@@ -287,7 +287,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """
         processor = self.resolve_processor(processor)
         refine = use_refiner and self.head.has_refiner
-        inputs = processor(images=[image], texts=[text], phrases=[list(phrases)], return_sam_inputs=refine)
+        inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         output = self(**inputs, refine=refine)
         logits = output.refined_logits if refine else output.coarse_logits

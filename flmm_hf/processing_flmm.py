@@ -4,15 +4,19 @@
 and turns (image, answer text, grounded phrases[, masks]) into the model's forward inputs:
 
 - the prompt is the backbone's chat template around the question (default: the original F-LMM
-  question `Please give me a description of the image.`, method.md 2) with the generation prompt,
-  and the answer is appended as if the assistant had said it;
+  question `Please give me a description of the image.`) with the generation prompt, and the
+  answer is appended as if the assistant had said it;
 - `phrase_ids` marks, per token of the *final* sequence (image placeholders expanded), which
-  phrase the token grounds (-1: none);
+  phrase the token grounds (-1: none); phrases are placed in the answer by `match_phrases`, the
+  one phrase resolver of F-LMM (the processor, grounded chat and the data transform share it);
 - fixed-size backbones see a letterboxed image (longer side resized to the input size, then
   padded to a square with the mean colour, no centre crop), as the original F-LMM; the geometry
   (`canvas_sizes`, `content_boxes`) is in the LMM's input pixels; dynamic-resolution backbones
-  see the original image (canvas = the image, in original pixels).
-This file is also shipped as Hub custom code: it imports only torch, numpy, PIL and transformers.
+  see the original image (canvas = the image, in original pixels). Which backbone is which is
+  the `dynamic_resolution` trait of its family in `image_layout.FAMILIES` (keyed by the
+  backbone config's `model_type`).
+This file is also shipped as Hub custom code: it imports only torch, numpy, PIL, transformers and
+its sibling `image_layout.py` (copied beside it by `FLMMProcessor.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+from .image_layout import FAMILIES, Family, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -36,31 +44,12 @@ DEFAULT_QUESTION = "Please give me a description of the image."
 """The user question of the original F-LMM prompt (`<image>\\n` + this, in the chat template)."""
 
 CONFIG_NAME = "flmm_processor_config.json"
+# The settings `flmm_processor_config.json` stores (and `from_pretrained` accepts as overrides).
+SETTINGS = ("mode", "question", "letterbox", "model_type")
 
 SAM_IMAGE_SIZE = 1024
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-# Processors whose image handling is dynamic-resolution or tiled: they keep their own resizing and
-# the canvas is the original image. Every other backbone is treated as fixed-size.
-DYNAMIC_RESOLUTION_PROCESSORS = frozenset(
-    {
-        "LlavaNextProcessor",
-        "LlavaNextVideoProcessor",
-        "LlavaOnevisionProcessor",
-        "Qwen2VLProcessor",
-        "Qwen2_5_VLProcessor",
-        "Qwen3VLProcessor",
-        "Idefics2Processor",
-        "Idefics3Processor",
-        "SmolVLMProcessor",
-        "InternVLProcessor",
-        "Mistral3Processor",
-        "PixtralProcessor",
-        "AyaVisionProcessor",
-        "Glm4vProcessor",
-    }
-)
 
 # Keys of the processor's output that only F-LMM reads (the frozen LMM's forward never receives them).
 FLMM_KEYS = ("phrase_ids", "original_sizes", "canvas_sizes", "content_boxes", "sam_pixel_values", "masks")
@@ -82,7 +71,6 @@ def backbone_image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     """`backbone_inputs` without `input_ids` and `attention_mask`: the backbone's image inputs alone."""
     return {key: value for key, value in backbone_inputs(inputs).items() if key not in NON_IMAGE_KEYS}
 
-PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
 
 
 def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -149,53 +137,157 @@ def sam_preprocess(image: Image.Image, image_size: int = SAM_IMAGE_SIZE) -> torc
     return out
 
 
-def resolve_phrase_spans(text: str, phrases: Sequence[PhraseSpec], example: int = 0) -> list[tuple[int, int]]:
-    """Character spans `(start, end)` of `phrases` in `text`.
 
-    A phrase is either a substring, searched for from the end of the previous phrase (so repeated
-    words resolve in reading order), or an explicit `(start, end)` span. Spans are shrunk to exclude
-    leading/trailing whitespace so that token overlap is decided on visible characters only.
+PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
+"""A phrase: a substring of the text, or an explicit `(start, end)` character span of it."""
+
+
+class PhraseMatch(NamedTuple):
+    """Where one phrase is in a text: `span` = (start, end), or None and `problem` says why not."""
+
+    span: tuple[int, int] | None
+    problem: str | None = None
+
+
+def match_phrases(text: str, phrases: Sequence[PhraseSpec], lenient: bool = False) -> list[PhraseMatch]:
+    """Place `phrases` in `text`: one `PhraseMatch` per phrase, in the order given.
+
+    The rules (the one phrase resolver of F-LMM: the processor, grounded chat and the data
+    transform all use it):
+
+    1. A phrase is a `str` or a `(start, end)` pair of ints (tuple or list). Anything else, an
+       empty or whitespace-only string, or `phrases` given as one `str`, is a caller's error:
+       `ValueError` (`TypeError` for the `str`), raised before any search.
+    2. A string is looked for exactly as given (case and any surrounding spaces included),
+       from the end of the previous placed phrase, so repeated words resolve in reading order.
+    3. `lenient=True`, for phrases picked for a text the caller did not write (the LMM's answer):
+       the string is stripped of surrounding whitespace and, if it is not found after the
+       previous phrase, looked for anywhere, then case-insensitively (after the previous phrase,
+       then anywhere).
+    4. A span must satisfy `0 <= start < end <= len(text)` and cover a non-whitespace character.
+    5. Every placed span is shrunk to exclude leading/trailing whitespace (token overlap is then
+       decided on visible characters only); the next search starts at its end.
+    6. A phrase that cannot be placed (a string not found, a span outside the text or covering
+       only whitespace) gets `span=None` and a `problem` such as `"'kid' not found after the
+       previous phrase: '...'"`; it does not move the search start. Callers decide: raise
+       (`resolve_phrase_spans`) or report it (grounded chat).
     """
-    spans: list[tuple[int, int]] = []
-    cursor = 0
+    if isinstance(phrases, str):
+        raise TypeError(f"phrases must be a list of phrases, got the str {phrases!r}: pass [{phrases!r}]")
+    phrases = list(phrases)
     for k, phrase in enumerate(phrases):
         if isinstance(phrase, str):
             if not phrase.strip():
-                raise ValueError(f"example {example}: phrase {k} is empty")
-            start = text.find(phrase, cursor)
-            if start < 0:
-                where = "in the text" if text.find(phrase) < 0 else "after the previous phrase"
-                raise ValueError(f"example {example}: phrase {k} {phrase!r} not found {where}: {text!r}")
-            end = start + len(phrase)
+                raise ValueError(f"phrase {k} is empty")
+        elif not _is_span(phrase):
+            raise ValueError(f"phrase {k} must be a string or an (start, end) pair, got {phrase!r}")
+    matches: list[PhraseMatch] = []
+    cursor = 0
+    for phrase in phrases:
+        if isinstance(phrase, str):
+            match = _find_string(text, phrase, cursor, lenient)
         else:
-            if not _is_span(phrase):
-                raise ValueError(f"example {example}: phrase {k} must be a string or an (start, end) pair, got {phrase!r}")
-            start, end = int(phrase[0]), int(phrase[1])
-            if not 0 <= start < end <= len(text):
-                raise ValueError(
-                    f"example {example}: phrase {k} span {(start, end)} is empty or outside the text (length {len(text)})"
-                )
-            if not text[start:end].strip():
-                raise ValueError(f"example {example}: phrase {k} span {(start, end)} covers only whitespace")
-        while text[start].isspace():
-            start += 1
-        while text[end - 1].isspace():
-            end -= 1
-        spans.append((start, end))
-        cursor = end
-    return spans
+            match = _check_span(text, int(phrase[0]), int(phrase[1]))
+        if match.span is not None:
+            start, end = match.span
+            while text[start].isspace():
+                start += 1
+            while text[end - 1].isspace():
+                end -= 1
+            match = PhraseMatch((start, end))
+            cursor = end
+        matches.append(match)
+    return matches
+
+
+def _find_string(text: str, phrase: str, cursor: int, lenient: bool) -> PhraseMatch:
+    """Rules 2 and 3 of `match_phrases` for one string phrase."""
+    if not lenient:
+        start = text.find(phrase, cursor)
+        if start >= 0:
+            return PhraseMatch((start, start + len(phrase)))
+        where = "in the text" if text.find(phrase) < 0 else "after the previous phrase"
+        return PhraseMatch(None, f"{phrase!r} not found {where}: {text!r}")
+    needle = phrase.strip()
+    for haystack, target in ((text, needle), (text.lower(), needle.lower())):
+        for offset in (cursor, 0):
+            start = haystack.find(target, offset)
+            if start >= 0:
+                return PhraseMatch((start, start + len(needle)))
+    return PhraseMatch(None, f"{phrase!r} not found in the text: {text!r}")
+
+
+def _check_span(text: str, start: int, end: int) -> PhraseMatch:
+    """Rule 4 of `match_phrases` for one explicit span."""
+    if not 0 <= start < end <= len(text):
+        return PhraseMatch(None, f"span {(start, end)} is empty or outside the text (length {len(text)})")
+    if not text[start:end].strip():
+        return PhraseMatch(None, f"span {(start, end)} covers only whitespace")
+    return PhraseMatch((start, end))
+
+
+def resolve_phrase_spans(text: str, phrases: Sequence[PhraseSpec], example: int = 0) -> list[tuple[int, int]]:
+    """Character spans `(start, end)` of `phrases` in `text`, by the rules of `match_phrases` (strict).
+
+    Raises `ValueError`, naming `example` and the phrase, for the first phrase that cannot be placed.
+    """
+    try:
+        matches = match_phrases(text, phrases)
+    except ValueError as error:
+        raise ValueError(f"example {example}: {error}") from None
+    for k, match in enumerate(matches):
+        if match.span is None:
+            raise ValueError(f"example {example}: phrase {k} {match.problem}")
+    return [match.span for match in matches]
+
+
+# ---------------------------------------------------------------------- families
+def processor_model_types(processor_class: str) -> list[str]:
+    """The registered `model_type`s whose transformers processor class is named `processor_class`.
+
+    Read from transformers' `PROCESSOR_MAPPING_NAMES` (`model_type -> processor class name`).
+    """
+    return [mt for mt, name in PROCESSOR_MAPPING_NAMES.items() if name == processor_class and mt in FAMILIES]
+
+
+def backbone_family(model_type: str | None, processor_class: str) -> Family | None:
+    """The `Family` whose processor traits apply to a backbone, or None when unknown.
+
+    The family registered for `model_type`; else, if every registered family that uses the
+    processor class `processor_class` has the same `dynamic_resolution`, a family with that trait.
+    """
+    family = get_family(model_type)
+    if family is not None:
+        return family
+    traits = {FAMILIES[mt].dynamic_resolution for mt in processor_model_types(processor_class)}
+    return Family(dynamic_resolution=traits.pop()) if len(traits) == 1 else None
+
+
+@dataclass
+class _Text:
+    """One example's text: the answer, the full string (prompt + separator + answer), its phrases."""
+
+    answer: str
+    full: str
+    answer_start: int  # where the answer starts in `full`
+    spans: list[tuple[int, int]]  # phrase spans in the answer
 
 
 class FLMMProcessor:
     r"""
     Processor of [`FLMMForGrounding`]: wraps the frozen LMM's processor.
 
-    It is a plain class, not a `ProcessorMixin`: `ProcessorMixin` describes a processor as a flat
-    set of sub-processors with fixed classes, while this one wraps a *whole* backbone processor of
-    any family, whose own settings (image token, patch size, image_seq_len, chat template, ...)
-    must round-trip untouched. `save_pretrained` therefore writes the backbone processor as is
-    (the folder stays loadable as that backbone's processor) plus `flmm_processor_config.json`
-    with our settings, a copy of this file, and an `auto_map` entry so that
+    It is a plain class, not a `ProcessorMixin`. A `ProcessorMixin` is a fixed set of
+    sub-processors (`image_processor`, `tokenizer`, ...) whose classes the processor class
+    declares, and its `save_pretrained` writes `processor_config.json` with its own
+    `processor_class`. This one wraps a *whole* backbone processor of any family (LLaVA,
+    Idefics3, Qwen2-VL, ...), whose own settings (image token, patch size, image_seq_len,
+    chat template, ...) live on that processor and must round-trip untouched: as a
+    `ProcessorMixin`, the backbone processor would have to be re-declared per family, and the
+    saved folder would stop loading as the backbone's processor. So `save_pretrained` writes
+    the backbone processor as is (the folder stays loadable as that backbone's processor) plus
+    `flmm_processor_config.json` with our settings, a copy of this file and its sibling
+    `image_layout.py`, and an `auto_map` entry so that
     `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns an `FLMMProcessor`.
 
     Args:
@@ -211,6 +303,12 @@ class FLMMProcessor:
             The user turn after the image (the original F-LMM prompt's question).
         letterbox (`bool`, *optional*):
             Force the letterbox on or off; `None` decides from `mode` and the backbone.
+        model_type (`str`, *optional*):
+            The backbone config's `model_type` (e.g. `"llava"`, `"idefics3"`): its family in
+            `image_layout.FAMILIES` says whether the processor resizes/tiles images itself.
+            `None`: the one registered family whose transformers processor class is this
+            processor's (`from_pretrained` reads it from the folder's `config.json` first).
+            A backbone of no registered family is treated as fixed-size (letterboxed), with a warning.
     """
 
     def __init__(
@@ -219,6 +317,7 @@ class FLMMProcessor:
         mode: str = "reproduction",
         question: str = DEFAULT_QUESTION,
         letterbox: bool | None = None,
+        model_type: str | None = None,
     ):
         if mode not in ("reproduction", "native"):
             raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
@@ -230,6 +329,20 @@ class FLMMProcessor:
         self.mode = mode
         self.question = question
         self._letterbox = letterbox
+        processor_class = type(processor).__name__
+        if model_type is None:
+            candidates = processor_model_types(processor_class)
+            model_type = candidates[0] if len(candidates) == 1 else None
+        self.model_type = model_type
+        family = backbone_family(model_type, processor_class)
+        if family is None:
+            logger.warning(
+                "FLMMProcessor: no registered family for model_type %r (processor %s); treating it as a fixed-size "
+                "processor whose images are letterboxed. Pass model_type= of a registered family, or register one "
+                "with image_layout.register_family(model_type, layout, dynamic_resolution=...).",
+                model_type, processor_class,
+            )
+        self.family = family or Family()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -243,7 +356,7 @@ class FLMMProcessor:
     @property
     def is_dynamic_resolution(self) -> bool:
         """Whether the backbone resizes/tiles images itself (then no letterbox, canvas = image)."""
-        return type(self.processor).__name__ in DYNAMIC_RESOLUTION_PROCESSORS
+        return self.family.dynamic_resolution
 
     @property
     def letterbox(self) -> bool:
@@ -344,24 +457,30 @@ class FLMMProcessor:
         texts: str | Sequence[str] | None = None,
         phrases: Sequence[PhraseSpec] | Sequence[Sequence[PhraseSpec]] | None = None,
         masks: Any = None,
-        prompt: str | None = None,
+        question: str | None = None,
         return_sam_inputs: bool = True,
         max_length: int | None = None,
         return_tensors: str = "pt",
     ) -> BatchFeature:
         """Build a padded batch of model inputs.
 
+        The shapes of `texts`, `phrases` and `masks` follow `images` and are never guessed:
+        `images` one image -> `texts` one `str` (or None), `phrases` one flat list of phrases for
+        it, `masks` one `[K, H, W]` array/tensor or a list of K HxW masks; `images` a list ->
+        `texts`, `phrases`, `masks` lists with one such entry per image. Anything else (a `str`
+        for `phrases`, a nested phrase list for one image, a flat one for a list of images,
+        mismatched lengths) raises a `TypeError`/`ValueError` that names the argument.
+
         Args:
             images: one image or a list (PIL, or uint8 numpy arrays); non-RGB modes are converted
                 (alpha composited on the mean colour, see `to_rgb`).
             texts: the answer text(s), appended after the assistant prompt. `None`: prompt only
-                (for generation); then `phrases` must be `None` too.
-            phrases: per example a list of phrases, each a substring of the answer (first
-                occurrence after the previous phrase) or a `(start, end)` character span in it.
-                For a single example a flat list is accepted.
-            masks: optional, per example a `[K, H, W]` boolean array/tensor (or a list of K HxW
-                arrays) at the original image size, K = number of phrases.
-            prompt: the user question, replacing `self.question` for this call.
+                (for generation); then `phrases` and `masks` must be `None` too.
+            phrases: the grounded phrases of each answer: substrings of it or `(start, end)`
+                character spans (placed by `match_phrases`; a substring is searched from the end
+                of the previous phrase).
+            masks: optional boolean masks at the original image size, one per phrase.
+            question: the user question, replacing `self.question` for this call.
             return_sam_inputs: also return `sam_pixel_values` [B, 3, 1024, 1024].
             max_length: cut each sequence to at most this many tokens; a `ValueError` is raised if
                 that would cut the prompt/image tokens or any phrase token.
@@ -371,75 +490,69 @@ class FLMMProcessor:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
             index), the backbone's image inputs (`pixel_values`, ...), `original_sizes` [B, 2]
             (H, W), `canvas_sizes` [B, 2], `content_boxes` [B, 4] (top, left, bottom, right) in
-            the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of BoolTensor
-            [K_b, H_b, W_b]) when masks are given.
+            the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of
+            BoolTensor [K_b, H_b, W_b]) when masks are given.
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        batch = len(images)
-        if batch == 0:
-            raise ValueError("no images given")
-        if isinstance(texts, str):
-            texts = [texts]
-        if texts is None:
-            if phrases is not None or masks is not None:
-                raise ValueError("phrases/masks need the answer texts")
-            texts = [""] * batch
-            phrases = [[] for _ in range(batch)]
-        texts = list(texts)
-        if phrases is None:
-            phrases = [[] for _ in range(batch)]
-        elif batch == 1 and (len(phrases) == 0 or not _is_phrase_list(phrases[0])):
-            phrases = [phrases]  # a flat list of phrases for one example
-        if not (len(texts) == len(phrases) == batch):
-            raise ValueError(f"got {batch} images, {len(texts)} texts and {len(phrases)} phrase lists")
-        if masks is not None and len(masks) != batch and not (batch == 1 and _looks_like_one_mask_stack(masks)):
-            raise ValueError(f"got {batch} images and {len(masks)} mask sets")
-        if masks is not None and batch == 1 and _looks_like_one_mask_stack(masks):
-            masks = [masks]
-
-        # ---- images: RGB, letterbox geometry
-        rgb_images, lmm_images = [], []
-        original_sizes, canvas_sizes, content_boxes = [], [], []
-        for image in images:
-            image = to_rgb(image, background=self.pad_color)
-            rgb_images.append(image)
-            original_sizes.append((image.height, image.width))
-            lmm_image, canvas, box = self.lmm_image(image)
-            lmm_images.append(lmm_image)
-            canvas_sizes.append(canvas)
-            content_boxes.append(box)
-
-        # ---- text: prompt + answer, phrase spans in full-string coordinates
-        prompt_text = self.build_prompt(prompt)
-        full_texts, answer_starts, spans = [], [], []
-        for b, (answer, example_phrases) in enumerate(zip(texts, phrases)):
-            if not isinstance(answer, str):
-                raise ValueError(f"example {b}: text must be a string, got {type(answer).__name__}")
-            sep = self._separator(prompt_text, answer)
-            full_texts.append(prompt_text + sep + answer)
-            answer_starts.append(len(prompt_text) + len(sep))
-            spans.append(resolve_phrase_spans(answer, example_phrases, example=b))
-
-        # ---- the backbone does the image-token expansion, image tensors and batch padding
+        images, texts, phrases, masks = _batch_arguments(images, texts, phrases, masks)
+        rgb_images, lmm_images, geometry = self._prepare_images(images)
+        prompt = self.build_prompt(question)
+        examples = self._build_texts(prompt, texts, phrases)
+        # The backbone does the image-token expansion, the image tensors and the batch padding.
         encoded = self.processor(
             images=[[image] for image in lmm_images],
-            text=full_texts,
+            text=[example.full for example in examples],
             padding=True,
             return_tensors="pt",
             **self.image_processor_kwargs(),
         )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        data: dict[str, Any] = dict(encoded)
+        data["phrase_ids"], keep_lengths = self._place_phrase_ids(encoded, len(prompt), examples, max_length)
+        if any(n is not None for n in keep_lengths):
+            data = self._truncate(data, keep_lengths)
+        data.update(geometry)
+        if return_sam_inputs:
+            data["sam_pixel_values"] = torch.stack([sam_preprocess(image) for image in rgb_images])
+        if masks is not None:
+            sizes = geometry["original_sizes"].tolist()
+            data["masks"] = [_to_mask_tensor(m, sizes[b], len(examples[b].spans), b) for b, m in enumerate(masks)]
+        return BatchFeature(data=data)
 
-        # ---- phrase ids on the final sequence
+    def _prepare_images(self, images: list[Any]) -> tuple[list[Image.Image], list[Image.Image], dict[str, torch.Tensor]]:
+        """RGB images, the images the LMM sees (letterboxed or not), and the geometry tensors."""
+        rgb_images, lmm_images = [], []
+        geometry: dict[str, list] = {"original_sizes": [], "canvas_sizes": [], "content_boxes": []}
+        for image in images:
+            image = to_rgb(image, background=self.pad_color)
+            lmm_image, canvas, box = self.lmm_image(image)
+            rgb_images.append(image)
+            lmm_images.append(lmm_image)
+            geometry["original_sizes"].append((image.height, image.width))
+            geometry["canvas_sizes"].append(canvas)
+            geometry["content_boxes"].append(box)
+        return rgb_images, lmm_images, {key: torch.tensor(value, dtype=torch.long) for key, value in geometry.items()}
+
+    def _build_texts(self, prompt: str, texts: list[str], phrases: list[Sequence[PhraseSpec]]) -> list[_Text]:
+        """Prompt + answer strings and each answer's phrase spans."""
+        examples = []
+        for b, (answer, example_phrases) in enumerate(zip(texts, phrases)):
+            sep = self._separator(prompt, answer)
+            spans = resolve_phrase_spans(answer, example_phrases, example=b)
+            examples.append(_Text(answer, prompt + sep + answer, len(prompt) + len(sep), spans))
+        return examples
+
+    def _place_phrase_ids(
+        self, encoded: Mapping[str, torch.Tensor], prompt_length: int, examples: list[_Text], max_length: int | None
+    ) -> tuple[torch.Tensor, list[int | None]]:
+        """`phrase_ids` [B, L] on the backbone's final sequences, and the length to keep per example."""
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         phrase_ids = torch.full_like(input_ids, -1)
         keep_lengths: list[int | None] = []
-        for b in range(batch):
+        for b, example in enumerate(examples):
             positions = attention_mask[b].nonzero().flatten()
             tail_ids, tail_phrase = self._answer_token_phrases(
-                full_texts[b], len(prompt_text), answer_starts[b], spans[b], texts[b], b
+                example.full, prompt_length, example.answer_start, example.spans, example.answer, b
             )
             real_ids = input_ids[b, positions].tolist()
             if len(tail_ids) > len(real_ids) or real_ids[len(real_ids) - len(tail_ids):] != tail_ids:
@@ -450,23 +563,11 @@ class FLMMProcessor:
             tail_positions = positions[len(real_ids) - len(tail_ids):]
             phrase_ids[b, tail_positions] = torch.tensor(tail_phrase, dtype=phrase_ids.dtype)
             keep_lengths.append(
-                self._check_truncation(max_length, len(real_ids), len(tail_ids), tail_phrase, texts[b], spans[b], b)
+                self._check_truncation(
+                    max_length, len(real_ids), len(tail_ids), tail_phrase, example.answer, example.spans, b
+                )
             )
-
-        data: dict[str, Any] = dict(encoded)
-        data["phrase_ids"] = phrase_ids
-        if any(n is not None for n in keep_lengths):
-            data = self._truncate(data, keep_lengths)
-        data["original_sizes"] = torch.tensor(original_sizes, dtype=torch.long)
-        data["canvas_sizes"] = torch.tensor(canvas_sizes, dtype=torch.long)
-        data["content_boxes"] = torch.tensor(content_boxes, dtype=torch.long)
-        if return_sam_inputs:
-            data["sam_pixel_values"] = torch.stack([sam_preprocess(image) for image in rgb_images])
-        if masks is not None:
-            data["masks"] = [
-                _to_mask_tensor(m, original_sizes[b], len(spans[b]), b) for b, m in enumerate(masks)
-            ]
-        return BatchFeature(data=data)
+        return phrase_ids, keep_lengths
 
     def _answer_token_phrases(
         self,
@@ -636,10 +737,11 @@ class FLMMProcessor:
             "mode": self.mode,
             "question": self.question,
             "letterbox": self._letterbox,
+            "model_type": self.model_type,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Save the backbone processor, our settings, and this file as custom code (for AutoProcessor)."""
+        """Save the backbone processor, our settings, and this file + its siblings as custom code (for AutoProcessor)."""
         os.makedirs(save_directory, exist_ok=True)
         files = list(self.processor.save_pretrained(save_directory, **kwargs) or [])
         config_file = os.path.join(save_directory, CONFIG_NAME)
@@ -656,20 +758,19 @@ class FLMMProcessor:
                 config["auto_map"] = {"AutoProcessor": f"processing_flmm.{type(self).__name__}"}
                 with open(processor_config, "w", encoding="utf-8") as f:
                     json.dump(config, f, indent=2, sort_keys=True)
-                code_file = os.path.join(save_directory, "processing_flmm.py")
-                if os.path.abspath(__file__) != os.path.abspath(code_file):
-                    shutil.copyfile(__file__, code_file)
-                files.append(code_file)
+                files += _copy_custom_code(save_directory)
         return files
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FLMMProcessor:
         """Load a saved `FLMMProcessor`, or wrap a plain backbone processor (Hub id or folder).
 
-        `mode`, `question` and `letterbox` given here override the saved settings; the other
-        kwargs go to the backbone processor's `from_pretrained`.
+        `mode`, `question`, `letterbox` and `model_type` given here override the saved settings;
+        the other kwargs go to the backbone processor's `from_pretrained`. Without a saved or
+        given `model_type`, the folder's `config.json` names it (`model_type`, or
+        `lmm_config.model_type` in an F-LMM folder).
         """
-        overrides = {key: kwargs.pop(key) for key in ("mode", "question", "letterbox") if key in kwargs}
+        overrides = {key: kwargs.pop(key) for key in SETTINGS if key in kwargs}
         kwargs.pop("_from_auto", None)
         settings: dict[str, Any] = {}
         config_file = _cached_file(pretrained_model_name_or_path, CONFIG_NAME, kwargs)
@@ -687,12 +788,17 @@ class FLMMProcessor:
             # Our auto_map in processor_config.json would send AutoProcessor back here with remote code on.
             kwargs.pop("trust_remote_code", None)
             processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        init = {key: settings[key] for key in ("mode", "question", "letterbox") if key in settings}
+        init = {key: settings[key] for key in SETTINGS if settings.get(key) is not None}
         init.update(overrides)
+        if init.get("model_type") is None:
+            init["model_type"] = _config_model_type(pretrained_model_name_or_path, kwargs)
         return cls(processor, **init)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode!r}, letterbox={self.letterbox}, processor={type(self.processor).__name__})"
+        return (
+            f"{type(self).__name__}(model_type={self.model_type!r}, mode={self.mode!r}, letterbox={self.letterbox}, "
+            f"processor={type(self.processor).__name__})"
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -704,18 +810,89 @@ def _is_span(value: Any) -> bool:
     )
 
 
-def _is_phrase_list(value: Any) -> bool:
-    """A list of phrases (strings or spans), as opposed to a single phrase or span."""
-    return isinstance(value, (list, tuple)) and (
-        len(value) == 0 or not all(isinstance(i, (int, np.integer)) for i in value)
-    )
+def _batch_arguments(
+    images: Any, texts: Any, phrases: Any, masks: Any
+) -> tuple[list[Any], list[str], list[Sequence[PhraseSpec]], list[Any] | None]:
+    """`FLMMProcessor.__call__`'s arguments as per-image lists; errors for any other shape."""
+    if isinstance(images, (list, tuple)):
+        images = list(images)
+        if not images:
+            raise ValueError("images is empty: pass one image or a non-empty list of images")
+        texts = _per_image("texts", texts, len(images))
+        phrases = _per_image("phrases", phrases, len(images))
+        masks = _per_image("masks", masks, len(images))
+        for b, example_phrases in enumerate(phrases or []):
+            _check_phrase_list(example_phrases, f"phrases[{b}]", f"phrases[{b}] is the flat phrase list of image {b}")
+    else:
+        if texts is not None and not isinstance(texts, str):
+            raise TypeError(
+                f"images is one image, so texts must be one str (or None), got {type(texts).__name__}; "
+                "for a batch, pass images as a list with one text per image"
+            )
+        if phrases is not None:
+            _check_phrase_list(phrases, "phrases", "for a batch, pass images=[image, ...] and phrases=[[...], ...]")
+        if masks is not None:
+            _check_one_mask_stack(masks)
+        images = [images]
+        texts = None if texts is None else [texts]
+        phrases = None if phrases is None else [phrases]
+        masks = None if masks is None else [masks]
+    if texts is None:
+        if phrases is not None or masks is not None:
+            raise ValueError("phrases/masks need the answer texts: pass texts too")
+        texts = [""] * len(images)
+    for b, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{b}] must be a str, got {type(text).__name__}")
+    if phrases is None:
+        phrases = [[] for _ in images]
+    return images, texts, phrases, masks
 
 
-def _looks_like_one_mask_stack(masks: Any) -> bool:
-    """A single example's masks: one [K, H, W] array/tensor, or a list of 2-D arrays."""
+def _per_image(name: str, value: Any, batch: int) -> list[Any] | None:
+    """`value` as a list of one entry per image (None stays None); errors name `name` and the fix."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"images is a list, so {name} must be a list with one entry per image, got {type(value).__name__}: "
+            f"pass {name}=[...] with {batch} entries, or pass a single image"
+        )
+    if len(value) != batch:
+        raise ValueError(f"got {batch} images, {len(value)} {name}: {name} needs one entry per image")
+    return list(value)
+
+
+def _check_phrase_list(value: Any, name: str, hint: str) -> None:
+    """TypeError unless `value` is one flat list of phrases (strings or (start, end) spans)."""
+    if isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a list of phrases, got the str {value!r} (it would be read one character per phrase): "
+            f"pass [{value!r}]"
+        )
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of phrases (strings or (start, end) spans), got {type(value).__name__}")
+    if _is_span(value):
+        raise TypeError(f"{name} must be a list of phrases, got the single span {tuple(value)}: pass [{tuple(value)}]")
+    for phrase in value:
+        if isinstance(phrase, (list, tuple)) and not _is_span(phrase) and (
+            not phrase or not all(isinstance(i, (int, np.integer)) for i in phrase)
+        ):
+            raise TypeError(f"{name} must be a flat list of phrases, got the nested list {phrase!r} in it; {hint}")
+
+
+def _check_one_mask_stack(masks: Any) -> None:
+    """TypeError unless `masks` is one image's masks: a [K, H, W] array/tensor or a list of HxW masks."""
     if torch.is_tensor(masks) or isinstance(masks, np.ndarray):
-        return masks.ndim == 3
-    return len(masks) > 0 and all(getattr(m, "ndim", None) == 2 for m in masks)
+        if masks.ndim == 3:
+            return
+    elif isinstance(masks, (list, tuple)) and all(getattr(m, "ndim", None) == 2 for m in masks):
+        return
+    shape = tuple(masks.shape) if hasattr(masks, "shape") else type(masks).__name__
+    raise TypeError(
+        f"images is one image, so masks must be one [K, H, W] array/tensor or a list of K HxW masks, got {shape}; "
+        "for a batch, pass images=[image, ...] and masks=[masks_0, ...]"
+    )
 
 
 def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example: int) -> torch.Tensor:
@@ -761,4 +938,42 @@ def _library_processor_class(name: str | None):
     return getattr(transformers, name, None)
 
 
-__all__ = ["FLMMProcessor", "backbone_inputs", "backbone_image_inputs", "letterbox_geometry", "sam_preprocess", "to_rgb", "resolve_phrase_spans"]
+
+def _config_model_type(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:
+    """The backbone's `model_type` from `config.json` in a folder or Hub repo (an F-LMM config's `lmm_config`)."""
+    config_file = _cached_file(path, "config.json", kwargs)
+    if config_file is None:
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") == "flmm":
+        config = config.get("lmm_config") or {}
+    return config.get("model_type")
+
+
+def _copy_custom_code(save_directory: str | os.PathLike) -> list[str]:
+    """Copy this file and its relative-import siblings (recursively) into `save_directory`."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files = []
+    for source in [__file__, *get_relative_import_files(__file__)]:
+        target = os.path.join(save_directory, os.path.basename(source))
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
+        files.append(target)
+    return files
+
+
+__all__ = [
+    "FLMMProcessor",
+    "PhraseMatch",
+    "backbone_family",
+    "backbone_image_inputs",
+    "backbone_inputs",
+    "letterbox_geometry",
+    "match_phrases",
+    "processor_model_types",
+    "resolve_phrase_spans",
+    "sam_preprocess",
+    "to_rgb",
+]

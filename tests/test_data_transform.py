@@ -179,3 +179,15 @@ def test_end_to_end_through_processor(built, fixtures_dir, llava_tokenizer):
             assert batch["masks"][b].shape == item["masks"].shape and torch.equal(batch["masks"][b], item["masks"])
             assert batch["original_sizes"][b].tolist() == [item["image"].height, item["image"].width]
         assert batch["plural"] == [it["plural"] for it in items]
+
+
+def test_png_spans_follow_the_processor_phrase_rules(built):
+    """PNG segment spans are trimmed of surrounding whitespace, and a whitespace-only span is refused."""
+    row = dict(built["png"][0])
+    segment = dict(next(s for s in row["segments"] if s["segment_ids"]))
+    row["caption"] = "  two cats  on a couch"
+    row["segments"] = [dict(segment, start=1, end=11, utterance=" two cats ")]
+    assert FLMMTransform().example(row)["phrases"] == [[2, 10]]
+    row["segments"] = [dict(segment, start=10, end=12, utterance="  ")]
+    with pytest.raises(ValueError, match=rf"image {row['image_id']}: segment span \(10, 12\) covers only whitespace"):
+        FLMMTransform().example(row)

@@ -20,17 +20,42 @@ from transformers.utils import logging as hf_logging
 import tiny_models as tm
 from flmm_hf import image_layout
 from flmm_hf.image_layout import (
-    cell_at,
-    cell_box,
+    FAMILIES,
+    Family,
+    SquareLayout,
     example_image_inputs,
+    get_family,
     get_image_layout,
-    merge_grids,
+    register_family,
+    register_image_layout,
+    stack_grids,
 )
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def _batch_grids(layout, inputs: dict) -> list[list[torch.Tensor]]:
+    """``layout.grids`` of every example of a padded processor batch."""
+    return [
+        layout.grids(inputs["input_ids"][b], example_image_inputs(inputs, b)) for b in range(inputs["input_ids"].shape[0])
+    ]
+
+
+def _cell_box(row: int, col: int, grid_size, canvas_size) -> tuple[float, ...]:
+    """(top, left, bottom, right) in canvas pixels covered by cell ``(row, col)`` of a grid."""
+    gh, gw = grid_size
+    ch, cw = (float(v) for v in canvas_size)
+    return (row * ch / gh, col * cw / gw, (row + 1) * ch / gh, (col + 1) * cw / gw)
+
+
+def _cell_at(y: float, x: float, grid_size, canvas_size) -> tuple[int, int]:
+    """The (row, col) of the grid cell that covers canvas pixel (y, x): every grid spans the whole canvas."""
+    gh, gw = grid_size
+    ch, cw = (float(v) for v in canvas_size)
+    return min(int(y * gh / ch), gh - 1), min(int(x * gw / cw), gw - 1)
+
+
 def _identity_vision_encoder(model: torch.nn.Module) -> list:
     """Zero the attention and MLP outputs of every vision-encoder layer (hooks; returns handles)."""
 
@@ -110,7 +135,7 @@ def test_grid_positions_follow_image_geometry(family: str, padding_side: str = "
     inputs = tm.build_inputs(family, images=images, padding_side=padding_side)
     # original (H, W) per example: what the processor reports and tiled layouts may need
     inputs["original_sizes"] = torch.tensor(sizes)
-    grids = layout.batch_grids(inputs)
+    grids = _batch_grids(layout, inputs)
 
     assert len(grids) == 2
     image_positions = inputs["input_ids"] == tm.IMAGE_ID
@@ -145,7 +170,7 @@ def test_grid_positions_follow_image_geometry(family: str, padding_side: str = "
     for b, (fy, fx) in enumerate(points):
         H, W = sizes[b]
         for g, grid in enumerate(grids[b]):
-            row, col = cell_at(fy * H, fx * W, tuple(grid.shape), (H, W))
+            row, col = _cell_at(fy * H, fx * W, tuple(grid.shape), (H, W))
             grid_change = change[b, grid]  # [h, w]
             assert grid_change.max() > 0, f"{family}: painting changed nothing in grid {g}"
             got = divmod(int(grid_change.argmax()), grid.shape[1])
@@ -161,7 +186,7 @@ def test_grids_cover_all_patch_tokens(family: str):
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
     inputs["original_sizes"] = torch.tensor(tm.image_sizes(family))
-    for b, example_grids in enumerate(layout.batch_grids(inputs)):
+    for b, example_grids in enumerate(_batch_grids(layout, inputs)):
         covered = torch.cat([g.flatten() for g in example_grids]).unique()
         image_pos = torch.nonzero(inputs["input_ids"][b] == tm.IMAGE_ID).flatten()
         n_newlines = example_grids[1].shape[0] if family == "llava_next" else 0
@@ -177,7 +202,7 @@ def test_grids_move_with_padding(family: str):
     right = tm.build_inputs(family, padding_side="right")
     left["original_sizes"] = right["original_sizes"] = sizes
     assert (left["attention_mask"] == 0).any(), "the batch should need padding"
-    for b, (gl, gr) in enumerate(zip(layout.batch_grids(left), layout.batch_grids(right))):
+    for b, (gl, gr) in enumerate(zip(_batch_grids(layout, left), _batch_grids(layout, right))):
         pad = int((left["attention_mask"][b] == 0).sum())
         for a, c in zip(gl, gr):
             assert torch.equal(a - pad, c)
@@ -272,29 +297,83 @@ def test_unknown_non_square_family_is_a_clear_error():
 
 
 # --------------------------------------------------------------------------------------------
-# merging and the canvas mapping
+# stacking grids and the canvas mapping
 # --------------------------------------------------------------------------------------------
-def test_merge_grids_resizes_to_main_grid_and_concatenates():
+def test_stack_grids_resizes_to_main_grid_and_concatenates():
     K, C = 3, 5
     base, high = torch.rand(K, C, 7, 7), torch.rand(K, C, 10, 14)
-    merged = merge_grids([base, high], main_grid=1)
-    assert merged.shape == (K, 2 * C, 10, 14)
-    assert torch.equal(merged[:, C:], high)  # main grid untouched
+    stacked = stack_grids([base, high], main_grid=1)
+    assert stacked.shape == (K, 2 * C, 10, 14)
+    assert torch.equal(stacked[:, C:], high)  # main grid untouched
     expected = torch.nn.functional.interpolate(base, size=(10, 14), mode="bilinear", align_corners=False)
-    assert torch.allclose(merged[:, :C], expected)
+    assert torch.allclose(stacked[:, :C], expected)
     # a constant map stays constant through the resize
-    assert torch.allclose(merge_grids([torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 8, 8)], 1)[:, 0], torch.ones(1, 8, 8))
+    assert torch.allclose(stack_grids([torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 8, 8)], 1)[:, 0], torch.ones(1, 8, 8))
 
     layout = get_image_layout(tm.tiny_config("idefics3"))
-    out = layout.merge([torch.rand(K, C, 8, 12), torch.rand(K, C, 4, 4)])
+    out = layout.stack([torch.rand(K, C, 8, 12), torch.rand(K, C, 4, 4)])
     assert out.shape == (K, 2 * C, 8, 12)
     with pytest.raises(ValueError, match="expected 2 grids"):
-        layout.merge([torch.rand(K, C, 8, 12)])
+        layout.stack([torch.rand(K, C, 8, 12)])
 
 
-def test_cell_mapping_round_trip():
+def test_cell_helpers_round_trip():
     grid, canvas = (10, 14), (480, 640)
     for r, c in [(0, 0), (3, 7), (9, 13)]:
-        top, left, bottom, right = cell_box(r, c, grid, canvas)
-        assert cell_at((top + bottom) / 2, (left + right) / 2, grid, canvas) == (r, c)
-    assert cell_box(9, 13, grid, canvas)[2:] == (480.0, 640.0)
+        top, left, bottom, right = _cell_box(r, c, grid, canvas)
+        assert _cell_at((top + bottom) / 2, (left + right) / 2, grid, canvas) == (r, c)
+    assert _cell_box(9, 13, grid, canvas)[2:] == (480.0, 640.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the family registry
+# --------------------------------------------------------------------------------------------
+SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
+             "smolvlm", "internvl", "mistral3")
+DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
+           "llava_onevision", "llava_next_video", "qwen3_vl", "idefics2", "pixtral", "aya_vision", "glm4v"}
+
+
+def test_registry_holds_layout_and_processor_traits_per_model_type():
+    assert set(tm.FAMILIES) <= set(SUPPORTED)
+    for model_type in SUPPORTED:
+        assert FAMILIES[model_type].layout is not None, model_type
+    assert {mt for mt, family in FAMILIES.items() if family.dynamic_resolution} == DYNAMIC
+    # dynamic-resolution processors without a layout yet are registered for their traits alone
+    assert get_family("qwen3_vl") == Family(layout=None, dynamic_resolution=True)
+    assert get_family("my_new_vlm") is None and get_family(None) is None
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_get_image_layout_uses_the_registered_factory(family: str):
+    config = tm.tiny_config(family)
+    layout = get_image_layout(config)
+    assert layout.model_type == config.model_type
+    assert type(layout) is type(FAMILIES[config.model_type].layout(config))
+
+
+def test_register_family_and_register_image_layout():
+    class SquareFromCount(SquareLayout):
+        def __init__(self, config):
+            super().__init__(config, side=None)
+
+    try:
+        register_family("my_new_vlm", SquareFromCount, dynamic_resolution=True)
+        assert type(get_image_layout(_unknown_config(image_seq_length=15))) is SquareFromCount  # no fallback, no error
+        # a layout registered alone keeps the family's processor traits
+        register_image_layout("my_new_vlm", SquareLayout)
+        assert get_family("my_new_vlm") == Family(SquareLayout, dynamic_resolution=True)
+        register_image_layout("qwen3_vl", SquareFromCount)
+        assert get_family("qwen3_vl") == Family(SquareFromCount, dynamic_resolution=True)
+    finally:
+        FAMILIES.pop("my_new_vlm", None)
+        FAMILIES["qwen3_vl"] = Family(dynamic_resolution=True)
+
+
+def test_registered_family_without_layout_takes_the_square_fallback():
+    config = _unknown_config(image_seq_length=16)
+    config.model_type = "qwen3_vl"
+    logger = hf_logging.get_logger(image_layout.__name__)
+    with CaptureLogger(logger) as captured:
+        layout = get_image_layout(config)
+    assert "qwen3_vl" in captured.out and isinstance(layout, SquareLayout) and layout.side == 4

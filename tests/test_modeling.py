@@ -132,6 +132,8 @@ def test_ground_returns_masks_at_original_size(model, processor, examples):
         model.ground(image, text, ["a purple giraffe"], processor=processor)
     with pytest.raises(ValueError, match="FLMMProcessor"):
         model.ground(image, text, phrases)
+    with pytest.raises(TypeError, match="phrases"):  # one phrase is still a list of phrases, not split into characters
+        model.ground(image, text, "man on left", processor=processor)
 
 
 def test_without_sam_refiner(fixtures_dir, processor, examples):

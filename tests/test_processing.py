@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,7 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from flmm_hf.processing_flmm import FLMMProcessor, letterbox_geometry, sam_preprocess, to_rgb
+from flmm_hf.grounded_chat import find_phrases
+from flmm_hf.image_layout import FAMILIES, Family
+from flmm_hf.processing_flmm import (
+    FLMMProcessor,
+    PhraseMatch,
+    backbone_family,
+    letterbox_geometry,
+    match_phrases,
+    processor_model_types,
+    resolve_phrase_spans,
+    sam_preprocess,
+    to_rgb,
+)
 
 LLAVA_IMAGE_TOKEN = 32000
 IMAGE_FILES = {
@@ -248,15 +261,18 @@ def test_masks_are_returned_at_original_size(llava, cats):
     assert len(out["masks"]) == 1
     assert out["masks"][0].dtype == torch.bool and out["masks"][0].shape == (2, 480, 640)
     assert int(out["masks"][0].sum()) == 100
-    listed = llava(cats, "a white bear and a kid.", ["white bear", "kid"], masks=[list(masks)], return_sam_inputs=False)
+    # one image: a list of K HxW masks is the same; a list of images: one mask entry per image
+    listed = llava(cats, "a white bear and a kid.", ["white bear", "kid"], masks=list(masks), return_sam_inputs=False)
     assert torch.equal(listed["masks"][0], out["masks"][0])
+    batched = llava([cats], ["a white bear and a kid."], [["white bear", "kid"]], masks=[list(masks)], return_sam_inputs=False)
+    assert torch.equal(batched["masks"][0], out["masks"][0])
 
 
 def test_prompt_only_for_generation(llava, cats):
     out = llava(cats, return_sam_inputs=False)
     assert (out["phrase_ids"] == -1).all()
     assert llava.decode(out["input_ids"][0][-5:]).endswith("ASSISTANT:")
-    custom = llava(cats, prompt="What is the kid holding?", return_sam_inputs=False)
+    custom = llava(cats, question="What is the kid holding?", return_sam_inputs=False)
     assert "What is the kid holding?" in llava.decode(custom["input_ids"][0])
 
 
@@ -315,6 +331,138 @@ def test_bad_inputs(llava, cats):
         FLMMProcessor(llava.processor, mode="fancy")
 
 
+BEAR = "a white bear."
+MASK = np.zeros((1, 480, 640), bool)
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, error, message",
+    [
+        # one image: one str, one flat phrase list, one mask stack
+        ("one", dict(texts=BEAR, phrases="white bear"), TypeError,
+         r"phrases must be a list of phrases, got the str 'white bear'.*pass \['white bear'\]"),
+        ("one", dict(texts=BEAR, phrases=(2, 12)), TypeError, r"phrases must be a list of phrases, got the single span"),
+        ("one", dict(texts=BEAR, phrases=[["white bear"]]), TypeError, r"phrases must be a flat list.*images=\[image"),
+        ("one", dict(texts=BEAR, phrases={"white bear"}), TypeError, "phrases must be a list of phrases"),
+        ("one", dict(texts=[BEAR], phrases=["white bear"]), TypeError, "images is one image, so texts must be one str"),
+        ("one", dict(texts=BEAR, phrases=["white bear"], masks=[MASK]), TypeError,
+         r"images is one image, so masks must be one \[K, H, W\]"),
+        ("one", dict(phrases=["bear"]), ValueError, "need the answer texts"),
+        # a list of images: one entry per image in every argument
+        ("list", dict(texts=[BEAR], phrases=["white bear"]), TypeError, r"phrases\[0\] must be a list of phrases, got the str"),
+        ("list", dict(texts=[BEAR], phrases=[(2, 12)]), TypeError, r"phrases\[0\] must be a list of phrases, got the single"),
+        ("list", dict(texts=[BEAR], phrases=[[["white bear"]]]), TypeError, r"phrases\[0\] must be a flat list"),
+        ("list", dict(texts=BEAR, phrases=[["white bear"]]), TypeError, "images is a list, so texts must be a list"),
+        ("list", dict(texts=[BEAR], phrases=[["white bear"]], masks=MASK[None]), TypeError,
+         "images is a list, so masks must be a list"),
+        ("list", dict(texts=[BEAR], phrases=[["white bear"]], masks=[]), ValueError, "got 1 images, 0 masks"),
+        ("list", dict(texts=[BEAR, BEAR], phrases=[["bear"]]), ValueError, "got 1 images, 2 texts"),
+        ("list", dict(texts=[3]), TypeError, r"texts\[0\] must be a str"),
+        ("none", dict(texts=[BEAR]), ValueError, "images is empty"),
+    ],
+)
+def test_input_shapes_follow_images_and_are_never_guessed(llava, cats, images, kwargs, error, message):
+    images = {"one": cats, "list": [cats], "none": []}[images]
+    with pytest.raises(error, match=message):
+        llava(images, return_sam_inputs=False, **kwargs)
+
+
+def test_one_image_and_a_batch_of_one_give_the_same_inputs(llava, cats):
+    masks = np.zeros((1, 480, 640), bool)
+    one = llava(cats, "a white bear.", ["white bear"], masks=masks, return_sam_inputs=False)
+    batch = llava([cats], ["a white bear."], [["white bear"]], masks=[masks], return_sam_inputs=False)
+    assert one.keys() == batch.keys()
+    for key in one:
+        assert torch.equal(one[key][0] if key == "masks" else one[key], batch[key][0] if key == "masks" else batch[key]), key
+    # an empty phrase list is a valid flat list: no phrase
+    assert (llava(cats, "a white bear.", [], return_sam_inputs=False)["phrase_ids"] == -1).all()
+
+
+# ---------------------------------------------------------------------------------- the phrase resolver
+def test_resolver_searches_strings_in_reading_order_and_trims_spans():
+    text = "the bear left of the bear. "
+    assert match_phrases(text, ["the bear", "the bear"]) == [PhraseMatch((0, 8)), PhraseMatch((17, 25))]
+    # a string is searched as given (its spaces too), then trimmed; the next search starts at its end
+    assert resolve_phrase_spans(text, [" bear", "bear"]) == [(4, 8), (21, 25)]
+    # explicit spans (tuples or lists) are trimmed of surrounding whitespace and move the search start too
+    assert resolve_phrase_spans(text, [[8, 14], "bear"]) == [(9, 13), (21, 25)]
+    assert resolve_phrase_spans(text, [(25, 27)]) == [(25, 26)]
+
+
+def test_resolver_reports_phrases_it_cannot_place_and_the_processor_raises():
+    text = "a white bear hugged by a kid."
+    matches = match_phrases(text, ["kid", "white bear", (3, 3), (0, 99), (1, 2), "Kid"])
+    assert matches[0] == PhraseMatch((25, 28))
+    assert matches[1].span is None and "'white bear' not found after the previous phrase" in matches[1].problem
+    assert matches[2].span is None and "span (3, 3) is empty or outside the text" in matches[2].problem
+    assert matches[3].span is None and "outside the text (length 29)" in matches[3].problem
+    assert matches[4].span is None and "covers only whitespace" in matches[4].problem
+    assert matches[5].span is None and "not found in the text" in matches[5].problem  # strict: case matters
+    with pytest.raises(ValueError, match=r"example 3: phrase 1 'white bear' not found after the previous phrase"):
+        resolve_phrase_spans(text, ["kid", "white bear"], example=3)
+
+
+def test_lenient_resolver_strips_then_searches_anywhere_then_ignoring_case():
+    text = "A cat sat on the mat. The Cat left."
+    # stripped, after the previous phrase
+    assert [m.span for m in match_phrases(text, [" cat ", "cat"], lenient=True)] == [(2, 5), (2, 5)]
+    # "the cat" is only there ignoring case; then "sat" only before the previous phrase
+    assert [m.span for m in match_phrases(text, ["mat", "the cat", "sat"], lenient=True)] == [(17, 20), (22, 29), (6, 9)]
+    assert [m.span for m in match_phrases(text, ["mat", "sat"])] == [(17, 20), None]  # strict: reading order only
+    assert match_phrases(text, ["dog"], lenient=True)[0].span is None
+
+
+def test_malformed_phrases_are_errors_in_every_mode():
+    for lenient in (False, True):
+        with pytest.raises(ValueError, match="phrase 1 is empty"):
+            match_phrases("a cat", ["cat", "  "], lenient=lenient)
+        with pytest.raises(ValueError, match=r"phrase 0 must be a string or an \(start, end\) pair"):
+            match_phrases("a cat", [(0, 1, 2)], lenient=lenient)
+        with pytest.raises(TypeError, match="got the str 'cat'"):
+            match_phrases("a cat", "cat", lenient=lenient)
+
+
+def test_chat_reports_missing_phrases_with_the_lenient_rules():
+    text = "Two cats on a pink couch."
+    spans, missing = find_phrases(text, ["two cats", "a dog", (14, 18), (20, 99)])
+    assert spans == [(0, 8), (14, 18)]
+    assert missing == ["a dog", f"{text[20:]!r} at span (20, 99)"]
+
+
+# ---------------------------------------------------------------------------------- backbone families
+def test_model_type_comes_from_the_folder_config_or_the_processor_class(llava, smolvlm):
+    assert llava.model_type == "llava" and not llava.is_dynamic_resolution
+    # the SmolVLM checkpoint is an Idefics3 config with an Idefics3Processor
+    assert smolvlm.model_type == "idefics3" and smolvlm.is_dynamic_resolution and not smolvlm.letterbox
+    # without a folder: the one registered family whose processor class is LlavaProcessor ("vipllava" is not registered)
+    assert FLMMProcessor(llava.processor).model_type == "llava"
+    assert processor_model_types("LlavaProcessor") == ["llava"]
+
+
+def test_processor_traits_come_from_the_registry(llava):
+    # an unregistered model type with a known processor class takes that class's family traits
+    assert FLMMProcessor(llava.processor, model_type="my_new_vlm").family == Family(dynamic_resolution=False)
+    # the user can name the family: as an Idefics3 backbone, this processor would keep its own resizing
+    as_dynamic = FLMMProcessor(llava.processor, model_type="idefics3")
+    assert as_dynamic.is_dynamic_resolution and not as_dynamic.letterbox and as_dynamic.image_processor_kwargs() == {}
+    # Pixtral's processor serves two registered families that agree: dynamic, whatever the model type says
+    assert sorted(processor_model_types("PixtralProcessor")) == ["mistral3", "pixtral"]
+    assert backbone_family("my_new_vlm", "PixtralProcessor") == Family(dynamic_resolution=True)
+    assert backbone_family("mistral3", "PixtralProcessor") is FAMILIES["mistral3"]
+    assert backbone_family(None, "NoSuchProcessor") is None
+
+
+def test_unknown_backbone_is_fixed_size_with_a_warning(llava, caplog):
+    # an unregistered model type and a processor class no registered family uses
+    backbone = copy.copy(llava.processor)
+    backbone.__class__ = type("MyNewVLMProcessor", (type(llava.processor),), {})
+    with caplog.at_level("WARNING", logger="flmm_hf.processing_flmm"):
+        unknown = FLMMProcessor(backbone, model_type="my_new_vlm")
+    assert "my_new_vlm" in caplog.text and "MyNewVLMProcessor" in caplog.text and "register_family" in caplog.text
+    assert unknown.family == Family() and unknown.letterbox
+    assert unknown.image_processor_kwargs() == llava.image_processor_kwargs()
+
+
 # ---------------------------------------------------------------------------------- post-processing
 def test_post_process_masks():
     logits = [torch.full((2, 64, 64), 5.0), torch.full((1, 24, 32), -5.0)]
@@ -339,8 +487,14 @@ def test_save_and_load(llava, smolvlm, cats, tmp_path):
 
     custom = FLMMProcessor(llava.processor, mode="native", question="Describe the picture.", letterbox=True)
     custom.save_pretrained(tmp_path / "llava")
+    # the custom code is this file and the sibling it imports (the family registry)
+    assert {"processing_flmm.py", "image_layout.py"} <= {p.name for p in (tmp_path / "llava").glob("*.py")}
+    saved = json.loads((tmp_path / "llava" / "flmm_processor_config.json").read_text())
+    assert saved["model_type"] == "llava"
     loaded = FLMMProcessor.from_pretrained(tmp_path / "llava")
     assert (loaded.mode, loaded.question, loaded.letterbox) == ("native", "Describe the picture.", True)
+    assert loaded.model_type == "llava"
+    assert FLMMProcessor.from_pretrained(tmp_path / "llava", model_type="my_new_vlm").model_type == "my_new_vlm"
     a = custom(cats, "a white bear.", ["white bear"])
     b = loaded(cats, "a white bear.", ["white bear"])
     assert a.keys() == b.keys()
@@ -356,4 +510,5 @@ def test_save_and_load(llava, smolvlm, cats, tmp_path):
     smolvlm.save_pretrained(tmp_path / "smol")
     reloaded = FLMMProcessor.from_pretrained(tmp_path / "smol")
     assert reloaded.mode == "native" and type(reloaded.processor).__name__ == "Idefics3Processor"
+    assert reloaded.model_type == "idefics3" and reloaded.is_dynamic_resolution
     assert reloaded.processor.image_seq_len == smolvlm.processor.image_seq_len
