@@ -354,7 +354,7 @@ def test_backbone_yaml(name, tmp_path):
         ["--config", str(CONFIGS / name), "--output_dir", str(tmp_path), "--use_cpu", "true"]
     )
     assert model_args.lmm_name_or_path == repo
-    # The paper's recipe (method.md section 4).
+    # The paper's recipe.
     assert model_args.lmm_dtype == "bfloat16" and model_args.use_sam
     assert model_args.sam_name_or_path == "facebook/sam-vit-large"
     assert (model_args.mask_head_channels, model_args.mask_head_stages, model_args.merge) == (64, 4, "mean")
