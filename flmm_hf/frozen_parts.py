@@ -29,6 +29,13 @@ SAM_SUBFOLDER = "sam"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 # The prefix of the head's keys in the model's state dict.
 HEAD_PREFIX = "head."
+# Folders saved before the head became its own module (2026-12-01) keep its parts at the top level and SAM's
+# trained parts without `sam.`: loading renames them (the weights are the same).
+EARLIER_KEY_LAYOUT = {
+    r"^mask_head\.": "head.mask_head.",
+    r"^text_projection\.": "head.text_projection.",
+    r"^sam_refiner\.(prompt_encoder|mask_decoder)\.": r"head.sam_refiner.sam.\1.",
+}
 
 LMM_FIX = (
     "Fix: pass lmm=<Hub id, local folder or loaded model> of the recorded architecture to from_pretrained, "
@@ -200,7 +207,7 @@ def save_flmm(
         if model.head.has_refiner:
             model.head.sam_refiner.sam.save_pretrained(os.path.join(save_directory, SAM_SUBFOLDER))
     if model_card:
-        from .model_card import write_model_card  # library-only (not part of the Hub custom code)
+        from .model_card import write_model_card  # imported here: only saving needs it
 
         write_model_card(save_directory, config, save_mode=save_mode)
     if push_to_hub:
@@ -293,7 +300,8 @@ def load_flmm(
     lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, **lmm_load_kwargs)
     sam_model = load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
     model, loading_info = load_weights(
-        source, config=config, _defer_frozen=True, dtype=torch.float32, output_loading_info=True, **hub_kwargs
+        source, config=config, _defer_frozen=True, dtype=torch.float32, output_loading_info=True,
+        key_mapping=EARLIER_KEY_LAYOUT, **hub_kwargs,
     )
     trained = {HEAD_PREFIX + key for key in model.head.trained_state_dict()}
     missing = sorted(set(loading_info["missing_keys"]) & trained)
@@ -394,7 +402,8 @@ class FrozenPartsMixin:
         Args:
             pretrained_model_name_or_path: Hub id or folder written by `save_pretrained`.
             lmm: override the recorded LMM (a name/folder, or a loaded model); its architecture is checked.
-            sam: override the recorded SAM (a name/folder, or a loaded `SamModel`).
+            sam: override the recorded SAM (a name/folder, or a loaded `SamModel`, which is used, not copied:
+                it receives this model's trained prompt encoder and mask decoder).
             dtype, device_map, attn_implementation: passed to the LMM's `from_pretrained` (the language model
                 then switches to the capturing SDPA attention). The head stays float32, as trained, and sits on
                 the LMM's first device.
@@ -418,7 +427,12 @@ class FrozenPartsMixin:
 
     def attach_frozen_parts(self, lmm: PreTrainedModel, sam: SamModel | None) -> None:
         """Use `lmm` (and `sam`) as the frozen parts: after `from_pretrained` loaded the head around placeholders,
-        or to swap in a backbone of the recorded architecture. The head moves to the LMM's first device."""
+        or to swap in a backbone of the recorded architecture and shapes (checked; a ValueError says what
+        differs). The head moves to the LMM's first device; `sam` receives the trained prompt encoder and mask
+        decoder (it is used, not copied)."""
+        check_backbone("LMM", self.config.lmm_config, lmm.config, f"the given {type(lmm).__name__}", LMM_FIX)
+        if sam is not None:
+            check_backbone("SAM", self.config.sam_config, sam.config, "the given SamModel", SAM_FIX)
         self.lmm = freeze_lmm(lmm)
         self.layout = get_image_layout(lmm.config)
         self.config.lmm_config = recorded_lmm_config(lmm)

@@ -4,7 +4,7 @@
 (`evaluate.py` calls it) as the Hub's `model-index`. The card is built with `huggingface_hub`'s
 `ModelCard` / `ModelCardData`, so it is validated the way the Hub reads it.
 
-This file is copied with the model's custom code (`modeling_flmm.py` imports it lazily), so it
+This file is copied with the model's custom code (`frozen_parts.py` imports it lazily), so it
 imports only the standard library and `huggingface_hub` (a dependency of transformers).
 """
 

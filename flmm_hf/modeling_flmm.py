@@ -127,6 +127,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
                 self.head.sam_refiner.sam.shared_image_embedding = FrozenPlaceholder("SAM's positional embedding")
             mark_initialized(self.head.sam_refiner.sam)
         self.post_init()
+        if not _defer_frozen and self.lmm.device.type != "meta":
+            self.head.to(self.lmm.device)  # the head sits on the LMM's first device, as after from_pretrained
 
     @property
     def image_token_id(self) -> int:

@@ -336,3 +336,42 @@ def test_model_card_metadata_for_hub_bases_and_results(saved, tmp_path):
     # Saving the model again into the folder keeps the results in the regenerated card.
     FLMMForGrounding.from_pretrained(folder).save_pretrained(folder)
     assert len(ModelCard.load(folder / "README.md").data.eval_results) == 2
+
+
+def test_folder_in_the_earlier_key_layout_loads_the_same(trained, processor, saved, image, tmp_path):
+    """Folders saved before the head became its own module (top-level `mask_head.*`, `sam_refiner.prompt_encoder.*`)
+    load with the same weights."""
+    from safetensors.torch import save_file
+
+    folder = _copy(saved, tmp_path / "earlier")
+    tensors = load_file(folder / "model.safetensors")
+    earlier = {k.removeprefix("head.").replace("sam_refiner.sam.", "sam_refiner."): v for k, v in tensors.items()}
+    assert any(k.startswith("sam_refiner.prompt_encoder.") for k in earlier)
+    save_file(earlier, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = FLMMForGrounding.from_pretrained(folder)
+    for key, value in tensors.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    inputs = _inputs(processor, image)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).refined_logits[0], trained(**inputs).refined_logits[0])
+
+
+def test_saving_leaves_the_model_config_as_it_was(trained, tmp_path):
+    """Adapter and full saves write their own copy of the config; the model's changes only where transformers'
+    own save_pretrained records architectures, dtype and auto_map."""
+    def comparable(config):
+        return {k: v for k, v in config.to_dict().items() if k not in ("architectures", "dtype", "auto_map")}
+
+    before = comparable(trained.config)
+    trained.save_pretrained(tmp_path / "adapter")
+    trained.save_pretrained(tmp_path / "full", save_mode="full")
+    assert comparable(trained.config) == before
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["save_mode"] == "full"
+
+
+def test_attaching_a_backbone_of_another_shape_is_refused(saved, bases, fixtures_dir):
+    loaded = FLMMForGrounding.from_pretrained(saved)
+    other = tiny_llava(fixtures_dir)
+    other.config.text_config.num_hidden_layers = 5
+    with pytest.raises(ValueError, match="num_hidden_layers=3.*num_hidden_layers=5"):
+        loaded.attach_frozen_parts(other, None)

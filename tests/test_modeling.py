@@ -208,12 +208,16 @@ def test_early_stop_and_offloaded_weights(fixtures_dir, processor, examples):
 
 
 def test_one_model_serves_concurrent_threads(model, processor, examples):
-    """3 threads x 6 `ground` calls on ONE model give exactly the serial masks, while a plain `model.lmm(...)`
-    forward in a 4th thread keeps its serial output: capture state lives per call, not on the shared modules."""
+    """3 threads x 6 `ground` calls on ONE model give exactly the serial masks (and the serial phrase maps, to 1e-6),
+    while a plain `model.lmm(...)` forward in a 4th thread keeps its serial output: capture state lives per call,
+    not on the shared modules."""
     import threading
 
     calls = [examples[i % 3][:3] for i in range(6)]
+    call_inputs = [processor(images=[image], texts=[text], phrases=[phrases]) for image, text, phrases in calls]
     serial = [model.ground(image, text, phrases, processor=processor) for image, text, phrases in calls]
+    with torch.no_grad():
+        serial_maps = [model.phrase_attention(**inputs)[0] for inputs in call_inputs]
     plain_inputs = processor(images=[examples[0][0]], texts=[examples[0][1]], return_sam_inputs=False)
     plain_inputs = {k: v for k, v in plain_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
@@ -228,7 +232,10 @@ def test_one_model_serves_concurrent_threads(model, processor, examples):
         try:
             start.wait()
             order = [(worker + j) % 6 for j in range(6)]  # every thread a different order
-            results[worker] = [(i, model.ground(*calls[i], processor=processor)) for i in order]
+            results[worker] = [
+                (i, model.ground(*calls[i], processor=processor), model.phrase_attention(**call_inputs[i])[0])
+                for i in order
+            ]
         except BaseException as error:  # reported below, with the thread's traceback
             errors.append(error)
 
@@ -252,9 +259,11 @@ def test_one_model_serves_concurrent_threads(model, processor, examples):
     threads[3].join(timeout=60)
     assert not errors, errors
     assert sorted(results) == [0, 1, 2]
-    for worker, masks in results.items():
-        for i, mask in masks:
+    for worker, outcomes in results.items():
+        for i, mask, maps in outcomes:
             assert torch.equal(mask, serial[i]), (worker, i)
+            # the captured maps themselves: rows of another thread's call would change them
+            torch.testing.assert_close(maps, serial_maps[i], rtol=0, atol=1e-6)
     assert plain_outputs
     for logits in plain_outputs:  # the full forward ran (no early stop leaked in); rounding may differ with load
         torch.testing.assert_close(logits, plain_serial, rtol=0, atol=1e-5)
