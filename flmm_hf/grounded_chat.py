@@ -44,7 +44,6 @@ SELECTOR_QUESTION = (
 SELECTORS = ("auto", "noun_chunks", "lmm", "none")
 
 
-
 class PhraseNotFoundError(ValueError):
     """An explicit phrase given to `chat` does not occur in the LMM's answer."""
 
@@ -112,10 +111,6 @@ class GeneratedAnswer:
 # ---------------------------------------------------------------------------------------------
 # 1. generation with attention capture
 # ---------------------------------------------------------------------------------------------
-def _lmm_device(model: Any) -> torch.device:
-    return model.device
-
-
 def token_char_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """
     Decode `token_ids` and give each token its character span in the decoded text.
@@ -176,7 +171,7 @@ def generate_with_attention(
     processor = model.resolve_processor(processor)
     _check_capture_kwargs(generate_kwargs)
     inputs = processor(images=[image], texts=None, question=question, return_sam_inputs=return_sam_inputs)
-    device = _lmm_device(model)
+    device = model.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     lmm_inputs = backbone_inputs(inputs)
     prompt_ids = inputs["input_ids"]
@@ -207,8 +202,9 @@ def generate_with_attention(
         )
     kept = min(out.sequences.shape[1] - prompt_length, max_new)
     generated = out.sequences[0, prompt_length : prompt_length + kept]
-    fed = min(capture.attentions[0].shape[2], kept)  # generated tokens that a decoding step fed back
-    rows = capture.attentions[0][:, :, :fed]  # [layers, heads, fed, n_image]
+    captured = capture.attentions[0]  # [layers, heads, n, n_image]: built once from the per-layer chunks
+    fed = min(captured.shape[2], kept)  # generated tokens that a decoding step fed back
+    rows = captured[:, :, :fed]  # [layers, heads, fed, n_image]
     hidden_states = _hidden_from_generate(model, out, fed)  # [num_layers, fed, hidden]
     if fed < kept:
         # Generation stopped early (EOS or a stopping criterion): the last token was never fed back.
@@ -425,7 +421,7 @@ def generate_text(
     encoded = processor.processor(
         images=[lmm_images], text=[prompt], return_tensors="pt", **processor.image_processor_kwargs()
     )
-    device = _lmm_device(model)
+    device = model.device
     encoded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.items()}
     tokenizer = processor.tokenizer
     kwargs = _decoding_kwargs(model, tokenizer, generate_kwargs)

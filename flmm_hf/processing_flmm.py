@@ -72,7 +72,6 @@ def backbone_image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in backbone_inputs(inputs).items() if key not in NON_IMAGE_KEYS}
 
 
-
 def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Canvas size and content box of the letterbox, in the LMM's input pixels (as the original F-LMM).
 
@@ -135,7 +134,6 @@ def sam_preprocess(image: Image.Image, image_size: int = SAM_IMAGE_SIZE) -> torc
     out = torch.zeros(3, image_size, image_size, dtype=torch.float32)
     out[:, :new_h, :new_w] = torch.from_numpy(resized).permute(2, 0, 1)
     return out
-
 
 
 PhraseSpec = Union[str, tuple[int, int], Sequence[int]]
@@ -936,7 +934,6 @@ def _library_processor_class(name: str | None):
     import transformers
 
     return getattr(transformers, name, None)
-
 
 
 def _config_model_type(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:

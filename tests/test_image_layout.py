@@ -42,13 +42,6 @@ def _batch_grids(layout, inputs: dict) -> list[list[torch.Tensor]]:
     ]
 
 
-def _cell_box(row: int, col: int, grid_size, canvas_size) -> tuple[float, ...]:
-    """(top, left, bottom, right) in canvas pixels covered by cell ``(row, col)`` of a grid."""
-    gh, gw = grid_size
-    ch, cw = (float(v) for v in canvas_size)
-    return (row * ch / gh, col * cw / gw, (row + 1) * ch / gh, (col + 1) * cw / gw)
-
-
 def _cell_at(y: float, x: float, grid_size, canvas_size) -> tuple[int, int]:
     """The (row, col) of the grid cell that covers canvas pixel (y, x): every grid spans the whole canvas."""
     gh, gw = grid_size
@@ -315,14 +308,6 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
     assert out.shape == (K, 2 * C, 8, 12)
     with pytest.raises(ValueError, match="expected 2 grids"):
         layout.stack([torch.rand(K, C, 8, 12)])
-
-
-def test_cell_helpers_round_trip():
-    grid, canvas = (10, 14), (480, 640)
-    for r, c in [(0, 0), (3, 7), (9, 13)]:
-        top, left, bottom, right = _cell_box(r, c, grid, canvas)
-        assert _cell_at((top + bottom) / 2, (left + right) / 2, grid, canvas) == (r, c)
-    assert _cell_box(9, 13, grid, canvas)[2:] == (480.0, 640.0)
 
 
 # --------------------------------------------------------------------------------------------
