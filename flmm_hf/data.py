@@ -6,24 +6,33 @@ The transform (:class:`FLMMTransform`) turns one row into the processor's per-ex
   spans of the grounded phrases in ``text`` (``text[start:end]`` is exactly the expression or
   utterance, without surrounding spaces); ``masks``: ``BoolTensor [K, H, W]`` at the original
   image size; ``plural`` / ``isthing``: one bool per phrase (PNG metrics; RefCOCO refs are
-  singular things); ``image_id``.
+  singular things); ``image_id``; ``pieces``: the answer cut as the original F-LMM encoded it,
+  ``[start, end, last_token_only]`` spans of ``text`` that reproduction mode encodes one by one
+  (see :mod:`flmm_hf.answer_tokens`); ``question``: the row's ``question`` column if it has one
+  (a per-dataset prompt, see :class:`WithQuestion`), else None (the processor's question).
 
 Row kinds (detected from the columns):
 
 - PNG row (``caption`` + ``segments``): the answer is the caption; every segment with
-  ``segment_ids`` is a phrase.
+  ``segment_ids`` is a phrase. Pieces: every segment's utterance as stored (leading space
+  included), with nothing between them, as the original's PNGDataset encodes them.
 - RefCOCO row grouped by image (``ref_ids``, see :func:`group_refs_by_image`): the reference
   "concat" prompt: the expressions of all refs of the image, each followed by ``"."``,
-  joined by a space (``"man texting. guy on right."``), as the original tokenises each
-  expression and appends the ``.`` token.
+  joined by a space for display (``"man texting. guy on right."``). Pieces: each expression
+  alone, then a ``"."`` piece of which only the last token is kept, as the original's
+  RefCOCO2PNG appends ``tokenizer.encode('.', add_special_tokens=False)[-1]``; every token of an
+  expression is a phrase token.
 - RefCOCO row with one ref (``ref_id``, the Parquet layout): one expression per example,
-  also followed by ``"."``. :func:`explode_sentences` gives one row per sentence (RES evaluation).
+  also followed by ``"."`` (the original's "split" mode: one ref per sequence).
+  :func:`explode_sentences` gives one row per sentence (RES evaluation, the common protocol).
 
-Sentence choice per ref: a random one in training (``train=True``, seeded and reproducible,
-a fresh draw each time the row is read, different per DataLoader worker and epoch) and the
-first one in evaluation. By default, as in the original (mmdet's RefCocoDataset), the
-annotators' ``raw`` sentence lower-cased is used; ``sentence_field="sentences"`` picks the
-tokenised ``sent`` strings instead.
+Sentence choice per ref (``text_mode``, mmdet's RefCocoDataset names): ``"random"`` draws one
+sentence per ref ONCE (seeded by ``seed`` and the ref id) and keeps it for every epoch, as mmdet
+does when it loads the data list (the paper configs' choice); ``"resample"`` draws a fresh one
+each time the row is read (seeded and reproducible, different per DataLoader worker and epoch);
+``"select_first"`` takes the first one. The default is ``"resample"`` with ``train=True`` and
+``"select_first"`` otherwise. As in the original, the annotators' ``raw`` sentence lower-cased
+is used; ``sentence_field="sentences"`` picks the tokenised ``sent`` strings instead.
 
 Use with ``datasets``::
 
@@ -51,7 +60,8 @@ import torch
 from .datasets_io import rle_feature, rle_to_mask
 from .processing_flmm import match_phrases
 
-EXAMPLE_KEYS = ("image", "text", "phrases", "masks", "plural", "isthing", "image_id")
+EXAMPLE_KEYS = ("image", "text", "phrases", "masks", "plural", "isthing", "image_id", "pieces", "question")
+TEXT_MODES = ("random", "resample", "select_first")
 
 
 # --------------------------------------------------------------------------------------
@@ -161,34 +171,49 @@ def _decode_masks(rles: Sequence[dict], height: int, width: int) -> torch.Tensor
     return torch.from_numpy(np.stack(masks))
 
 
-def build_concat_answer(expressions: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
-    """``["a b", "c"]`` -> ``("a b. c.", [(0, 3), (5, 6)])``: each expression followed by ``.``."""
-    parts, spans, pos = [], [], 0
+def build_concat_answer(expressions: Sequence[str]) -> tuple[str, list[tuple[int, int]], list[list[int]]]:
+    """``["a b", "c"]`` -> ``("a b. c.", [(0, 3), (5, 6)], pieces)``: each expression followed by ``.``.
+
+    ``pieces`` (see :mod:`flmm_hf.answer_tokens`): ``[0, 3, 0], [3, 4, 1], [5, 6, 0], [6, 7, 1]``:
+    each expression encoded alone, then the last token of ``"."`` encoded alone.
+    """
+    parts, spans, pieces, pos = [], [], [], 0
     for k, expr in enumerate(expressions):
         if k:
             parts.append(" ")
             pos += 1
         spans.append((pos, pos + len(expr)))
+        pieces += [[pos, pos + len(expr), 0], [pos + len(expr), pos + len(expr) + 1, 1]]
         parts.append(expr + ".")
         pos += len(expr) + 1
-    return "".join(parts), spans
+    return "".join(parts), spans, pieces
 
 
 class FLMMTransform:
     """Row(s) -> model-input examples; usable as ``datasets`` ``set_transform``/``with_transform``.
 
     Args:
-        train: random sentence per ref (True) or the first one (False).
+        train: training (default sentence choice ``"resample"``) or evaluation (``"select_first"``).
         seed: base seed of the sentence draws.
         sentence_field: ``"raw_sentences"`` (lower-cased, as the original) or ``"sentences"``.
+        text_mode: the sentence per ref: ``"random"`` (drawn once per ref, fixed for every epoch:
+            mmdet's, the paper's), ``"resample"`` (a fresh draw per read) or ``"select_first"``;
+            None: by ``train`` (see the module docstring).
     """
 
-    def __init__(self, train: bool = False, seed: int = 0, sentence_field: str = "raw_sentences") -> None:
+    def __init__(
+        self, train: bool = False, seed: int = 0, sentence_field: str = "raw_sentences", text_mode: str | None = None
+    ) -> None:
         if sentence_field not in ("raw_sentences", "sentences"):
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {sentence_field!r}")
+        if text_mode is None:
+            text_mode = "resample" if train else "select_first"
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
         self.train = train
         self.seed = seed
         self.sentence_field = sentence_field
+        self.text_mode = text_mode
         self._draws: dict[Any, int] = defaultdict(int)
 
     # -- datasets entry point ----------------------------------------------------------
@@ -221,7 +246,7 @@ class FLMMTransform:
         else:
             raise ValueError(f"unknown row layout with columns {sorted(row)}")
         expressions = [self._choose(key, sents) for key, sents in zip(keys, sentences)]
-        text, phrases = build_concat_answer(expressions)
+        text, phrases, pieces = build_concat_answer(expressions)
         k = len(phrases)
         return {
             "image": image,
@@ -231,13 +256,19 @@ class FLMMTransform:
             "plural": [False] * k,
             "isthing": [True] * k,
             "image_id": int(row["image_id"]),
+            "pieces": pieces,
+            "question": row.get("question"),
         }
 
     def _choose(self, key: int, sentences: Sequence[str]) -> str:
-        """First sentence (eval) or a seeded random one (train); whitespace normalised."""
+        """The sentence of ref ``key`` by ``text_mode``; whitespace normalised."""
         if not sentences:
             raise ValueError(f"ref {key} has no sentences")
-        if self.train and len(sentences) > 1:
+        idx = 0
+        if self.text_mode == "random":
+            # One draw per ref for the whole run (mmdet draws when it loads the data list).
+            idx = random.Random(f"{self.seed}:{key}").randrange(len(sentences))
+        elif self.text_mode == "resample" and len(sentences) > 1:
             count = self._draws[key]
             self._draws[key] += 1
             info = torch.utils.data.get_worker_info()
@@ -245,20 +276,20 @@ class FLMMTransform:
             # main RNG), the draw count per read in one process: reproducible yet not frozen.
             worker_seed = info.seed if info is not None else 0
             idx = random.Random(f"{self.seed}:{key}:{count}:{worker_seed}").randrange(len(sentences))
-        else:
-            idx = 0
         sentence = " ".join(str(sentences[idx]).split())
         return sentence.lower() if self.sentence_field == "raw_sentences" else sentence
 
     def _png_example(self, row: dict, image) -> dict:
         caption = row["caption"]
-        spans, rles, plural, isthing = [], [], [], []
+        spans, rles, plural, isthing, pieces = [], [], [], [], []
         for seg in row["segments"]:
-            if not seg["segment_ids"]:
-                continue
             start, end = int(seg["start"]), int(seg["end"])
             if caption[start:end] != seg["utterance"]:
                 raise ValueError(f"segment span {start}:{end} does not index {seg['utterance']!r}")
+            if start < end:
+                pieces.append([start, end, 0])
+            if not seg["segment_ids"]:
+                continue
             spans.append((start, end))
             rles.append(seg["mask"])
             plural.append(bool(seg["plural"]))
@@ -277,7 +308,28 @@ class FLMMTransform:
             "plural": plural,
             "isthing": isthing,
             "image_id": int(row["image_id"]),
+            "pieces": pieces,
+            "question": row.get("question"),
         }
+
+
+class WithQuestion(torch.utils.data.Dataset):
+    """A dataset whose rows carry a ``question`` (the prompt's user turn for this dataset's examples).
+
+    The original F-LMM gives each dataset of a training mix its own prompt (e.g. the LLaVA-NeXT
+    configs train on PNG with ``What is shown in this image?`` and on RefCOCO with the
+    description prompt); :class:`FLMMTransform` passes the question to the processor per example.
+    """
+
+    def __init__(self, dataset: Any, question: str) -> None:
+        self.dataset = dataset
+        self.question = question
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "question": self.question}
 
 
 # --------------------------------------------------------------------------------------
@@ -317,6 +369,8 @@ class FLMMCollator:
             images=[ex["image"] for ex in examples],
             texts=[ex["text"] for ex in examples],
             phrases=[[tuple(int(v) for v in p) for p in ex["phrases"]] for ex in examples],
+            pieces=[ex.get("pieces") for ex in examples],
+            question=[ex.get("question") for ex in examples],
             return_tensors="pt",
             **kwargs,
         )

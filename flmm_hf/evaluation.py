@@ -1,10 +1,13 @@
 """Benchmark evaluation of an F-LMM model (RefCOCO/+/g RES and PNG): the logic behind ``evaluate.py``.
 
 - Referring expression segmentation (RES): RefCOCO val/testA/testB, RefCOCO+ val/testA/testB,
-  RefCOCOg (umd) val/test; cIoU and mIoU (gIoU). Two protocols, both reportable:
+  RefCOCOg (umd) val/test; cIoU and mIoU (gIoU). Three protocols, each reportable:
 
-  * ``"concat"`` (the paper's reference code): the first sentence of every ref, all refs of an
-    image in one sequence (:func:`flmm_hf.data.group_refs_by_image`); one example per image.
+  * ``"concat"`` (the paper's numbers: the original's ``--concat``): the first sentence of every
+    ref, all refs of an image in one sequence (:func:`flmm_hf.data.group_refs_by_image`); one
+    example per image.
+  * ``"split"`` (the original's evaluation without ``--concat``): the first sentence of every
+    ref, one ref per sequence; one example per ref.
   * ``"per_sentence"`` (the common protocol of other papers): every sentence is its own example
     (:func:`flmm_hf.data.explode_sentences`).
 
@@ -61,8 +64,11 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "refcocog": ("RefCOCOg", "res", ("val", "test")),
     "png": ("PNG", "png", ("val",)),
 }
-#: RES protocols: the paper's (first sentence per ref, refs of an image together) and the common one.
-PROTOCOLS = ("concat", "per_sentence")
+#: RES protocols: the paper's (first sentence per ref, refs of an image together), the original's
+#: other one (first sentence, one ref per sequence) and the common one (every sentence alone).
+PROTOCOLS = ("concat", "split", "per_sentence")
+#: The protocols evaluated unless others are asked for.
+DEFAULT_PROTOCOLS = ("concat", "per_sentence")
 #: Mask variants: the U-Net's masks and the SAM refiner's masks.
 VARIANTS = ("refined", "coarse")
 RESULTS_FILE = "eval_results.json"
@@ -94,8 +100,9 @@ class EvaluationArguments:
         metadata={"help": "Only these splits (default: RefCOCO/+ val testA testB, RefCOCOg val test, PNG val)."},
     )
     protocols: list[str] = field(
-        default_factory=lambda: list(PROTOCOLS),
-        metadata={"help": "RES protocols: 'concat' (the paper's) and/or 'per_sentence' (every sentence alone)."},
+        default_factory=lambda: list(DEFAULT_PROTOCOLS),
+        metadata={"help": "RES protocols: 'concat' (the paper's), 'split' (first sentence, one ref per sequence) "
+                  "and/or 'per_sentence' (every sentence alone)."},
     )
     max_samples: int | None = field(
         default=None, metadata={"help": "Evaluate at most N examples per split and protocol (images for concat)."}
@@ -164,6 +171,8 @@ def prepare_res_split(dataset, protocol: str, max_samples: int | None = None, ca
 
     if protocol == "concat":
         rows = group_refs_by_image(dataset, cache_dir=cache_dir)
+    elif protocol == "split":
+        rows = dataset  # one ref per row; FLMMTransform(train=False) takes its first sentence
     elif protocol == "per_sentence":
         rows = explode_sentences(dataset)
     else:

@@ -6,6 +6,9 @@ and turns (image, answer text, grounded phrases[, masks]) into the model's forwa
 - the prompt is the backbone's chat template around the question (default: the original F-LMM
   question `Please give me a description of the image.`) with the generation prompt, and the
   answer is appended as if the assistant had said it;
+- the answer's tokens: in reproduction mode the original F-LMM's piece-wise encoding (each piece
+  of the answer encoded alone, see `answer_tokens`), in native mode the prompt + answer string
+  tokenised as one, as the LMM would have generated it;
 - `phrase_ids` marks, per token of the *final* sequence (image placeholders expanded), which
   phrase the token grounds (-1: none); phrases are placed in the answer by `match_phrases`, the
   one phrase resolver of F-LMM (the processor, grounded chat and the data transform share it);
@@ -36,6 +39,7 @@ from PIL import Image
 from transformers import AutoProcessor, BatchFeature
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+from .answer_tokens import Piece, PieceSpec, as_pieces, encode_joint, encode_pieces, pack_rows, token_aligned_keys
 from .image_layout import FAMILIES, Family, get_family
 
 logger = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ DEFAULT_QUESTION = "Please give me a description of the image."
 
 CONFIG_NAME = "flmm_processor_config.json"
 # The settings `flmm_processor_config.json` stores (and `from_pretrained` accepts as overrides).
-SETTINGS = ("mode", "question", "letterbox", "model_type")
+SETTINGS = ("mode", "question", "letterbox", "model_type", "prompt_template")
 
 SAM_IMAGE_SIZE = 1024
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -263,12 +267,12 @@ def backbone_family(model_type: str | None, processor_class: str) -> Family | No
 
 @dataclass
 class _Text:
-    """One example's text: the answer, the full string (prompt + separator + answer), its phrases."""
+    """One example's text: its prompt, the answer, the answer's phrase spans and pieces."""
 
+    prompt: str
     answer: str
-    full: str
-    answer_start: int  # where the answer starts in `full`
     spans: list[tuple[int, int]]  # phrase spans in the answer
+    pieces: list[Piece]  # the answer's separately encoded pieces (reproduction mode)
 
 
 class FLMMProcessor:
@@ -284,8 +288,8 @@ class FLMMProcessor:
     `ProcessorMixin`, the backbone processor would have to be re-declared per family, and the
     saved folder would stop loading as the backbone's processor. So `save_pretrained` writes
     the backbone processor as is (the folder stays loadable as that backbone's processor) plus
-    `flmm_processor_config.json` with our settings, a copy of this file and its sibling
-    `image_layout.py`, and an `auto_map` entry so that
+    `flmm_processor_config.json` with our settings, a copy of this file and its siblings
+    (`image_layout.py`, `answer_tokens.py`), and an `auto_map` entry so that
     `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns an `FLMMProcessor`.
 
     Args:
@@ -296,9 +300,19 @@ class FLMMProcessor:
             `"native"`: the backbone's own image processing, except that a centre crop is
             replaced by the letterbox so that no pixel is lost. Dynamic-resolution/tiled
             backbones always keep their own resizing (canvas = the original image).
-            Both modes use the backbone's chat template around `question`.
+            The answer's tokens: reproduction mode encodes its pieces one by one, as the original
+            (see `answer_tokens`; a whole answer is one piece unless the caller gives `pieces`),
+            native mode tokenises prompt + answer as one string. Both modes put the backbone's
+            chat template around `question`, unless `prompt_template` is given.
         question (`str`, *optional*, defaults to `DEFAULT_QUESTION`):
             The user turn after the image (the original F-LMM prompt's question).
+        prompt_template (`str`, *optional*):
+            The prompt as a format string with `{image}` (replaced by the backbone's image token,
+            which its processor expands) and `{question}`, used instead of the chat template, e.g.
+            the original F-LMM's `"USER: {image}\n{question} ASSISTANT:"` (xtuner's vicuna
+            instruction around `<image>\n` + question) or DeepSeek-VL's `"User: {image}{question}\n\nAssistant:"`
+            (no system text, the question right after the image tokens). The backbone's tokenizer adds
+            its special tokens (BOS) as for any text, as the original's `encode(..., add_special_tokens=True)`.
         letterbox (`bool`, *optional*):
             Force the letterbox on or off; `None` decides from `mode` and the backbone.
         model_type (`str`, *optional*):
@@ -316,6 +330,7 @@ class FLMMProcessor:
         question: str = DEFAULT_QUESTION,
         letterbox: bool | None = None,
         model_type: str | None = None,
+        prompt_template: str | None = None,
     ):
         if mode not in ("reproduction", "native"):
             raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
@@ -327,6 +342,11 @@ class FLMMProcessor:
         self.mode = mode
         self.question = question
         self._letterbox = letterbox
+        if prompt_template is not None and "{image}" not in prompt_template:
+            raise ValueError(
+                f"prompt_template must contain '{{image}}' (where the image tokens go), got {prompt_template!r}"
+            )
+        self.prompt_template = prompt_template
         processor_class = type(processor).__name__
         if model_type is None:
             candidates = processor_model_types(processor_class)
@@ -432,18 +452,28 @@ class FLMMProcessor:
         return kwargs
 
     # ------------------------------------------------------------------ prompt
+    @property
+    def image_token(self) -> str:
+        """The backbone processor's image placeholder (one per image; the processor expands it)."""
+        token = getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        if not token:
+            raise ValueError(
+                f"{type(self.processor).__name__} names no image_token; a prompt_template cannot place the image"
+            )
+        return token
+
     def build_prompt(self, question: str | None = None) -> str:
-        """The templated prompt up to and including the assistant's generation prompt."""
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or self.question}]}
-        ]
+        """The prompt up to and including the assistant's generation prompt (`prompt_template` or the chat template)."""
+        question = self.question if question is None else question
+        if self.prompt_template is not None:
+            return self.prompt_template.format(image=self.image_token, question=question)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @staticmethod
     def _separator(prompt: str, answer: str) -> str:
-        # The answer is appended the way the LMM would generate it: after "ASSISTANT:" a token
-        # with a leading space (" the" -> "▁the"), exactly what the original F-LMM's separate
-        # encoding of the caption gave. Templates ending in whitespace/newline need none.
+        # Native mode appends the answer the way the LMM would generate it: after "ASSISTANT:" a
+        # token with a leading space (" the" -> "▁the"). Templates ending in whitespace need none.
         if not answer or not prompt or prompt[-1].isspace() or answer[0].isspace():
             return ""
         return " "
@@ -455,34 +485,42 @@ class FLMMProcessor:
         texts: str | Sequence[str] | None = None,
         phrases: Sequence[PhraseSpec] | Sequence[Sequence[PhraseSpec]] | None = None,
         masks: Any = None,
-        question: str | None = None,
+        question: str | Sequence[str | None] | None = None,
         return_sam_inputs: bool = True,
         max_length: int | None = None,
         return_tensors: str = "pt",
+        pieces: Sequence[PieceSpec] | Sequence[Sequence[PieceSpec] | None] | None = None,
     ) -> BatchFeature:
         """Build a padded batch of model inputs.
 
-        The shapes of `texts`, `phrases` and `masks` follow `images` and are never guessed:
+        The shapes of `texts`, `phrases`, `masks` and `pieces` follow `images` and are never guessed:
         `images` one image -> `texts` one `str` (or None), `phrases` one flat list of phrases for
-        it, `masks` one `[K, H, W]` array/tensor or a list of K HxW masks; `images` a list ->
-        `texts`, `phrases`, `masks` lists with one such entry per image. Anything else (a `str`
-        for `phrases`, a nested phrase list for one image, a flat one for a list of images,
-        mismatched lengths) raises a `TypeError`/`ValueError` that names the argument.
+        it, `masks` one `[K, H, W]` array/tensor or a list of K HxW masks, `pieces` one list of
+        pieces; `images` a list -> `texts`, `phrases`, `masks`, `pieces` lists with one such entry
+        per image. Anything else (a `str` for `phrases`, a nested phrase list for one image, a flat
+        one for a list of images, mismatched lengths) raises a `TypeError`/`ValueError` that names
+        the argument.
 
         Args:
             images: one image or a list (PIL, or uint8 numpy arrays); non-RGB modes are converted
                 (alpha composited on the mean colour, see `to_rgb`).
             texts: the answer text(s), appended after the assistant prompt. `None`: prompt only
-                (for generation); then `phrases` and `masks` must be `None` too.
+                (for generation); then `phrases`, `masks` and `pieces` must be `None` too.
             phrases: the grounded phrases of each answer: substrings of it or `(start, end)`
                 character spans (placed by `match_phrases`; a substring is searched from the end
                 of the previous phrase).
             masks: optional boolean masks at the original image size, one per phrase.
-            question: the user question, replacing `self.question` for this call.
+            question: the user question, replacing `self.question` for this call: one `str` for
+                every example, or one per image (`None` entries take `self.question`).
             return_sam_inputs: also return `sam_pixel_values` [B, 3, 1024, 1024].
             max_length: cut each sequence to at most this many tokens; a `ValueError` is raised if
                 that would cut the prompt/image tokens or any phrase token.
             return_tensors: only `"pt"` is supported.
+            pieces: reproduction mode: how each answer is cut into separately encoded pieces,
+                `(start, end)` or `(start, end, last_token_only)` character spans in order (see
+                `answer_tokens`; `FLMMTransform` gives the original's RefCOCO and PNG pieces);
+                `None` (or a `None` entry): the whole answer is one piece. Native mode tokenises
+                the answer with its prompt as one string and ignores them.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
@@ -493,22 +531,21 @@ class FLMMProcessor:
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if pieces is not None and not isinstance(images, (list, tuple)):
+            pieces = [pieces]  # one image: one list of pieces
         images, texts, phrases, masks = _batch_arguments(images, texts, phrases, masks)
+        questions = _per_example_questions(question, len(images))
+        pieces = _per_example_pieces(pieces, texts, len(images))
         rgb_images, lmm_images, geometry = self._prepare_images(images)
-        prompt = self.build_prompt(question)
-        examples = self._build_texts(prompt, texts, phrases)
-        # The backbone does the image-token expansion, the image tensors and the batch padding.
-        encoded = self.processor(
-            images=[[image] for image in lmm_images],
-            text=[example.full for example in examples],
-            padding=True,
-            return_tensors="pt",
-            **self.image_processor_kwargs(),
-        )
-        data: dict[str, Any] = dict(encoded)
-        data["phrase_ids"], keep_lengths = self._place_phrase_ids(encoded, len(prompt), examples, max_length)
-        if any(n is not None for n in keep_lengths):
-            data = self._truncate(data, keep_lengths)
+        examples = [
+            _Text(self.build_prompt(q), answer, resolve_phrase_spans(answer, example_phrases, example=b),
+                  as_pieces(answer, example_pieces, example=b))
+            for b, (q, answer, example_phrases, example_pieces) in enumerate(zip(questions, texts, phrases, pieces))
+        ]
+        if self.mode == "reproduction":
+            data = self._encode_piecewise(lmm_images, examples, max_length)
+        else:
+            data = self._encode_joint(lmm_images, examples, max_length)
         data.update(geometry)
         if return_sam_inputs:
             data["sam_pixel_values"] = torch.stack([sam_preprocess(image) for image in rgb_images])
@@ -531,27 +568,54 @@ class FLMMProcessor:
             geometry["content_boxes"].append(box)
         return rgb_images, lmm_images, {key: torch.tensor(value, dtype=torch.long) for key, value in geometry.items()}
 
-    def _build_texts(self, prompt: str, texts: list[str], phrases: list[Sequence[PhraseSpec]]) -> list[_Text]:
-        """Prompt + answer strings and each answer's phrase spans."""
-        examples = []
-        for b, (answer, example_phrases) in enumerate(zip(texts, phrases)):
-            sep = self._separator(prompt, answer)
-            spans = resolve_phrase_spans(answer, example_phrases, example=b)
-            examples.append(_Text(answer, prompt + sep + answer, len(prompt) + len(sep), spans))
-        return examples
+    def _backbone_encode(self, lmm_images: list[Image.Image], texts: list[str]) -> dict[str, Any]:
+        """The backbone processor on (image, text) pairs: image-token expansion, image tensors, padding."""
+        encoded = self.processor(
+            images=[[image] for image in lmm_images],
+            text=texts,
+            padding=True,
+            return_tensors="pt",
+            **self.image_processor_kwargs(),
+        )
+        return dict(encoded)
 
-    def _place_phrase_ids(
-        self, encoded: Mapping[str, torch.Tensor], prompt_length: int, examples: list[_Text], max_length: int | None
-    ) -> tuple[torch.Tensor, list[int | None]]:
-        """`phrase_ids` [B, L] on the backbone's final sequences, and the length to keep per example."""
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        phrase_ids = torch.full_like(input_ids, -1)
-        keep_lengths: list[int | None] = []
+    def _encode_piecewise(self, lmm_images: list[Image.Image], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
+        """Reproduction mode: the backbone encodes each prompt (with its image); the answer's pieces are appended."""
+        data = self._backbone_encode(lmm_images, [example.prompt for example in examples])
+        keys = token_aligned_keys(data)
+        rows = []
+        for b, example in enumerate(examples):
+            positions = data["attention_mask"][b].nonzero().flatten()
+            ids, phrase_of_token = encode_pieces(self.tokenizer, example.answer, example.spans, example.pieces, b)
+            n = len(ids)
+            # An answer token takes the prompt's last value of every other token-aligned key (the
+            # text-token value: 0 in token_type_ids / mm_token_type_ids), and attention 1.
+            row = {key: data[key][b, positions] for key in keys}
+            row = {key: torch.cat([value, value[-1:].expand(n, *value.shape[1:])]) for key, value in row.items()}
+            row["input_ids"][len(positions):] = torch.tensor(ids, dtype=row["input_ids"].dtype)
+            row["attention_mask"][len(positions):] = 1
+            row["phrase_ids"] = torch.tensor([-1] * len(positions) + phrase_of_token, dtype=torch.long)
+            keep = self._check_truncation(max_length, len(positions) + n, n, phrase_of_token, example, b)
+            rows.append({key: value[:keep] for key, value in row.items()})
+        data.update(pack_rows(rows, self._pad_values(), left=self.tokenizer.padding_side == "left"))
+        return data
+
+    def _encode_joint(self, lmm_images: list[Image.Image], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
+        """Native mode: prompt + answer tokenised as one string by the backbone; phrase ids placed on its tail."""
+        full_texts, answer_starts = [], []
+        for example in examples:
+            head = example.prompt + self._separator(example.prompt, example.answer)
+            full_texts.append(head + example.answer)
+            answer_starts.append(len(head))
+        data = self._backbone_encode(lmm_images, full_texts)
+        input_ids, attention_mask = data["input_ids"], data["attention_mask"]
+        data["phrase_ids"] = torch.full_like(input_ids, -1)
+        keeps: list[int | None] = []
         for b, example in enumerate(examples):
             positions = attention_mask[b].nonzero().flatten()
-            tail_ids, tail_phrase = self._answer_token_phrases(
-                example.full, prompt_length, example.answer_start, example.spans, example.answer, b
-            )
+            start = answer_starts[b]
+            spans = [(start + s, start + e) for s, e in example.spans]
+            tail_ids, tail_phrase = encode_joint(self.tokenizer, full_texts[b], start, spans, b)
             real_ids = input_ids[b, positions].tolist()
             if len(tail_ids) > len(real_ids) or real_ids[len(real_ids) - len(tail_ids):] != tail_ids:
                 raise RuntimeError(
@@ -559,72 +623,23 @@ class FLMMProcessor:
                     "cannot place the phrase tokens"
                 )
             tail_positions = positions[len(real_ids) - len(tail_ids):]
-            phrase_ids[b, tail_positions] = torch.tensor(tail_phrase, dtype=phrase_ids.dtype)
-            keep_lengths.append(
-                self._check_truncation(
-                    max_length, len(real_ids), len(tail_ids), tail_phrase, example.answer, example.spans, b
-                )
-            )
-        return phrase_ids, keep_lengths
+            data["phrase_ids"][b, tail_positions] = torch.tensor(tail_phrase, dtype=torch.long)
+            keeps.append(self._check_truncation(max_length, len(real_ids), len(tail_ids), tail_phrase, example, b))
+        if any(keep is not None for keep in keeps):
+            keys = token_aligned_keys(data)
+            rows = []
+            for b in range(len(examples)):
+                positions = attention_mask[b].nonzero().flatten()[: keeps[b]]
+                rows.append({key: data[key][b, positions] for key in keys})
+            data.update(pack_rows(rows, self._pad_values(), left=self.tokenizer.padding_side == "left"))
+        return data
 
-    def _answer_token_phrases(
-        self,
-        full_text: str,
-        prompt_end: int,
-        answer_start: int,
-        spans: list[tuple[int, int]],
-        answer: str,
-        example: int,
-    ) -> tuple[list[int], list[int]]:
-        """Token ids of the answer tail of `full_text` and, per token, its phrase index (-1: none).
-
-        `full_text` is tokenised once (with the image placeholder unexpanded: it is one special
-        token, so the text around it tokenises the same as in the backbone's expanded string);
-        the tail = tokens from the first one ending after the prompt. A token belongs to phrase k
-        if its character span overlaps phrase k's span (sentencepiece "▁"/byte-level "Ġ" spaces
-        are part of the token's span but not of the phrase, so the space never decides).
-        """
-        if not answer:
-            return [], []
-        enc = self.tokenizer(full_text, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        first = next((i for i, (s, e) in enumerate(offsets) if e > prompt_end), len(ids))
-        tail_ids = list(ids[first:])
-        global_spans = [(answer_start + s, answer_start + e) for s, e in spans]
-        tail_phrase = []
-        for s, e in offsets[first:]:
-            hits = [k for k, (ps, pe) in enumerate(global_spans) if s < pe and e > ps and s < e]
-            if len(hits) > 1:
-                raise ValueError(
-                    f"example {example}: token {full_text[s:e]!r} overlaps phrases {hits}; "
-                    "phrases must be separated by at least a token boundary"
-                )
-            tail_phrase.append(hits[0] if hits else -1)
-        for k, (ps, pe) in enumerate(global_spans):
-            covered = [offsets[first + j] for j, p in enumerate(tail_phrase) if p == k]
-            if not covered:
-                raise ValueError(f"example {example}: phrase {k} {answer[ps - answer_start:pe - answer_start]!r} has no token")
-            lo, hi = min(s for s, _ in covered), max(e for _, e in covered)
-            while lo < hi and full_text[lo].isspace():
-                lo += 1
-            if (lo, hi) != (ps, pe):
-                # The phrase starts/ends inside a token ("man" in "woman"): the token is kept
-                # whole, so the grounded tokens decode to more than the phrase.
-                logger.warning(
-                    "example %d: phrase %d %r does not fall on token boundaries; its tokens cover %r",
-                    example, k, full_text[ps:pe], full_text[lo:hi],
-                )
-        return tail_ids, tail_phrase
+    def _pad_values(self) -> dict[str, int]:
+        return {"input_ids": self.tokenizer.pad_token_id or 0, "phrase_ids": -1}
 
     @staticmethod
     def _check_truncation(
-        max_length: int | None,
-        length: int,
-        tail_length: int,
-        tail_phrase: list[int],
-        answer: str,
-        spans: list[tuple[int, int]],
-        example: int,
+        max_length: int | None, length: int, tail_length: int, tail_phrase: list[int], example: _Text, index: int
     ) -> int | None:
         """Length to keep for one example (None: no cut); ValueError if the cut is not allowed."""
         if max_length is None or length <= max_length:
@@ -632,43 +647,16 @@ class FLMMProcessor:
         cut = length - max_length  # tokens removed from the end
         if cut > tail_length:
             raise ValueError(
-                f"example {example}: max_length={max_length} would cut the prompt/image tokens "
+                f"example {index}: max_length={max_length} would cut the prompt/image tokens "
                 f"(the prompt alone has {length - tail_length} tokens)"
             )
         cut_phrases = sorted({p for p in tail_phrase[tail_length - cut:] if p >= 0})
         if cut_phrases:
-            names = ", ".join(f"{k} {answer[spans[k][0]:spans[k][1]]!r}" for k in cut_phrases)
+            names = ", ".join(f"{k} {example.answer[slice(*example.spans[k])]!r}" for k in cut_phrases)
             raise ValueError(
-                f"example {example}: max_length={max_length} (sequence has {length} tokens) cuts phrase(s) {names}"
+                f"example {index}: max_length={max_length} (sequence has {length} tokens) cuts phrase(s) {names}"
             )
         return max_length
-
-    def _truncate(self, data: dict[str, Any], keep_lengths: list[int | None]) -> dict[str, Any]:
-        """Drop tokens at the end of the too-long examples and re-pad every [B, L] token tensor."""
-        input_ids, attention_mask = data["input_ids"], data["attention_mask"]
-        batch, length = input_ids.shape
-        token_keys = [k for k, v in data.items() if torch.is_tensor(v) and v.shape[:2] == (batch, length)]
-        kept_positions = []
-        for b in range(batch):
-            positions = attention_mask[b].nonzero().flatten()
-            if keep_lengths[b] is not None:
-                positions = positions[: keep_lengths[b]]
-            kept_positions.append(positions)
-        new_length = max(len(p) for p in kept_positions)
-        pad_values = {"input_ids": self.tokenizer.pad_token_id or 0, "phrase_ids": -1}
-        left = self.tokenizer.padding_side == "left"
-        out = dict(data)
-        for key in token_keys:
-            tensor = data[key]
-            new = torch.full((batch, new_length) + tuple(tensor.shape[2:]), pad_values.get(key, 0), dtype=tensor.dtype)
-            for b, positions in enumerate(kept_positions):
-                n = len(positions)
-                if left:
-                    new[b, new_length - n:] = tensor[b, positions]
-                else:
-                    new[b, :n] = tensor[b, positions]
-            out[key] = new
-        return out
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
@@ -736,6 +724,7 @@ class FLMMProcessor:
             "question": self.question,
             "letterbox": self._letterbox,
             "model_type": self.model_type,
+            "prompt_template": self.prompt_template,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
@@ -763,7 +752,7 @@ class FLMMProcessor:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FLMMProcessor:
         """Load a saved `FLMMProcessor`, or wrap a plain backbone processor (Hub id or folder).
 
-        `mode`, `question`, `letterbox` and `model_type` given here override the saved settings;
+        `mode`, `question`, `letterbox`, `model_type` and `prompt_template` given here override the saved settings;
         the other kwargs go to the backbone processor's `from_pretrained`. Without a saved or
         given `model_type`, the folder's `config.json` names it (`model_type`, or
         `lmm_config.model_type` in an F-LMM folder).
@@ -845,6 +834,28 @@ def _batch_arguments(
     if phrases is None:
         phrases = [[] for _ in images]
     return images, texts, phrases, masks
+
+
+def _per_example_questions(question: Any, batch: int) -> list[str | None]:
+    """`question` (None, one str, or one str/None per image) as one entry per example."""
+    if question is None or isinstance(question, str):
+        return [question] * batch
+    questions = _per_image("question", question, batch)
+    for b, q in enumerate(questions):
+        if q is not None and not isinstance(q, str):
+            raise TypeError(f"question[{b}] must be a str or None, got {type(q).__name__}")
+    return questions
+
+
+def _per_example_pieces(pieces: Any, texts: list[str], batch: int) -> list[Any]:
+    """`pieces` (one list of pieces, or None, per image) checked against the answers."""
+    if pieces is None:
+        return [None] * batch
+    pieces = _per_image("pieces", pieces, batch)
+    for b, (text, example_pieces) in enumerate(zip(texts, pieces)):
+        if example_pieces is not None and not text:
+            raise ValueError(f"pieces[{b}] given for an empty answer: pass texts too")
+    return pieces
 
 
 def _per_image(name: str, value: Any, batch: int) -> list[Any] | None:
@@ -964,6 +975,7 @@ def _copy_custom_code(save_directory: str | os.PathLike) -> list[str]:
 __all__ = [
     "FLMMProcessor",
     "PhraseMatch",
+    "Piece",
     "backbone_family",
     "backbone_image_inputs",
     "backbone_inputs",

@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .configuration_flmm import FLMMConfig
+from .data import WithQuestion
 from .modeling_flmm import FLMMOutput
 from .demo import (
     build_demo_backbone_for,
@@ -120,6 +121,15 @@ _TRAINING_ONLY_FIELDS: list[tuple[str, Any, dataclasses.Field]] = [
     ("lmm_dtype", str, field(
         default="bfloat16", metadata={"help": "dtype of the frozen LMM weights (paper: bfloat16): bfloat16, float16, float32."}
     )),
+    # FLMMProcessor settings (saved with the processor, so evaluation and inference prompt alike).
+    ("question", str | None, field(
+        default=None, metadata={"help": "The prompt's user question (None: the original F-LMM's description question)."}
+    )),
+    ("prompt_template", str | None, field(
+        default=None,
+        metadata={"help": "The prompt as a format string with {image} and {question}, instead of the chat template "
+                  "(the paper configs give the original's, e.g. 'USER: {image}\\n{question} ASSISTANT:')."},
+    )),
     # The offline demo's backbone (used when lmm_name_or_path is None).
     ("demo_image_size", int, field(default=224, metadata={"help": "Demo backbone: input size (px)."})),
     ("demo_patch_size", int, field(default=16, metadata={"help": "Demo backbone: patch size (grid = size // patch)."})),
@@ -161,6 +171,16 @@ class DataArguments:
     eval_split: str = field(default="val", metadata={"help": "Split of eval_dataset."})
     concat_refs: bool = field(
         default=True, metadata={"help": "RefCOCO: all refs of an image in one sequence (the reference 'concat' mode)."}
+    )
+    text_mode: str = field(
+        default="resample",
+        metadata={"help": "RefCOCO training sentence per ref: 'random' (drawn once, kept for every epoch: mmdet's, "
+                  "the paper's), 'resample' (a fresh draw per read) or 'select_first'."},
+    )
+    train_questions: list[str] | None = field(
+        default=None,
+        metadata={"help": "One prompt question per train dataset ('' = the processor's question); the original "
+                  "LLaVA-NeXT configs train PNG on 'What is shown in this image?'."},
     )
     sentence_field: str = field(default="raw_sentences", metadata={"help": "raw_sentences (original) or sentences."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
@@ -408,6 +428,13 @@ def build_datasets(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     if not data_args.train_datasets:
         return shapes_datasets(data_args)
     parts = [load_split(n, data_args.train_split, data_args.concat_refs) for n in data_args.train_datasets]
+    if data_args.train_questions is not None:
+        if len(data_args.train_questions) != len(parts):
+            raise ValueError(
+                f"train_questions has {len(data_args.train_questions)} entries for {len(parts)} train_datasets: "
+                "give one question per dataset ('' for the processor's question)"
+            )
+        parts = [WithQuestion(part, q) if q else part for part, q in zip(parts, data_args.train_questions)]
     train = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if data_args.max_train_samples is not None:
         train = torch.utils.data.Subset(train, range(min(data_args.max_train_samples, len(train))))
@@ -417,13 +444,16 @@ def build_datasets(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     return train, evaluation
 
 
-def build_train_collator(processor: Any, use_sam: bool, seed: int, sentence_field: str = "raw_sentences"):
-    """The training collator: a random (seeded, reproducible) sentence per ref, masks given to the model.
+def build_train_collator(
+    processor: Any, use_sam: bool, seed: int, sentence_field: str = "raw_sentences", text_mode: str = "resample"
+):
+    """The training collator: a seeded sentence per ref by `text_mode` (see `FLMMTransform`), masks given to the model.
     (Evaluation builds its own: :func:`flmm_hf.evaluation.make_collator`.)"""
     from .data import FLMMCollator, FLMMTransform
 
     call = functools.partial(processor, return_sam_inputs=use_sam)
-    return FLMMCollator(call, transform=FLMMTransform(train=True, seed=seed, sentence_field=sentence_field))
+    transform = FLMMTransform(train=True, seed=seed, sentence_field=sentence_field, text_mode=text_mode)
+    return FLMMCollator(call, transform=transform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +495,12 @@ def build_processor(model_args: ModelArguments, lmm_processor: Any = None):
     """The `FLMMProcessor` around the backbone's processor (given, or loaded by name)."""
     from .processing_flmm import FLMMProcessor
 
+    settings: dict[str, Any] = {"mode": model_args.mode, "prompt_template": model_args.prompt_template}
+    if model_args.question is not None:
+        settings["question"] = model_args.question
     if lmm_processor is not None:
-        return FLMMProcessor(lmm_processor, mode=model_args.mode)
-    return FLMMProcessor.from_pretrained(model_args.lmm_name_or_path, revision=model_args.lmm_revision, mode=model_args.mode)
+        return FLMMProcessor(lmm_processor, **settings)
+    return FLMMProcessor.from_pretrained(model_args.lmm_name_or_path, revision=model_args.lmm_revision, **settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +535,9 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=build_train_collator(processor, model_args.use_sam, training_args.seed, data_args.sentence_field),
+        data_collator=build_train_collator(
+            processor, model_args.use_sam, training_args.seed, data_args.sentence_field, data_args.text_mode
+        ),
         processing_class=processor,
         sentence_field=data_args.sentence_field,
     )

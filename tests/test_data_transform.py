@@ -35,9 +35,12 @@ def llava_tokenizer(fixtures_dir):
 
 
 def test_build_concat_answer():
-    text, spans = build_concat_answer(["man texting", "guy on right", "x"])
+    text, spans, pieces = build_concat_answer(["man texting", "guy on right", "x"])
     assert text == "man texting. guy on right. x."
     assert [text[s:e] for s, e in spans] == ["man texting", "guy on right", "x"]
+    assert [(text[s:e], last) for s, e, last in pieces] == [
+        ("man texting", 0), (".", 1), ("guy on right", 0), (".", 1), ("x", 0), (".", 1)
+    ]
 
 
 def test_grouped_concat_eval_uses_first_sentences(built):
@@ -102,7 +105,7 @@ def test_png_rows(built, fixtures_dir):
 def test_with_transform_batches(built):
     ds = built["grouped"].with_transform(FLMMTransform())
     one = ds[0]
-    assert set(one) == {"image", "text", "phrases", "masks", "plural", "isthing", "image_id"}
+    assert set(one) == {"image", "text", "phrases", "masks", "plural", "isthing", "image_id", "pieces", "question"}
     batch = ds[0:2]
     assert len(batch["text"]) == 2 and isinstance(batch["masks"][1], torch.Tensor)
     png = built["png"].with_transform(FLMMTransform())

@@ -237,6 +237,38 @@ def test_protocols_concat_and_per_sentence(data):
     assert len(prepare_res_split(refs, "concat", max_samples=2, cache_dir=str(data["cache"]))) == 2
 
 
+def test_split_protocol_is_one_ref_per_sequence_with_its_first_sentence(model, processor, data, tmp_path):
+    """The original's evaluation without --concat: 7 refs -> 7 examples of one expression each, and
+    the reported metrics equal a direct prediction on each ref's first sentence alone."""
+    from flmm_hf.data import FLMMTransform
+
+    refs = load_dataset(str(data["refcoco_val"]), split="val")
+    split = prepare_res_split(refs, "split")
+    assert len(split) == len(refs) == 7
+    transform = FLMMTransform(train=False)
+    for i in range(len(refs)):
+        example = transform.example(split[i])
+        expression = " ".join(refs[i]["raw_sentences"][0].lower().split())
+        assert example["text"] == expression + "." and example["phrases"] == [[0, len(expression)]]
+    args = EvaluationArguments(
+        refcoco=str(data["refcoco_val"]), protocols=["split"], max_samples=2, output_dir=str(tmp_path / "out"),
+        cache_dir=str(data["cache"]),
+    )
+    entry = run_evaluation(args, model=model, processor=processor)["results"]["refcoco"]["val"]["split"]
+    assert entry["num_examples"] == entry["num_masks"] == 2
+    predictions, truths = [], []
+    for row in (refs[0], refs[1]):
+        expression = " ".join(row["raw_sentences"][0].lower().split())
+        coarse, _ = _predict(model, processor, row["image"], expression + ".", [expression], _concat_pieces([expression]))
+        predictions.append(coarse[0])
+        truths.append(torch.from_numpy(rle_to_mask(row["mask"])))
+    intersections = [float((p & t).sum()) for p, t in zip(predictions, truths)]
+    unions = [float((p | t).sum()) for p, t in zip(predictions, truths)]
+    assert entry["coarse"]["ciou"] == pytest.approx(100 * sum(intersections) / sum(unions), abs=1e-9)
+    with pytest.raises(ValueError, match="unknown protocols"):
+        EvaluationArguments(refcoco="x", protocols=["splits"])
+
+
 # --------------------------------------------------------------------------------------
 # 3. End to end: every benchmark, split, protocol and metric; the recall plot
 # --------------------------------------------------------------------------------------
@@ -246,8 +278,17 @@ def _first_sentence_concat(rows) -> tuple[str, list[str]]:
     return " ".join(e + "." for e in expressions), expressions
 
 
-def _predict(model, processor, image, text, phrases):
-    inputs = processor(images=[image], texts=[text], phrases=[phrases], return_tensors="pt")
+def _concat_pieces(expressions) -> list[tuple[int, int, bool]]:
+    """The original's pieces of that text: each expression alone, then the last token of '.'."""
+    pieces, pos = [], 0
+    for e in expressions:
+        pieces += [(pos, pos + len(e), False), (pos + len(e), pos + len(e) + 1, True)]
+        pos += len(e) + 2
+    return pieces
+
+
+def _predict(model, processor, image, text, phrases, pieces=None):
+    inputs = processor(images=[image], texts=[text], phrases=[phrases], pieces=[pieces], return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
     sizes = inputs["original_sizes"]
@@ -281,7 +322,7 @@ def test_end_to_end_every_split_and_metric(model, processor, data, tmp_path):
     # independent check of one RES entry: text and masks built here from the dataset rows
     rows = [r for r in load_dataset(str(data["refcoco"]), split="val")]
     text, expressions = _first_sentence_concat(rows)
-    coarse, refined = _predict(model, processor, rows[0]["image"], text, expressions)
+    coarse, refined = _predict(model, processor, rows[0]["image"], text, expressions, _concat_pieces(expressions))
     gts = torch.from_numpy(np.stack([rle_to_mask(r["mask"]) for r in rows]))
     entry = results["refcoco"]["val"]["concat"]
     for variant, pred in (("coarse", coarse), ("refined", refined)):
@@ -301,7 +342,8 @@ def test_end_to_end_every_split_and_metric(model, processor, data, tmp_path):
         utterance = caption[s["start"]:s["end"]]
         start = s["start"] + len(utterance) - len(utterance.lstrip())
         spans.append((start, start + len(utterance.strip())))
-    coarse, refined = _predict(model, processor, row["image"], caption, spans)
+    utterances = [(s["start"], s["end"]) for s in row["segments"] if s["end"] > s["start"]]  # the original's pieces
+    coarse, refined = _predict(model, processor, row["image"], caption, spans, utterances)
     gts = torch.from_numpy(np.stack([rle_to_mask(s["mask"]) for s in segments]))
     flags = dict(isthing=[s["isthing"] for s in segments], plural=[s["plural"] for s in segments])
     for variant, pred in (("coarse", coarse), ("refined", refined)):

@@ -311,6 +311,14 @@ BACKBONES = {
     "qwen2.5-vl-7b.yaml": ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
     "smolvlm2-2.2b.yaml": ("HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm"),
 }
+# backbone -> (the original's template with {image} and {question}, PNG trained on the default prompt)
+ORIGINAL_PROMPTS = {
+    "llava-1.5-7b.yaml": ("USER: {image}\n{question} ASSISTANT:", False),
+    "llava-next-vicuna-7b.yaml": ("USER: {image}\n{question} ASSISTANT:", True),
+    "llava-next-mistral-7b.yaml": ("[INST] {image}\n{question} [/INST]", True),
+    "deepseek-vl-1.3b-chat.yaml": ("User: {image}{question}\n\nAssistant:", False),
+    "deepseek-vl-7b-chat.yaml": ("User: {image}{question}\n\nAssistant:", False),
+}
 PAPER_BACKBONES = [name for name, (repo, _) in BACKBONES.items() if "Qwen" not in repo and "SmolVLM" not in repo]
 
 
@@ -370,6 +378,13 @@ def test_backbone_yaml(name, tmp_path):
     assert paper_warmup_steps(args, 1000) == 30
     expected_mode = "native" if model_type in ("qwen2_5_vl", "smolvlm") else "reproduction"
     assert model_args.mode == expected_mode
+    # The original's prompt per backbone (its configs' prompt_template INSTRUCTION around the prompt),
+    # its sentence draw, and each training dataset's prompt (the LLaVA-NeXT configs give PNG the default one).
+    original = ORIGINAL_PROMPTS.get(name)
+    assert model_args.prompt_template == (original[0] if original else None)
+    if original:
+        assert data_args.text_mode == "random"
+        assert data_args.train_questions == (["What is shown in this image?", "", "", ""] if original[1] else None)
 
     # A tiny model of the same architecture, built as train.py builds the real one.
     lmm = _tiny_lmm(model_type)
