@@ -421,6 +421,7 @@ def generate_text(
     encoded = processor.processor(
         images=[lmm_images], text=[prompt], return_tensors="pt", **processor.image_processor_kwargs()
     )
+    encoded.update(processor.reproduction_image_inputs(lmm_images))  # the pixels the grounding path feeds
     device = model.device
     encoded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.items()}
     tokenizer = processor.tokenizer
