@@ -318,11 +318,35 @@ class FLMMProcessor:
     (`image_layout.py`, `answer_tokens.py`), and an `auto_map` entry so that
     `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns an `FLMMProcessor`.
 
+    What reproduction mode feeds each of the paper's backbones (the original F-LMM's inputs). The
+    text is the same recipe for all: the prompt `prompt_template.format(image=<image token>,
+    question=question)` (the paper configs give the original's template; without one, the chat
+    template) encoded by the backbone processor, which adds the tokenizer's special tokens (BOS)
+    as the original's `encode(prompt, add_special_tokens=True)` did and expands the one image token
+    to the model's image tokens; then the answer's pieces, each `encode(piece,
+    add_special_tokens=False)`, concatenated with nothing added between them (`answer_tokens`;
+    RefCOCO: each expression, then `encode('.')[-1]`; PNG: each utterance as stored).
+
+    - LLaVA-1.5-7B (`llava`): template `"USER: {image}\n{question} ASSISTANT:"` (xtuner's vicuna
+      instruction; the checkpoint's chat template gives the same string); image letterboxed at
+      336 (longer side resized with PIL bicubic, centred on a square of the CLIP mean colour
+      (122, 116, 104)), then the CLIP processor's normalisation, no centre crop; 576 image tokens.
+    - LLaVA-NeXT-Vicuna-7B / -Mistral-7B (`llava_next`): templates `"USER: {image}\n{question}
+      ASSISTANT:"` / `"[INST] {image}\n{question} [/INST]"` (xtuner's vicuna / mistral
+      instructions, no system text); the original image through the backbone's own any-res
+      processing (the base view resized to 336 x 336, the best-fit grid resized and padded with
+      the odd pixel after, as the original's fixed `_pad_for_patching`); the PNG training set is
+      prompted with `What is shown in this image?` (`train_questions` in the configs).
+    - DeepSeek-VL-1.3B / 7B: below.
+
     Reproduction mode on DeepSeek-VL repeats the original F-LMM's inputs, which come from
-    DeepSeek-VL's own `VLMImageProcessor` and vision tower. transformers' DeepSeek-VL processors
-    letterbox too, but round the resized size instead of truncating it, and the 7B one resizes
-    its low-resolution input in 8 bits; so the letterbox is made here and the backbone processor
-    only normalises it (its resize and padding leave a square of its size unchanged):
+    DeepSeek-VL's own `VLMImageProcessor` and vision tower. Template
+    `"User: {image}{question}\n\nAssistant:"` (no system text; the question right after the
+    576 image tokens); its byte-level tokenizer adds no prefix space, so the pieces join with
+    none. transformers' DeepSeek-VL processors letterbox too, but round the resized size instead
+    of truncating it, and the 7B one resizes its low-resolution input in 8 bits; so the letterbox
+    is made here and the backbone processor only normalises it (its resize and padding leave a
+    square of its size unchanged):
 
     - DeepSeek-VL-1.3B (`deepseek_vl`): the image is letterboxed at the image processor's size
       (384) by `deepseek_letterbox_geometry` (each side `max(int(length / longer * 384), 14)`),
