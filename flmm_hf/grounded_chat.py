@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .attention_capture import AttentionCapture
 from .processing_flmm import FLMMProcessor, backbone_image_inputs, backbone_inputs, match_phrases, sam_preprocess, to_rgb
@@ -90,7 +91,7 @@ class GeneratedAnswer:
 
     Args:
         text (`str`): the answer, decoded without special tokens and stripped.
-        token_ids (`torch.LongTensor` of shape `[n]`): the generated tokens (special ones included).
+        token_ids (`torch.LongTensor` of shape `[n]`): the generated tokens that were kept (special ones included).
         token_spans (`list[tuple[int, int]]`): character span of each generated token in `text`
             (empty `(i, i)` for tokens that add no visible text, e.g. EOS).
         attentions (`torch.FloatTensor` of shape `[layers, heads, n, n_image]`): attention of every generated
@@ -154,6 +155,10 @@ def generate_with_attention(
     question: str,
     processor: Any | None = None,
     return_sam_inputs: bool = False,
+    *,
+    answer_prefix: str | None = None,
+    stop_words: Sequence[str] = (),
+    drop_last_token: bool = False,
     **generate_kwargs: Any,
 ) -> GeneratedAnswer:
     """
@@ -165,12 +170,32 @@ def generate_with_attention(
     drop it: its decoding step is the forward pass that reads the last kept token (same cost as an
     extra forward, and generic: `generate` itself handles cache, positions and rope of every backbone).
 
+    Args:
+        model: an `FLMMForGrounding`.
+        image: a PIL image or uint8 numpy array.
+        question: the user turn (after the image, in the backbone's chat template).
+        processor: the `FLMMProcessor` (default: `model.processor`).
+        return_sam_inputs: also prepare SAM's input (`inputs["sam_pixel_values"]`), for the refiner.
+        answer_prefix: text the assistant's turn starts with; generation continues it. It is part of the
+            prompt (`GeneratedAnswer.inputs`), not of the answer. It is appended as the processor appends an
+            answer: leading whitespace is replaced by the processor's separator (one space after a template
+            that ends in a non-space such as `ASSISTANT:`, none after a newline).
+        stop_words: stop once the decoded generated text (special tokens kept, carriage returns and new lines
+            removed) ends with one of these strings, as xtuner's `StopWordStoppingCriteria` that the original
+            F-LMM uses.
+        drop_last_token: keep only the tokens that generation fed back to the model, i.e. drop the last
+            generated one, whatever it is (the stop word, EOS, or the `max_new_tokens`-th token), as the
+            original's visual chain-of-thought does (`sequences[0, :-1]`). At most `max_new_tokens - 1`
+            tokens are then kept.
+        generate_kwargs: passed to `generate` (`max_new_tokens` defaults to 128).
+
     Returns:
         A [`GeneratedAnswer`].
     """
     processor = model.resolve_processor(processor)
     _check_capture_kwargs(generate_kwargs)
-    inputs = processor(images=[image], texts=None, question=question, return_sam_inputs=return_sam_inputs)
+    texts = [answer_prefix.lstrip()] if answer_prefix else None
+    inputs = processor(images=[image], texts=texts, question=question, return_sam_inputs=return_sam_inputs)
     device = model.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     lmm_inputs = backbone_inputs(inputs)
@@ -188,19 +213,25 @@ def generate_with_attention(
         raise ValueError(f"the answer may have {max_new} new tokens; ask for at least one")
     tokenizer = processor.tokenizer
 
+    if stop_words:
+        criterion = StopWordsCriteria(tokenizer, stop_words, prompt_length)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criterion])
+
     image_mask = prompt_ids == model.image_token_id
     with AttentionCapture(
         model.lmm, layers=model.captured_layers, query_mask=None, key_mask=image_mask, generation=True
     ) as capture:
         out = model.lmm.generate(
             **lmm_inputs,
-            max_new_tokens=max_new + 1,
+            # Dropping the last token: generate exactly max_new (all kept tokens were fed back).
+            max_new_tokens=max_new if drop_last_token else max_new + 1,
             use_cache=True,
             return_dict_in_generate=True,
             output_hidden_states=True,
             **kwargs,
         )
-    kept = min(out.sequences.shape[1] - prompt_length, max_new)
+    new_tokens = out.sequences.shape[1] - prompt_length
+    kept = new_tokens - 1 if drop_last_token else min(new_tokens, max_new)
     generated = out.sequences[0, prompt_length : prompt_length + kept]
     captured = capture.attentions[0]  # [layers, heads, n, n_image]: built once from the per-layer chunks
     fed = min(captured.shape[2], kept)  # generated tokens that a decoding step fed back
@@ -228,6 +259,31 @@ def _check_capture_kwargs(generate_kwargs: dict[str, Any]) -> None:
     if generate_kwargs.get("num_beams", 1) != 1:
         # Beam search reorders the cache between steps: the captured rows would mix beams.
         raise ValueError("chat() supports greedy decoding and sampling, not beam search (num_beams must be 1)")
+
+
+class StopWordsCriteria(StoppingCriteria):
+    """
+    Stop when the generated text ends with one of `stop_words` (the original F-LMM's stop rule).
+
+    Like xtuner's `StopWordStoppingCriteria`: the generated tokens (those after `prompt_length`) are decoded with
+    their special tokens, carriage returns and new lines are removed, and the text is compared at its end. Only the
+    generated part is read (the original generated from embeddings, so its `input_ids` held the new tokens only).
+    """
+
+    def __init__(self, tokenizer: Any, stop_words: Sequence[str], prompt_length: int):
+        if isinstance(stop_words, str) or not stop_words or not all(isinstance(w, str) and w for w in stop_words):
+            raise ValueError(f"stop_words must be a list of non-empty strings, got {stop_words!r}")
+        self.tokenizer = tokenizer
+        self.stop_words = tuple(stop_words)
+        self.prompt_length = int(prompt_length)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs: Any) -> torch.BoolTensor:
+        done = []
+        for row in input_ids:
+            text = self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=False)
+            text = text.replace("\r", "").replace("\n", "")
+            done.append(any(text.endswith(word) for word in self.stop_words))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _decoding_kwargs(model: Any, tokenizer: Any, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -412,15 +468,40 @@ def generate_text(
     LMM reads the same pixels it grounds on. Raises whatever the backbone raises if it cannot take that
     many images (the visual chain-of-thought falls back to a single image then).
     """
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return generate_with_content(model, images, content, processor, **generate_kwargs)
+
+
+@torch.no_grad()
+def generate_with_content(
+    model: Any, images: Sequence[Any], content: Sequence[dict[str, Any]], processor: Any | None = None,
+    **generate_kwargs: Any,
+) -> str:
+    """
+    Plain generation from one user turn whose `content` interleaves images and text, in the backbone's chat template.
+
+    Args:
+        model: an `FLMMForGrounding`.
+        images: the images of the turn, in the order of its image items.
+        content: chat-template items in order: `{"type": "image"}` (one per image) and `{"type": "text", "text": ...}`.
+            How they are laid out is the backbone template's business (LLaVA-1.5's puts every image first).
+        processor: the `FLMMProcessor` (default: `model.processor`).
+        generate_kwargs: passed to `generate` (greedy unless `do_sample=True`; `max_new_tokens` defaults to 128).
+
+    Returns:
+        The reply, decoded without special tokens and stripped.
+    """
     processor = model.resolve_processor(processor)
+    slots = sum(1 for item in content if item.get("type") == "image")
+    if slots != len(images):
+        raise ValueError(f"content has {slots} image item(s) but {len(images)} image(s) were given; give one image per item")
     lmm_images = [lmm_view(processor, image) for image in images]
-    messages = [
-        {"role": "user", "content": [{"type": "image"} for _ in lmm_images] + [{"type": "text", "text": question}]}
-    ]
+    messages = [{"role": "user", "content": list(content)}]
     prompt = processor.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     encoded = processor.processor(
         images=[lmm_images], text=[prompt], return_tensors="pt", **processor.image_processor_kwargs()
     )
+    encoded.update(processor.reproduction_image_inputs(lmm_images))  # the pixels the grounding path feeds
     device = model.device
     encoded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.items()}
     tokenizer = processor.tokenizer
@@ -462,11 +543,38 @@ def ground_generated(
     """
     Mask logits of the phrases `spans` of a generated answer, from the attention captured while it was generated.
 
+    A phrase's tokens are the generated tokens whose text overlaps its character span (`phrase_token_masks`);
+    see [`ground_generated_tokens`] for the path they take.
+
+    Returns:
+        `[K, h, w]` coarse logits (cropped to the content) or `[K, H, W]` refined logits at the original size.
+    """
+    if not spans:
+        height, width = (int(v) for v in answer.inputs["original_sizes"][0])
+        return torch.zeros(0, height, width, device=model.device)
+    return ground_generated_tokens(model, answer, phrase_token_masks(answer, spans), image, use_refiner=use_refiner)
+
+
+@torch.no_grad()
+def ground_generated_tokens(
+    model: Any,
+    answer: GeneratedAnswer,
+    token_masks: torch.BoolTensor,
+    image: Any,
+    use_refiner: bool = True,
+) -> torch.FloatTensor:
+    """
+    Mask logits of phrases given as sets of generated tokens (`token_masks[k, j]`: token j belongs to phrase k).
+
     Same path as `FLMMForGrounding.forward`: per phrase, its token rows are merged and laid on the image grid
     (`FLMMForGrounding.phrase_maps`), the head predicts on the canvas and crops to the image content
     (`FLMMHead.coarse_logits`), and the SAM refiner (when present and `use_refiner`) refines with the phrase's
     text embedding (`FLMMHead.refined_logits`). Phrases are laid out one by one, so that overlapping phrases
-    ("the cat", "cat") may share tokens.
+    ("the cat", "cat") may share tokens. Tokens are taken as given, whether their text is visible or not (the
+    original's visual chain-of-thought grounds every token of its thought).
+
+    Args:
+        token_masks: `[K, n]` booleans over `answer.token_ids`; every phrase needs at least one token.
 
     Returns:
         `[K, h, w]` coarse logits (cropped to the content) or `[K, H, W]` refined logits at the original size.
@@ -474,14 +582,21 @@ def ground_generated(
     inputs = answer.inputs
     height, width = (int(v) for v in inputs["original_sizes"][0])
     device = model.device
-    if not spans:
+    token_masks = torch.as_tensor(token_masks, dtype=torch.bool).cpu()
+    if token_masks.dim() != 2 or token_masks.shape[1] != len(answer.token_ids):
+        raise ValueError(
+            f"token_masks must be [K, {len(answer.token_ids)}] (one column per generated token), got {tuple(token_masks.shape)}"
+        )
+    if token_masks.shape[0] == 0:
         return torch.zeros(0, height, width, device=device)
-    token_masks = phrase_token_masks(answer, spans)
+    empty = [k for k in range(token_masks.shape[0]) if not token_masks[k].any()]
+    if empty:
+        raise ValueError(f"phrase(s) {empty} select no generated token; every phrase needs at least one token")
     prompt_ids = inputs["input_ids"][0]
     full_ids = torch.cat([prompt_ids, answer.token_ids.to(prompt_ids)])[None]  # the sequence the LMM saw, [1, L]
     layout_inputs = dict(backbone_image_inputs(inputs), original_sizes=inputs["original_sizes"])
     maps = []
-    for k in range(len(spans)):
+    for k in range(token_masks.shape[0]):
         selected = token_masks[k].to(answer.attentions.device)
         phrase_ids = torch.full_like(full_ids, -1)
         phrase_ids[0, len(prompt_ids) + selected.nonzero().flatten().to(full_ids.device)] = 0
@@ -491,7 +606,7 @@ def ground_generated(
     if not (use_refiner and model.head.has_refiner):
         return coarse[0]
     hidden = answer.hidden_states.to(device)  # [num_layers, n, hidden]
-    phrase_hidden = [[hidden[:, token_masks[k].to(device)] for k in range(len(spans))]]
+    phrase_hidden = [[hidden[:, token_masks[k].to(device)] for k in range(token_masks.shape[0])]]
     sam_pixel_values = inputs.get("sam_pixel_values")
     if sam_pixel_values is None:
         sam_pixel_values = sam_preprocess(to_rgb(image))[None]
@@ -595,11 +710,14 @@ __all__ = [
     "GroundedAnswer",
     "GeneratedAnswer",
     "PhraseNotFoundError",
+    "StopWordsCriteria",
     "chat",
     "find_phrases",
     "generate_text",
     "generate_with_attention",
+    "generate_with_content",
     "ground_generated",
+    "ground_generated_tokens",
     "lmm_view",
     "noun_chunk_spans",
     "parse_listed_objects",

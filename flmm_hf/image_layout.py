@@ -446,7 +446,12 @@ class InternVLLayout(TiledLayout):
 
 
 def _square_patch_grid(config) -> ImageLayout:
-    """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS."""
+    """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS.
+
+    DeepSeek-VL-7B (``deepseek_vl_hybrid``) too: ``vision_config`` is its SigLIP branch (384 px,
+    patch 16: 24 x 24 = 576 tokens); the SAM branch's features are resized to the same grid and
+    joined to them channel-wise, token by token, so the sequence holds one grid of 576 tokens.
+    """
     return SquareLayout(config, _llava_side(config))
 
 
@@ -482,7 +487,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    # the 11 supported families
+    # the supported families (deepseek_vl_hybrid is DeepSeek-VL-7B, deepseek_vl the 1.3B model)
     "llava": Family(LlavaLayout),
     "llava_next": Family(LlavaNextLayout, dynamic_resolution=True),
     "qwen2_vl": Family(QwenVLLayout, dynamic_resolution=True),
@@ -490,6 +495,7 @@ FAMILIES: dict[str, Family] = {
     "paligemma": Family(_square_patch_grid),
     "gemma3": Family(_gemma3),
     "deepseek_vl": Family(_square_patch_grid),
+    "deepseek_vl_hybrid": Family(_square_patch_grid),
     "idefics3": Family(Idefics3Layout, dynamic_resolution=True),
     "smolvlm": Family(Idefics3Layout, dynamic_resolution=True),
     "internvl": Family(InternVLLayout, dynamic_resolution=True),

@@ -17,9 +17,12 @@ and turns (image, answer text, grounded phrases[, masks]) into the model's forwa
   (`canvas_sizes`, `content_boxes`) is in the LMM's input pixels; dynamic-resolution backbones
   see the original image (canvas = the image, in original pixels). Which backbone is which is
   the `dynamic_resolution` trait of its family in `image_layout.FAMILIES` (keyed by the
-  backbone config's `model_type`).
+  backbone config's `model_type`);
+- DeepSeek-VL in reproduction mode gets the original's own image inputs (`FLMMProcessor` says
+  how): the 1.3B model a 384 letterbox, the 7B model a 1024 letterbox for its high-resolution
+  (SAM) branch and a 384 resize of that letterbox for its low-resolution (SigLIP) branch.
 This file is also shipped as Hub custom code: it imports only torch, numpy, PIL, transformers and
-its sibling `image_layout.py` (copied beside it by `FLMMProcessor.save_pretrained`).
+its siblings `image_layout.py` and `answer_tokens.py` (copied beside it by `FLMMProcessor.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ DEFAULT_QUESTION = "Please give me a description of the image."
 CONFIG_NAME = "flmm_processor_config.json"
 # The settings `flmm_processor_config.json` stores (and `from_pretrained` accepts as overrides).
 SETTINGS = ("mode", "question", "letterbox", "model_type", "prompt_template")
+
+# Backbones whose original F-LMM preprocessing is DeepSeek-VL's VLMImageProcessor letterbox.
+DEEPSEEK_VL_MODEL_TYPES = ("deepseek_vl", "deepseek_vl_hybrid")
 
 SAM_IMAGE_SIZE = 1024
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -89,6 +95,26 @@ def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, i
         resized = (int(height * side / width), side)
     top, left = (side - resized[0]) // 2, (side - resized[1]) // 2
     return (side, side), (top, left, top + resized[0], left + resized[1])
+
+
+def deepseek_letterbox_geometry(
+    height: int, width: int, side: int, min_size: int = 14
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Canvas size and content box of DeepSeek-VL's letterbox (its `VLMImageProcessor`, which the original F-LMM uses).
+
+    Each side becomes `max(int(length / longer_side * side), min_size)` (divided first, then
+    multiplied, truncated; the `min_size` floor keeps very thin images at least `min_size` pixels
+    thick), then the image is pasted into a square of its new longer side, centred with the odd
+    pixel after (bottom/right). Returns `((canvas, canvas), (top, left, bottom, right))`, in the
+    letterbox's pixels. For `side` 384 and 1024 the sizes equal `letterbox_geometry`'s for every
+    image up to 6000 px except where the floor applies (an aspect ratio beyond side / min_size).
+    """
+    longer = max(height, width)
+    new_h = max(int(height / longer * side), min_size)
+    new_w = max(int(width / longer * side), min_size)
+    canvas = max(new_h, new_w)
+    top, left = (canvas - new_h) // 2, (canvas - new_w) // 2
+    return (canvas, canvas), (top, left, top + new_h, left + new_w)
 
 
 def to_rgb(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -292,6 +318,53 @@ class FLMMProcessor:
     (`image_layout.py`, `answer_tokens.py`), and an `auto_map` entry so that
     `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns an `FLMMProcessor`.
 
+    What reproduction mode feeds each of the paper's backbones (the original F-LMM's inputs). The
+    text is the same recipe for all: the prompt `prompt_template.format(image=<image token>,
+    question=question)` (the paper configs give the original's template; without one, the chat
+    template) encoded by the backbone processor, which adds the tokenizer's special tokens (BOS)
+    as the original's `encode(prompt, add_special_tokens=True)` did and expands the one image token
+    to the model's image tokens; then the answer's pieces, each `encode(piece,
+    add_special_tokens=False)`, concatenated with nothing added between them (`answer_tokens`;
+    RefCOCO: each expression, then `encode('.')[-1]`; PNG: each utterance as stored).
+
+    - LLaVA-1.5-7B (`llava`): template `"USER: {image}\n{question} ASSISTANT:"` (xtuner's vicuna
+      instruction; the checkpoint's chat template gives the same string); image letterboxed at
+      336 (longer side resized with PIL bicubic, centred on a square of the CLIP mean colour
+      (122, 116, 104)), then the CLIP processor's normalisation, no centre crop; 576 image tokens.
+    - LLaVA-NeXT-Vicuna-7B / -Mistral-7B (`llava_next`): templates `"USER: {image}\n{question}
+      ASSISTANT:"` / `"[INST] {image}\n{question} [/INST]"` (xtuner's vicuna / mistral
+      instructions, no system text); the original image through the backbone's own any-res
+      processing (the base view resized to 336 x 336, the best-fit grid resized and padded with
+      the odd pixel after, as the original's fixed `_pad_for_patching`); the PNG training set is
+      prompted with `What is shown in this image?` (`train_questions` in the configs).
+    - DeepSeek-VL-1.3B / 7B: below.
+
+    Reproduction mode on DeepSeek-VL repeats the original F-LMM's inputs, which come from
+    DeepSeek-VL's own `VLMImageProcessor` and vision tower. Template
+    `"User: {image}{question}\n\nAssistant:"` (no system text; the question right after the
+    576 image tokens); its byte-level tokenizer adds no prefix space, so the pieces join with
+    none. transformers' DeepSeek-VL processors letterbox too, but round the resized size instead
+    of truncating it, and the 7B one resizes its low-resolution input in 8 bits; so the letterbox
+    is made here and the backbone processor only normalises it (its resize and padding leave a
+    square of its size unchanged):
+
+    - DeepSeek-VL-1.3B (`deepseek_vl`): the image is letterboxed at the image processor's size
+      (384) by `deepseek_letterbox_geometry` (each side `max(int(length / longer * 384), 14)`),
+      resized with PIL's bicubic filter and pasted centred (odd pixel bottom/right) on a square of
+      the mean colour `int(255 * image_mean)` (SigLIP's 0.5 -> 127), then normalised by the
+      backbone processor with `image_mean`/`image_std`.
+    - DeepSeek-VL-7B (`deepseek_vl_hybrid`): the same letterbox at the high-resolution size
+      (1024) on `int(255 * high_res_image_mean)` (CLIP's mean -> (122, 116, 104));
+      `high_res_pixel_values` (the SAM branch) is the backbone processor's normalisation of it
+      with `high_res_image_mean`/`high_res_image_std`; `pixel_values` (the SigLIP branch) is that
+      1024 letterbox scaled to [0, 1] and resized to 384 by bilinear interpolation with
+      antialiasing on the float tensor (what the original vision tower's
+      `torchvision.transforms.Resize(384, antialias=True)` does to its input), then normalised
+      with `image_mean`/`image_std` (0.5/0.5): `reproduction_image_inputs` computes it, because
+      the processor's own resize, of the 8-bit image, gives other numbers. The canvas is the 1024
+      square and the content box is in its pixels: the geometry the original crops the mask
+      logits with.
+
     Args:
         processor (`ProcessorMixin`):
             The backbone's processor (`AutoProcessor.from_pretrained(lmm_name_or_path)`).
@@ -391,46 +464,66 @@ class FLMMProcessor:
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
-        """The image processor's mean colour as 0-255 ints (truncated, as the original F-LMM does)."""
-        mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        """The letterbox's pad colour: the image processor's mean colour as 0-255 ints (truncated, as the original).
+
+        DeepSeek-VL-7B in reproduction mode is letterboxed for its high-resolution branch, so its
+        colour is the mean of that branch (`high_res_image_mean`, CLIP's).
+        """
+        name = "high_res_image_mean" if self._hybrid_reproduction else "image_mean"
+        mean = getattr(self.image_processor, name, None) or (0.5, 0.5, 0.5)
         if isinstance(mean, (int, float)):
             mean = (mean,) * 3
         return tuple(int(m * 255) for m in mean)
+
+    @property
+    def _deepseek_reproduction(self) -> bool:
+        """Reproduction mode on DeepSeek-VL (1.3B or 7B): the original's `VLMImageProcessor` letterbox."""
+        return self.mode == "reproduction" and self.model_type in DEEPSEEK_VL_MODEL_TYPES
+
+    @property
+    def _hybrid_reproduction(self) -> bool:
+        """Reproduction mode on DeepSeek-VL-7B: letterbox at the high-resolution size, own low-resolution input."""
+        return self.mode == "reproduction" and self.model_type == "deepseek_vl_hybrid"
 
     def _fixed_size(self) -> tuple[int, int] | None:
         """(height, width) the fixed-size backbone feeds its vision tower, or None if unknown."""
         ip = self.image_processor
         if getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None) is not None:
-            size = ip.crop_size
-        else:
-            size = getattr(ip, "size", None)
-        if size is None:
-            return None
-        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-        if get("height") and get("width"):
-            return int(get("height")), int(get("width"))
-        if get("shortest_edge"):
-            return int(get("shortest_edge")), int(get("shortest_edge"))
-        return None
+            return _height_width(ip.crop_size)
+        return _height_width(getattr(ip, "size", None))
 
     def lmm_image(self, image: Any) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int]]:
         """The image as the LMM sees it, with its geometry.
 
         Returns `(image, canvas_size, content_box)`: the RGB image, letterboxed when this
         processor letterboxes (longer side resized first, then padded: the original's order and
-        pixel units); the canvas (H, W) and the (top, left, bottom, right) of the content in it.
+        pixel units; `letterbox_geometry`, or `deepseek_letterbox_geometry` for DeepSeek-VL in
+        reproduction mode, at 1024 for the 7B model); the canvas (H, W) and the
+        (top, left, bottom, right) of the content in it.
         """
         image = to_rgb(image, background=self.pad_color)
         if not self.letterbox:
             return image, (image.height, image.width), (0, 0, image.height, image.width)
-        canvas, box = letterbox_geometry(image.height, image.width, self._letterbox_side())
+        side = self._letterbox_side()
+        if self._deepseek_reproduction:
+            min_size = getattr(self.image_processor, "min_size", None)
+            min_size = 14 if min_size is None else min_size
+            canvas, box = deepseek_letterbox_geometry(image.height, image.width, side, min_size)
+        else:
+            canvas, box = letterbox_geometry(image.height, image.width, side)
+        # PIL's bicubic filter: LLaVA's and DeepSeek-VL's original processors both resize with it
+        # (DeepSeek-VL through torchvision's resize of a PIL image, which calls PIL).
         resized = image.resize((box[3] - box[1], box[2] - box[0]), Image.BICUBIC)
         square = Image.new("RGB", (canvas[1], canvas[0]), self.pad_color)
         square.paste(resized, (box[1], box[0]))
         return square, canvas, box
 
     def _letterbox_side(self) -> int:
-        size = self._fixed_size()
+        if self._hybrid_reproduction:
+            # The original letterboxes at the SAM branch's size; the SigLIP input is derived from that.
+            size = _height_width(getattr(self.image_processor, "high_res_size", None))
+        else:
+            size = self._fixed_size()
         if size is None or size[0] != size[1]:
             raise ValueError(
                 f"cannot letterbox for {type(self.image_processor).__name__}: its input size {size} is not a "
@@ -450,6 +543,36 @@ class FLMMProcessor:
                 # Without the crop, a shortest_edge resize would give a non-square image.
                 kwargs["size"] = {"height": size[0], "width": size[1]}
         return kwargs
+
+    def reproduction_image_inputs(self, lmm_images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Backbone image inputs that reproduction mode computes itself, replacing the backbone processor's.
+
+        DeepSeek-VL-7B in reproduction mode: `pixel_values` `[N, 3, 384, 384]` float32, the SigLIP
+        branch's input as the original makes it: each 1024 letterbox (from `lmm_image`) scaled to
+        [0, 1], resized to the image processor's `size` by bilinear interpolation with
+        antialiasing (`align_corners=False`) on the float tensor, then normalised with
+        `image_mean`/`image_std`. Empty for every other backbone, for native mode and without the
+        letterbox: there the backbone processor's inputs are used as they are.
+
+        Args:
+            lmm_images: the images as the LMM sees them (`lmm_image(image)[0]`), one per image input.
+        """
+        if not (self._hybrid_reproduction and self.letterbox) or not lmm_images:
+            return {}
+        ip = self.image_processor
+        size = self._fixed_size()
+        if size is None:
+            raise ValueError(f"cannot resize for {type(ip).__name__}: it names no input size")
+        # Rescaled in float64 and stored as float32, as the original's VLMImageProcessor does.
+        scale = getattr(ip, "rescale_factor", None) or 1 / 255
+        pixels = torch.from_numpy(
+            np.stack([np.asarray(image, dtype=np.float64).transpose(2, 0, 1) * scale for image in lmm_images])
+        ).float()
+        # torchvision's Resize of a float tensor is exactly this interpolate call.
+        low = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(_three(ip.image_mean), dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(_three(ip.image_std), dtype=torch.float32).view(1, 3, 1, 1)
+        return {"pixel_values": (low - mean) / std}
 
     # ------------------------------------------------------------------ prompt
     @property
@@ -577,7 +700,9 @@ class FLMMProcessor:
             return_tensors="pt",
             **self.image_processor_kwargs(),
         )
-        return dict(encoded)
+        data = dict(encoded)
+        data.update(self.reproduction_image_inputs(lmm_images))
+        return data
 
     def _encode_piecewise(self, lmm_images: list[Image.Image], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
         """Reproduction mode: the backbone encodes each prompt (with its image); the answer's pieces are appended."""
@@ -789,6 +914,23 @@ class FLMMProcessor:
 
 
 # ---------------------------------------------------------------------- helpers
+def _height_width(size: Any) -> tuple[int, int] | None:
+    """(height, width) of an image processor's size (dict or SizeDict: height/width or shortest_edge), or None."""
+    if size is None:
+        return None
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    if get("shortest_edge"):
+        return int(get("shortest_edge")), int(get("shortest_edge"))
+    return None
+
+
+def _three(value: float | Sequence[float]) -> tuple[float, float, float]:
+    """A per-channel mean/std as three floats (a single float applies to every channel)."""
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
 def _is_span(value: Any) -> bool:
     return (
         isinstance(value, (tuple, list))
@@ -979,6 +1121,7 @@ __all__ = [
     "backbone_family",
     "backbone_image_inputs",
     "backbone_inputs",
+    "deepseek_letterbox_geometry",
     "letterbox_geometry",
     "match_phrases",
     "processor_model_types",

@@ -1,4 +1,4 @@
-"""Grounded conversation and visual chain-of-thought on a tiny random LLaVA (real llava-1.5 processor files).
+"""Grounded conversation and reasoning segmentation on a tiny random LLaVA (real llava-1.5 processor files).
 
 A random LMM answers gibberish, so no test reads meaning into the text: phrases are taken from what the
 model actually generated (greedy decoding is deterministic), and the checks are about exactness
@@ -25,7 +25,7 @@ from flmm_hf.grounded_chat import (
     parse_listed_objects,
     token_char_spans,
 )
-from flmm_hf.visual_cot import mask_to_box, reasoning_segmentation, visual_cot
+from flmm_hf.visual_cot import reasoning_segmentation
 from tiny_models import tiny_llava, tiny_sam_config
 
 QUESTION = "What is in the image?"
@@ -242,42 +242,7 @@ def test_parse_listed_objects():
     assert parse_listed_objects("cat", "concatenate") == []  # whole words only
 
 
-# ---- acceptance 3: visual chain-of-thought ---------------------------------------------------
-def test_mask_to_box_geometry():
-    mask = torch.zeros(40, 50, dtype=torch.bool)
-    mask[0, 0] = True
-    assert mask_to_box(mask) == (0, 0, 16, 16)
-    mask[:] = False
-    mask[39, 49] = True
-    assert mask_to_box(mask) == (34, 24, 50, 40)
-    mask[10:30, 5:45] = True
-    assert mask_to_box(mask) == (5, 10, 50, 40)
-    assert mask_to_box(torch.zeros(40, 50, dtype=torch.bool)) == (0, 0, 50, 40)
-    assert mask_to_box(torch.ones(8, 50, dtype=torch.bool)) == (0, 0, 50, 8)  # image shorter than 16
-
-
-def test_visual_cot_v1_end_to_end(model, processor, image):
-    result = visual_cot(model, image, "What is on the blanket?", "v1", processor, use_refiner=False, max_new_tokens=4)
-    assert result.used_two_images  # LLaVA takes the whole image and the crop in one prompt
-    x0, y0, x1, y1 = result.box
-    assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
-    assert x1 - x0 >= 16 and y1 - y0 >= 16
-    assert result.crop.size == (x1 - x0, y1 - y0)
-    assert result.mask.shape == (image.height, image.width)
-    assert isinstance(result.answer, str) and isinstance(result.grounded_text, str)
-
-
-def test_visual_cot_v2_crop_only_and_baseline(model, processor, image):
-    v2 = visual_cot(model, image, "What is on the blanket?", "v2", processor, two_images=False, use_refiner=False, max_new_tokens=3)
-    x0, y0, x1, y1 = v2.box
-    assert 0 <= x0 and x1 <= image.width and 0 <= y0 and y1 <= image.height
-    assert x1 - x0 >= 16 and y1 - y0 >= 16 and not v2.used_two_images
-    base = visual_cot(model, image, "What is on the blanket?", "baseline", processor, max_new_tokens=3)
-    assert base.box is None and isinstance(base.answer, str)
-    with pytest.raises(ValueError, match="version"):
-        visual_cot(model, image, "?", "v3", processor)
-
-
+# ---- reasoning segmentation (visual chain-of-thought: tests/test_visual_cot.py) ----------------------
 def test_reasoning_segmentation(model, processor, image):
     result = reasoning_segmentation(model, image, "What keeps the cats warm?", processor, selector="none", use_refiner=False, max_new_tokens=4)
     assert len(result.phrases) <= 1 and result.masks.shape == (len(result.phrases), image.height, image.width)
