@@ -415,10 +415,18 @@ class FLMMProcessor:
         self.mode = mode
         self.question = question
         self._letterbox = letterbox
-        if prompt_template is not None and "{image}" not in prompt_template:
-            raise ValueError(
-                f"prompt_template must contain '{{image}}' (where the image tokens go), got {prompt_template!r}"
-            )
+        if prompt_template is not None:
+            try:
+                prompt_template.format(image="", question="")
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    f"prompt_template may only name {{image}} and {{question}} (write literal braces as {{{{ }}}}), "
+                    f"got {prompt_template!r}: {error!r}"
+                ) from None
+            if "{image}" not in prompt_template:
+                raise ValueError(
+                    f"prompt_template must contain '{{image}}' (where the image tokens go), got {prompt_template!r}"
+                )
         self.prompt_template = prompt_template
         processor_class = type(processor).__name__
         if model_type is None:

@@ -153,6 +153,14 @@ def test_prompt_template_equals_the_llava_chat_template(fixtures_dir, processor)
     assert processor.build_prompt() == chat.build_prompt() == "USER: <image>\nPlease give me a description of the image. ASSISTANT:"
 
 
+def test_prompt_template_is_checked(fixtures_dir):
+    folder = str(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf")
+    with pytest.raises(ValueError, match=r"may only name \{image\} and \{question\}"):
+        FLMMProcessor.from_pretrained(folder, prompt_template="USER: {input} ASSISTANT:")
+    with pytest.raises(ValueError, match=r"must contain '\{image\}'"):
+        FLMMProcessor.from_pretrained(folder, prompt_template="USER: {question} ASSISTANT:")
+
+
 def test_per_example_questions_reach_the_prompt(built, tokenizer, processor):
     """A dataset's own question (WithQuestion / a `question` column) replaces the processor's for its rows."""
     rows = [dict(built["png"][0], question="What is shown in this image?"), dict(built["png"][0])]
