@@ -11,8 +11,9 @@ Datasets are folders or Hub ids of the Parquet datasets that ``dataset_scripts/b
 and ``build_png.py`` write (``datasets.load_dataset(<folder or id>)``). RES is scored on
 RefCOCO/RefCOCO+ val, testA, testB and RefCOCOg val, test under the paper's ``concat`` protocol
 and the common ``per_sentence`` one; PNG on val. Coarse and refined masks are both reported.
-Writes ``<output_dir>/eval_results.json`` and a recall-curve plot per PNG split, and prints a
-table. The logic lives in :mod:`flmm_hf.evaluation`.
+The frozen LMM is loaded in bf16, as the paper ran it (``--lmm_dtype float32`` or ``auto`` for
+another dtype). Writes ``<output_dir>/eval_results.json`` and a recall-curve plot per PNG split,
+and prints a table. The logic lives in :mod:`flmm_hf.evaluation`.
 
 Why the first lines below exist: this file is named ``evaluate.py`` and sits at the repo root.
 ``python evaluate.py`` (and ``accelerate launch evaluate.py``) put the script's folder first on

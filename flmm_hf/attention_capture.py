@@ -1,4 +1,5 @@
-"""Exact attention probabilities from an SDPA language model, without eager attention.
+"""Exact attention probabilities from an SDPA language model, without eager attention (or, to reproduce the original
+F-LMM, with eager attention's numerics in the LMM's dtype).
 
 F-LMM reads, for every layer and head, the attention probabilities from some query tokens (the answer or the
 phrase tokens) to the image tokens. transformers runs SDPA by default and SDPA never materialises those
@@ -10,9 +11,18 @@ every layer) and is slower. This module registers an attention function named `"
   sequence's real tokens go through SDPA on their own with `is_causal=True`, which skips the padding and the masked
   upper triangle (about 30% less attention time, BENCHMARKS.md section 2b); real positions then equal sdpa's to
   float rounding and padding positions are zero;
-- only on the attention modules where an [`AttentionCapture`] is active, it also computes
-  `softmax(Q K^T * scaling + mask)` in float32 over ALL keys (exactly like eager attention), for the selected query
-  rows only, and keeps the selected key columns.
+- only on the attention modules where an [`AttentionCapture`] is active, it also computes the attention
+  probabilities of the selected query rows over ALL keys and keeps the selected key columns, with one of two
+  numerics (`ATTENTION_NUMERICS`, the capture's `numerics`):
+
+  * `"float32"` (default): `softmax(Q K^T * scaling + mask)` with Q and K cast to float32 and everything in float32,
+    for the selected rows only: the exact probabilities of the model's Q and K, whatever the LMM's dtype. The model
+    itself runs SDPA.
+  * `"eager"`: the original F-LMM's numerics. While such a capture is active, every attention layer of that language
+    model computes its attention as eager attention does, in the dtype of Q (bf16 for a bf16 LMM): scores
+    `(Q K^T) * scaling` in that dtype, the mask applied, softmax in float32, the probabilities cast back to that
+    dtype, the output `probabilities @ V` in that dtype. The captured maps are those probabilities (in that dtype),
+    and the hidden states of later layers are eager's too. `eager_attention` says what the original ran.
 
 Typical use:
 
@@ -45,6 +55,9 @@ ATTN_IMPLEMENTATION = "flmm_sdpa"
 # another thread sees no capture at all.
 _ACTIVE_CAPTURES: ContextVar[tuple["AttentionCapture", ...]] = ContextVar("flmm_active_captures", default=())
 
+#: The numerics a capture can compute its probabilities with (see the module docstring and `selected_attention_probs`).
+ATTENTION_NUMERICS = ("float32", "eager")
+
 
 def flmm_sdpa_attention_forward(
     module: nn.Module,
@@ -61,6 +74,10 @@ def flmm_sdpa_attention_forward(
     SDPA attention (transformers' `sdpa_attention_forward`, unchanged) that also hands the attention probabilities of
     the selected rows to every [`AttentionCapture`] active in the calling thread that captures `module`.
 
+    While an `AttentionCapture(numerics="eager")` on this module's language model is active in the calling thread,
+    the module computes [`eager_attention`] instead of SDPA (the original F-LMM's numerics, for all its layers, so that
+    later layers see eager's hidden states), and the captures take their rows from those probabilities.
+
     Args:
         module: the attention module calling us (carries `num_key_value_groups`, `is_causal`, `layer_idx`).
         query: `[batch, heads, query, head_dim]`, RoPE applied.
@@ -69,6 +86,34 @@ def flmm_sdpa_attention_forward(
         attention_mask: `None`, a boolean mask (True = attend) or an additive float mask,
             `[batch, 1 or heads, query, key]`.
     """
+    active = _ACTIVE_CAPTURES.get()
+    eager_probs = None
+    if any(capture.numerics == "eager" and capture.runs_on(module) for capture in active):
+        attn_output, eager_probs = eager_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    else:
+        attn_output = _sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    for capture in active:
+        if capture.captures(module):
+            if kwargs.get("position_bias") is not None:
+                raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
+            capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal, probs=eager_probs)
+    return attn_output, None
+
+
+def _sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' `sdpa_attention_forward`, or on CPU for a padded causal batch `_unpadded_causal_sdpa`."""
     spans = None
     # `position_bias` and `softcap` change the scores, which the shortcut does not apply (sdpa reads no other kwarg);
     # the mask must have one row per sequence (not broadcast); the check is data-dependent, so not under compile.
@@ -78,17 +123,68 @@ def flmm_sdpa_attention_forward(
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             spans = causal_padding_spans(attention_mask, query.shape[2], key.shape[2])
     if spans is not None:
-        attn_output = _unpadded_causal_sdpa(module, query, key, value, spans, scaling)
-    else:
-        attn_output, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    for capture in _ACTIVE_CAPTURES.get():
-        if capture.captures(module):
-            if kwargs.get("position_bias") is not None:
-                raise NotImplementedError("AttentionCapture does not support attention with a `position_bias`.")
-            capture._record(module, query, key, attention_mask, scaling=scaling, is_causal=is_causal)
-    return attn_output, None
+        return _unpadded_causal_sdpa(module, query, key, value, spans, scaling)
+    attn_output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+    return attn_output
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Eager attention in the dtype of `query`, as the original F-LMM ran it: returns the attention output
+    `[batch, query, heads, head_dim]` (what an attention function returns) and the probabilities
+    `[batch, heads, query, key]` in `query`'s dtype.
+
+    Steps (the same tensor operations as transformers 5's Llama/Mistral `eager_attention_forward`): key and value
+    heads repeated for GQA; scores `torch.matmul(query, key^T) * scaling` in `query`'s dtype; masked keys set to
+    `torch.finfo(dtype).min` (boolean mask), an additive float mask added, or with a `None` mask the causal mask of
+    SDPA's `is_causal` (query i sees keys 0..i: the mask `sdpa_mask` leaves out is causal); softmax over the keys in
+    float32, cast back to `query`'s dtype; dropout as eager applies it (`module.training`); output
+    `probabilities @ value` in that dtype.
+
+    What the original ran: F-LMM loaded the LMM with `torch_dtype=torch.bfloat16` under transformers 4.39 and
+    called it with `output_attentions=True`. There `LlamaSdpaAttention` (the default) falls back to
+    `LlamaAttention.forward` when attentions are requested, and that forward (`MistralAttention`'s likewise)
+    computes in the weights' dtype `torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(head_dim)`,
+    adds the causal mask `attention_mask[:, :, :, :kv_len]` (additive, built in that dtype with
+    `torch.finfo(dtype).min` at masked keys), takes `softmax(..., dim=-1, dtype=torch.float32)` and casts it with
+    `.to(query_states.dtype)`; those bf16 probabilities are both what multiplies V and what `output_attentions`
+    returned. F-LMM sliced them to the image columns, merged the rows of each phrase (mean or max) still in bf16 and
+    cast the merged maps to float32 for the mask head. The differences here change no bit: `* scaling`
+    (`head_dim ** -0.5`) instead of `/ sqrt(head_dim)` gives the same bf16 scores for head_dim 64 and 128 (every
+    paper backbone has 128; tests/test_attention_capture.py checks every bf16 significand), and a boolean mask filled
+    with the dtype's minimum gives the same probabilities as the additive one (allowed scores get +0, masked ones
+    an exponential of exactly 0).
+
+    Raises:
+        NotImplementedError: for score modifiers eager attention of Llama/Mistral does not have (`softcap`,
+            `position_bias`, attention sinks `s_aux`).
+    """
+    for name in ("softcap", "position_bias", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"eager numerics support plain (Llama/Mistral-style) attention, not `{name}`; use numerics='float32'."
+            )
+    groups = getattr(module, "num_key_value_groups", 1)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    probs = selected_attention_probs(
+        query, key, attention_mask, None, scaling=scaling, is_causal=is_causal, num_key_value_groups=groups,
+        numerics="eager",
+    )  # [batch, heads, query, key], query's dtype
+    weights = nn.functional.dropout(probs, p=dropout, training=module.training)
+    attn_output = torch.matmul(weights, repeat_kv(value, groups))  # [batch, heads, query, head_dim]
+    return attn_output.transpose(1, 2).contiguous(), probs
 
 
 def causal_padding_spans(
@@ -166,13 +262,14 @@ def selected_attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    query_index: torch.LongTensor,
+    query_index: torch.LongTensor | None,
     scaling: float | None = None,
     is_causal: bool = True,
     num_key_value_groups: int = 1,
+    numerics: str = "float32",
 ) -> torch.Tensor:
     """
-    Attention probabilities of some query rows over all keys, in float32, as eager attention computes them.
+    Attention probabilities of some query rows over all keys, as eager attention computes them.
 
     Args:
         query: `[batch, heads, query, head_dim]`.
@@ -181,39 +278,55 @@ def selected_attention_probs(
             `[batch, heads, query, key]`.
             `None` follows `sdpa_attention_forward`: causal with sdpa's upper-left alignment when `is_causal` and more
             than one query, no masking otherwise.
-        query_index: `[batch, n]` rows of `query` to compute.
+        query_index: `[batch, n]` rows of `query` to compute; `None` for all rows (the tensors are then used as
+            given, with no gather: the very operations of eager attention).
         scaling: the softmax scale; `head_dim ** -0.5` when `None` (sdpa's default).
         is_causal: whether a `None` mask means causal attention.
         num_key_value_groups: query heads per key head (GQA).
+        numerics: `"float32"`: query and key cast to float32, scores, mask and softmax in float32 (the exact
+            probabilities of the given query and key). `"eager"`: as eager attention in `query`'s dtype (bf16 for a
+            bf16 LMM): scores `matmul(query, key^T) * scaling` in that dtype, the mask applied (masked keys at the
+            dtype's minimum, or the float mask added with torch's type promotion, as eager adds it), softmax in
+            float32, the probabilities cast back to `query`'s dtype (see [`eager_attention`]).
 
     Returns:
-        `torch.FloatTensor` of shape `[batch, heads, n, key]`.
+        `[batch, heads, n, key]` (n = all query rows when `query_index` is None): float32 with `"float32"`,
+        `query`'s dtype with `"eager"`.
     """
+    if numerics not in ATTENTION_NUMERICS:
+        raise ValueError(f"numerics must be one of {ATTENTION_NUMERICS}, got {numerics!r}")
     batch, heads, q_length, head_dim = query.shape
     kv_length = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
+    # float32: everything in float32; eager: the scores stay in the input dtype, as eager's matmul leaves them.
+    compute = (lambda t: t.float()) if numerics == "float32" else (lambda t: t)
 
-    rows = query_index[:, None, :, None]  # [batch, 1, n, 1]
-    query = query.gather(2, rows.expand(-1, heads, -1, head_dim)).float()  # [batch, heads, n, head_dim]
-    key = repeat_kv(key, num_key_value_groups).float()  # [batch, heads, key, head_dim]
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, n, key]
+    if query_index is None:
+        rows = torch.arange(q_length, device=query.device)[None, None, :, None]  # [1, 1, query, 1]
+    else:
+        rows = query_index[:, None, :, None]  # [batch, 1, n, 1]
+        query = query.gather(2, rows.expand(-1, heads, -1, head_dim))  # [batch, heads, n, head_dim]
+    key = repeat_kv(key, num_key_value_groups)  # [batch, heads, key, head_dim]
+    scores = torch.matmul(compute(query), compute(key).transpose(2, 3)) * scaling  # [batch, heads, n, key]
 
     min_value = torch.finfo(scores.dtype).min
     if attention_mask is None:
         if is_causal and q_length > 1:
             # Same as sdpa's `is_causal=True`: query i sees keys 0..i (upper-left alignment).
             key_positions = torch.arange(kv_length, device=scores.device)
-            allowed = key_positions[None, None, None, :] <= rows  # [batch, 1, n, key]
+            allowed = key_positions[None, None, None, :] <= rows  # [batch or 1, 1, n, key]
             scores = scores.masked_fill(~allowed, min_value)
     else:
         mask = attention_mask[..., :kv_length]
-        mask = mask.expand(batch, -1, q_length, kv_length)  # [batch, 1 or heads, query, key]
-        mask = mask.gather(2, rows.expand(-1, mask.shape[1], -1, kv_length))  # [batch, 1 or heads, n, key]
+        if query_index is not None:
+            mask = mask.expand(batch, -1, q_length, kv_length)  # [batch, 1 or heads, query, key]
+            mask = mask.gather(2, rows.expand(-1, mask.shape[1], -1, kv_length))  # [batch, 1 or heads, n, key]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, min_value)
         else:
-            scores = scores + mask.float()
-    return torch.softmax(scores, dim=-1)
+            scores = scores + compute(mask)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return probs if numerics == "float32" else probs.to(query.dtype)
 
 
 def _language_model(lmm: PreTrainedModel) -> PreTrainedModel:
@@ -294,10 +407,12 @@ class AttentionCapture:
     Context manager capturing exact attention probabilities from some query rows to some key columns.
 
     Inside the `with` block, every forward pass of `lmm` (which must have gone through [`enable_capture`]) that runs
-    in the same thread records, for each selected layer, the float32 softmax over all keys of the selected query rows,
-    restricted to the selected key columns. Nothing is changed in the model's outputs. The capture is a per-call
-    object held in a context variable, not on the model: several threads may capture on one model at once, each
-    receiving its own rows, and forwards in threads without an active capture are untouched.
+    in the same thread records, for each selected layer, the softmax over all keys of the selected query rows,
+    restricted to the selected key columns, with the chosen `numerics`. With `"float32"` nothing is changed in the
+    model's outputs; with `"eager"` the language model runs eager attention in its own dtype for the duration of the
+    block (see the module docstring). The capture is a per-call object held in a context variable, not on the model:
+    several threads may capture on one model at once, each receiving its own rows and numerics, and forwards in
+    threads without an active capture are untouched.
 
     Args:
         lmm: the vision-language (or language) model, after `enable_capture(lmm)`.
@@ -315,10 +430,18 @@ class AttentionCapture:
             recorded: the rest of the model (later layers, the MLP of that layer, the output head) is skipped, the
             `with` block ends there and the model returns nothing. For callers that only need the attention.
             Ignored when accelerate offloads weights of `lmm` (its hooks must run to put the weights back).
+        numerics: `"float32"` (default): the float32 softmax of the float32 scores of the model's query and key, for
+            the selected rows, while the model runs SDPA unchanged. `"eager"`: the original F-LMM's numerics: while
+            the block is active every attention layer of `lmm`'s language model runs [`eager_attention`] in the
+            LMM's dtype (scores in that dtype, softmax in float32, probabilities rounded to that dtype, output from
+            the rounded probabilities), and the captured maps are those probabilities, in the LMM's dtype; outputs
+            and hidden states are eager attention's, not SDPA's. It computes every row of every layer (eager's
+            memory per layer, not kept across layers) and supports plain (Llama/Mistral-style) attention only.
 
     After the forward pass:
-        - `capture.attentions`: list over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]`;
-        - `capture.maps(layer)`: list over examples of `FloatTensor [heads, n_query_b, n_key_b]` for one layer;
+        - `capture.attentions`: list over examples of `Tensor [n_layers, heads, n_query_b, n_key_b]` (float32, or the
+          LMM's dtype with `numerics="eager"`);
+        - `capture.maps(layer)`: list over examples of `Tensor [heads, n_query_b, n_key_b]` for one layer;
         - `capture.query_counts` / `capture.key_counts` (`LongTensor [batch]`): rows and columns per example.
         Rows and columns are in increasing sequence order (generated rows after the prompt rows).
 
@@ -336,7 +459,13 @@ class AttentionCapture:
         key_mask: torch.BoolTensor | None = None,
         generation: bool = False,
         stop_after_last_layer: bool = False,
+        numerics: str = "float32",
     ):
+        if numerics not in ATTENTION_NUMERICS:
+            raise ValueError(
+                f"numerics must be one of {ATTENTION_NUMERICS}, got {numerics!r} ('float32': exact float32 "
+                "probabilities under SDPA; 'eager': the original F-LMM's eager attention in the LMM's dtype)."
+            )
         if generation and stop_after_last_layer:
             raise ValueError("`stop_after_last_layer` ends the first forward pass; it cannot be used with `generation`.")
         modules = language_attention_modules(lmm)
@@ -373,12 +502,15 @@ class AttentionCapture:
                 )
 
         self.layers: list[int] = layers
+        self.numerics = numerics
         self.generation = generation
         self.stop_after_last_layer = stop_after_last_layer and not has_offloaded_weights(lmm)
         self.batch_size = key_mask.shape[0]
         self.query_length = None if query_mask is None else query_mask.shape[1]
         self._modules = [modules[layer] for layer in layers]
         self._module_ids = {id(module) for module in self._modules}
+        # Every attention layer of the language model: with eager numerics they all run eager attention.
+        self._language_module_ids = {id(module) for module in modules}
         self._token: Token | None = None
 
         if query_mask is None:
@@ -405,6 +537,10 @@ class AttentionCapture:
     def captures(self, module: nn.Module) -> bool:
         """Whether `module` is one of the attention modules this capture records."""
         return id(module) in self._module_ids
+
+    def runs_on(self, module: nn.Module) -> bool:
+        """Whether `module` is an attention module of the language model this capture was built for (any layer)."""
+        return id(module) in self._language_module_ids
 
     def __enter__(self) -> AttentionCapture:
         if self._token is not None:
@@ -434,8 +570,12 @@ class AttentionCapture:
         attention_mask: torch.Tensor | None,
         scaling: float | None,
         is_causal: bool | None,
+        probs: torch.Tensor | None = None,
     ) -> None:
-        """Called by `flmm_sdpa_attention_forward` on a captured module: store the selected probabilities."""
+        """Called by `flmm_sdpa_attention_forward` on a captured module: store the selected probabilities.
+
+        `probs`: eager attention's probabilities `[batch, heads, query, key]` of this call, which a capture with
+        `numerics="eager"` takes its rows from (they are the ones that multiplied V)."""
         layer = module.layer_idx
         batch, heads, q_length, _ = query.shape
         kv_length = key.shape[2]
@@ -464,18 +604,24 @@ class AttentionCapture:
 
         n = query_index.shape[1]
         if n == 0:
-            kept = query.new_zeros(batch, heads, 0, columns.shape[1], dtype=torch.float32)
+            dtype = torch.float32 if self.numerics == "float32" else query.dtype
+            kept = query.new_zeros(batch, heads, 0, columns.shape[1], dtype=dtype)
         else:
-            is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            probs = selected_attention_probs(
-                query,
-                key,
-                attention_mask,
-                query_index,
-                scaling=scaling,
-                is_causal=is_causal,
-                num_key_value_groups=getattr(module, "num_key_value_groups", 1),
-            )  # [batch, heads, n, key]
+            if self.numerics == "eager":
+                if probs is None:
+                    raise RuntimeError("an eager-numerics capture was recorded without eager attention's probabilities")
+                probs = probs.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, kv_length))
+            else:
+                is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+                probs = selected_attention_probs(
+                    query,
+                    key,
+                    attention_mask,
+                    query_index,
+                    scaling=scaling,
+                    is_causal=is_causal,
+                    num_key_value_groups=getattr(module, "num_key_value_groups", 1),
+                )  # [batch, heads, n, key]
             gather_index = columns.clamp(0, kv_length - 1)[:, None, None, :].expand(-1, heads, n, -1)
             kept = probs.gather(3, gather_index)  # [batch, heads, n, max_key]
             kept = kept.masked_fill(~valid[:, None, None, :], 0.0)
@@ -500,7 +646,8 @@ class AttentionCapture:
         return self._prompt_query_counts + generated
 
     def maps(self, layer: int) -> list[torch.Tensor]:
-        """One captured decoder `layer`: list over examples of `FloatTensor [heads, n_query_b, n_key_b]`."""
+        """One captured decoder `layer`: list over examples of `Tensor [heads, n_query_b, n_key_b]` (dtype: see
+        `numerics`)."""
         if layer not in self._chunks:
             raise KeyError(f"Layer {layer} was not captured (captured layers: {self.layers}).")
         self._check_ran()
@@ -513,6 +660,7 @@ class AttentionCapture:
 
     @property
     def attentions(self) -> list[torch.Tensor]:
-        """List over examples of `FloatTensor [n_layers, heads, n_query_b, n_key_b]` (layers as in `self.layers`)."""
+        """List over examples of `Tensor [n_layers, heads, n_query_b, n_key_b]` (layers as in `self.layers`; dtype: see
+        `numerics`)."""
         per_layer = [self.maps(layer) for layer in self.layers]
         return [torch.stack([maps[b] for maps in per_layer]) for b in range(self.batch_size)]

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from .attention_capture import ATTENTION_NUMERICS
+
 DEFAULT_SAM = "facebook/sam-vit-large"
 
 
@@ -41,6 +43,13 @@ class FLMMConfig(PreTrainedConfig):
             Decoder layers whose attention feeds the head. `None` = all layers (the paper).
         merge (`str`, *optional*, defaults to `"mean"`):
             How the attention rows of a phrase's tokens are merged: `"mean"` (the paper) or `"max"`.
+        attention_numerics (`str`, *optional*, defaults to `"float32"`):
+            How the attention maps are computed. `"float32"`: the LMM runs SDPA and the captured probabilities are
+            the float32 softmax of float32 scores (exact, whatever the LMM's dtype). `"eager"`: the original
+            F-LMM's numerics: while the maps are captured the language model runs eager attention in its own
+            dtype (with a bf16 LMM: scores in bf16, softmax in float32, probabilities rounded to bf16, as
+            transformers 4.39 did), the maps are those probabilities and phrase rows are merged in that dtype.
+            The paper configs use `"eager"` with a bf16 LMM.
         num_grids (`int`, *optional*, defaults to 1):
             Image-token grids per image whose maps are stacked as channels (2 for LLaVA-NeXT and
             tiled backbones; set from the backbone's layout by `FLMMForGrounding.from_lmm`).
@@ -69,6 +78,7 @@ class FLMMConfig(PreTrainedConfig):
         sam_config: PreTrainedConfig | dict | None = None,
         attention_layers: list[int] | None = None,
         merge: str = "mean",
+        attention_numerics: str = "float32",
         num_grids: int = 1,
         mask_head_channels: int = 64,
         mask_head_stages: int = 4,
@@ -78,6 +88,11 @@ class FLMMConfig(PreTrainedConfig):
     ):
         if merge not in ("mean", "max"):
             raise ValueError(f"merge must be 'mean' or 'max', got {merge!r}")
+        if attention_numerics not in ATTENTION_NUMERICS:
+            raise ValueError(
+                f"attention_numerics must be one of {ATTENTION_NUMERICS}, got {attention_numerics!r} ('eager' "
+                "reproduces the original F-LMM's bf16 eager attention maps)"
+            )
         if mode not in ("reproduction", "native"):
             raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
         if save_mode not in ("adapter", "full"):
@@ -91,6 +106,7 @@ class FLMMConfig(PreTrainedConfig):
         self.sam_config = _as_dict(sam_config)
         self.attention_layers = list(attention_layers) if attention_layers is not None else None
         self.merge = merge
+        self.attention_numerics = attention_numerics
         self.num_grids = num_grids
         self.mask_head_channels = mask_head_channels
         self.mask_head_stages = mask_head_stages

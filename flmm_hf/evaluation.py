@@ -72,6 +72,10 @@ DEFAULT_PROTOCOLS = ("concat", "per_sentence")
 #: Mask variants: the U-Net's masks and the SAM refiner's masks.
 VARIANTS = ("refined", "coarse")
 RESULTS_FILE = "eval_results.json"
+#: `EvaluationArguments.lmm_dtype` -> the `dtype` given to the LMM's `from_pretrained`.
+LMM_DTYPES: dict[str, torch.dtype | str] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto",
+}
 #: Size (width, height) of the recall-curve plot.
 RECALL_PLOT_SIZE = (640, 480)
 
@@ -114,8 +118,14 @@ class EvaluationArguments:
         metadata={"help": "'raw_sentences' (lower-cased annotator text, as the original) or 'sentences'."},
     )
     threshold: float = field(default=0.5, metadata={"help": "Probability threshold of the masks."})
-    dtype: str | None = field(
-        default=None, metadata={"help": "Load the model in this dtype ('float32', 'bfloat16', 'float16', 'auto')."}
+    lmm_dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "dtype the frozen LMM is loaded in: 'bfloat16' (the paper's, default), 'float16', 'float32', or "
+            "'auto' (the checkpoint's own). The head stays float32 and SAM float32. Ignored for a model passed in "
+            "memory.",
+            "choices": list(LMM_DTYPES),
+        },
     )
     output_dir: str = field(default="eval_output", metadata={"help": "Where the JSON results and plots are written."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
@@ -134,6 +144,8 @@ class EvaluationArguments:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.lmm_dtype not in LMM_DTYPES:
+            raise ValueError(f"lmm_dtype must be one of {sorted(LMM_DTYPES)}, got {self.lmm_dtype!r}")
         if self.sentence_field not in ("raw_sentences", "sentences"):
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
 
@@ -554,7 +566,8 @@ def evaluate_task(
 # Whole runs
 # ---------------------------------------------------------------------------------------------
 def load_model_and_processor(args: EvaluationArguments):
-    """``FLMMForGrounding`` and ``FLMMProcessor`` from ``args.model_name_or_path`` (folder or Hub id)."""
+    """``FLMMForGrounding`` and ``FLMMProcessor`` from ``args.model_name_or_path`` (folder or Hub id); the frozen
+    LMM in ``args.lmm_dtype`` (bf16 by default, as the paper ran it)."""
     from transformers import set_seed
 
     from .modeling_flmm import FLMMForGrounding
@@ -563,10 +576,9 @@ def load_model_and_processor(args: EvaluationArguments):
     if not args.model_name_or_path:
         raise ValueError("model_name_or_path is required (or pass a model to run_evaluation)")
     set_seed(args.seed)
-    kwargs: dict[str, Any] = {"revision": args.model_revision}
-    if args.dtype is not None:
-        kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = FLMMForGrounding.from_pretrained(args.model_name_or_path, **kwargs)
+    model = FLMMForGrounding.from_pretrained(
+        args.model_name_or_path, revision=args.model_revision, dtype=LMM_DTYPES[args.lmm_dtype]
+    )
     processor_kwargs: dict[str, Any] = {"trust_remote_code": False}  # our class is imported: no remote code
     if args.processor_name_or_path is None and args.model_revision:
         processor_kwargs["revision"] = args.model_revision
@@ -631,7 +643,9 @@ def run_evaluation(
             "batch_size": args.batch_size,
             "sentence_field": args.sentence_field,
             "threshold": args.threshold,
-            "dtype": args.dtype,
+            # what ran, also for a model passed in memory (which `lmm_dtype` does not change)
+            "lmm_dtype": str(model.lmm.dtype).removeprefix("torch."),
+            "attention_numerics": getattr(model.config, "attention_numerics", None),
         },
         "results": results,
         "plots": {},

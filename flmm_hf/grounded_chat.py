@@ -94,8 +94,9 @@ class GeneratedAnswer:
         token_ids (`torch.LongTensor` of shape `[n]`): the generated tokens that were kept (special ones included).
         token_spans (`list[tuple[int, int]]`): character span of each generated token in `text`
             (empty `(i, i)` for tokens that add no visible text, e.g. EOS).
-        attentions (`torch.FloatTensor` of shape `[layers, heads, n, n_image]`): attention of every generated
-            token to the image tokens, for the model's selected layers (float32, exact softmax).
+        attentions (`torch.Tensor` of shape `[layers, heads, n, n_image]`): attention of every generated
+            token to the image tokens, for the model's selected layers (with `config.attention_numerics`: float32
+            exact softmax, or eager attention's probabilities in the LMM's dtype).
         hidden_states (`torch.FloatTensor` of shape `[num_layers, n, hidden]`): the decoder layers' outputs at
             the generated tokens (the embedding output excluded, as `FLMMForGrounding.forward` uses them).
         inputs (`dict`): the prompt-only processor outputs (batch of one) the answer was generated from.
@@ -104,7 +105,7 @@ class GeneratedAnswer:
     text: str
     token_ids: torch.LongTensor
     token_spans: list[tuple[int, int]]
-    attentions: torch.FloatTensor
+    attentions: torch.Tensor
     hidden_states: torch.FloatTensor
     inputs: dict[str, Any]
 
@@ -219,7 +220,8 @@ def generate_with_attention(
 
     image_mask = prompt_ids == model.image_token_id
     with AttentionCapture(
-        model.lmm, layers=model.captured_layers, query_mask=None, key_mask=image_mask, generation=True
+        model.lmm, layers=model.captured_layers, query_mask=None, key_mask=image_mask, generation=True,
+        numerics=model.config.attention_numerics,
     ) as capture:
         out = model.lmm.generate(
             **lmm_inputs,
@@ -337,7 +339,10 @@ def _rows_by_forward(
     key = full_ids == model.image_token_id
     key[:, prompt_ids.shape[1] :] = False
     forward_inputs = dict(lmm_inputs, input_ids=full_ids, attention_mask=torch.ones_like(full_ids))
-    with AttentionCapture(model.lmm, layers=model.captured_layers, query_mask=query, key_mask=key) as capture:
+    with AttentionCapture(
+        model.lmm, layers=model.captured_layers, query_mask=query, key_mask=key,
+        numerics=model.config.attention_numerics,
+    ) as capture:
         outputs = model.lmm(**forward_inputs, output_hidden_states=True, use_cache=False, return_dict=True)
     num_layers = model.num_text_layers
     hidden = torch.stack([h[0, prompt_ids.shape[1] :] for h in outputs.hidden_states[-num_layers:]]).float()

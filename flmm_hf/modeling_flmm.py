@@ -147,10 +147,15 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """
         One frozen forward over `[B, L]` token batches (the backbone's `image_inputs` beside them).
 
+        The attention is captured with `config.attention_numerics`: `"float32"` (the model runs SDPA; exact float32
+        probabilities) or `"eager"` (the original's numerics: the language model runs eager attention in its dtype
+        and the maps are its probabilities, in that dtype; see `attention_capture.eager_attention`).
+
         Returns:
-            per example the attention of its phrase tokens (`phrase_ids >= 0`) to its image tokens, float32
-            `[layers, heads, n_phrase_tokens, n_image]` (layers `self.captured_layers`), and with
-            `with_hidden_states` the decoder layers' outputs (a tuple of `num_text_layers` tensors `[B, L, D]`).
+            per example the attention of its phrase tokens (`phrase_ids >= 0`) to its image tokens,
+            `[layers, heads, n_phrase_tokens, n_image]` (layers `self.captured_layers`; float32, or the LMM's dtype
+            with eager numerics), and with `with_hidden_states` the decoder layers' outputs (a tuple of
+            `num_text_layers` tensors `[B, L, D]`).
         """
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
@@ -160,7 +165,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         # Without hidden states nothing after the deepest captured layer's attention is needed.
         stop_early = not with_hidden_states
         with torch.no_grad(), AttentionCapture(
-            self.lmm, self.captured_layers, phrase_ids >= 0, image_mask, stop_after_last_layer=stop_early
+            self.lmm, self.captured_layers, phrase_ids >= 0, image_mask, stop_after_last_layer=stop_early,
+            numerics=self.config.attention_numerics,
         ) as capture:
             outputs = self.lmm(
                 input_ids=input_ids,
@@ -185,6 +191,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """
         Merge each phrase's attention rows and lay them on the image grid(s).
 
+        The rows are merged in the dtype of `attentions` (bf16 maps of eager numerics are averaged in bf16, as the
+        original did) and the merged maps are cast to float32 before they are laid out and resized.
+
         Args:
             attentions: per example `[layers, heads, n_b, n_image]`, the rows of the tokens with `phrase_ids >= 0`.
             input_ids, phrase_ids: `[B, L]`; phrase k's tokens have id k (ids 0..K_b-1, no gaps).
@@ -207,7 +216,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         if any(rows.shape[2] == 0 for rows in rows_per_phrase):
             raise ValueError("a phrase has no tokens; phrase ids must be 0..K-1 without gaps")
         pool = (lambda rows: rows.mean(2)) if self.config.merge == "mean" else (lambda rows: rows.amax(2))
-        merged = torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2)  # [K, layers*heads, n_image]
+        # Merged in the maps' dtype, then float32: the original averaged its bf16 maps in bf16 and resized in float32.
+        merged = torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2).float()  # [K, layers*heads, n_img]
         # Column j of the captured rows is the j-th image token; the layout's grids hold sequence positions.
         image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)

@@ -52,7 +52,7 @@ LOGGED_PARTS = tuple(
 #: `FLMMConfig` fields that are training arguments; their type, default and help come from FLMMConfig.
 CONFIG_ARGUMENTS = (
     "lmm_name_or_path", "lmm_revision", "use_sam", "sam_name_or_path", "sam_revision",
-    "attention_layers", "merge", "mask_head_channels", "mask_head_stages", "mode", "save_mode",
+    "attention_layers", "merge", "attention_numerics", "mask_head_channels", "mask_head_stages", "mode", "save_mode",
 )
 #: The config arguments that name the frozen parts (given to `FLMMForGrounding.from_lmm` as its own
 #: arguments); the others are the head's config overrides (:func:`head_config_overrides`).
@@ -192,9 +192,14 @@ class DataArguments:
     shapes_image_size: int = field(default=224, metadata={"help": "Shapes demo: image size (px)."})
 
 
+#: Values of `FLMMTrainingArguments.weight_decay_scope`.
+WEIGHT_DECAY_SCOPES = ("transformers", "all")
+
+
 @dataclass
 class FLMMTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the paper's warm-up start factor and demo outputs."""
+    """`TrainingArguments` plus the paper's warm-up start factor, which parameters weight decay applies to, and
+    demo outputs."""
 
     warmup_start_factor: float | None = field(
         default=1e-5,
@@ -203,10 +208,26 @@ class FLMMTrainingArguments(TrainingArguments):
             "to 0, when lr_scheduler_type is 'cosine'. None: transformers' own schedule (warm-up from 0)."
         },
     )
+    weight_decay_scope: str = field(
+        default="transformers",
+        metadata={
+            "help": "Which trained parameters get weight_decay: 'transformers' (the Trainer's default: all but biases "
+            "and norm weights) or 'all' (every trained parameter, as the original's mmengine optimizer did).",
+            "choices": list(WEIGHT_DECAY_SCOPES),
+        },
+    )
     overlay_examples: int = field(default=8, metadata={"help": "Held-out examples drawn into predictions.png (0: none)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the raw dataset columns."}
     )
+
+    def __post_init__(self) -> None:
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise ValueError(
+                f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r} "
+                "('all' decays every trained parameter, as the original did)"
+            )
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +316,8 @@ class FLMMTrainer(Trainer):
     The processor (`processing_class`, an `FLMMProcessor`) batches the evaluation examples and
     turns logits into masks.
 
+    Weight decay follows `args.weight_decay_scope` (see :meth:`get_decay_parameter_names`).
+
     Args (beyond `Trainer`'s):
         sentence_field: the rows' sentence column read in evaluation (first sentence per ref).
     """
@@ -312,6 +335,19 @@ class FLMMTrainer(Trainer):
         if self.is_world_process_zero():
             repo_id = self.args.hub_model_id if self.args.push_to_hub else None
             write_model_card(self.args.output_dir, self.model.config, repo_id=repo_id)
+
+    # ---- optimizer: which parameters decay ----
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """Names of the parameters `create_optimizer` puts in the weight-decay group (the rest get decay 0).
+
+        `weight_decay_scope="transformers"`: the Trainer's own choice (every parameter but biases and norm
+        weights). `"all"`: every parameter, as the original's mmengine optimizer applied `weight_decay` to all
+        trained parameters (no `paramwise_cfg`); the frozen ones have `requires_grad=False` and are left out of
+        both groups by `create_optimizer`.
+        """
+        if getattr(self.args, "weight_decay_scope", "transformers") == "all":
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     # ---- loss + logging of its parts ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -5,6 +5,8 @@ transformers-4.39.1 reference the original F-LMM code ran on.
 """
 import copy
 import json
+import math
+import threading
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from flmm_hf.attention_capture import (
     AttentionCapture,
     causal_padding_spans,
     disable_capture,
+    eager_attention,
     enable_capture,
     language_attention_modules,
     selected_attention_probs,
@@ -369,6 +372,159 @@ def test_capture_matches_eager_families(family, padding_side):
         reference = eager(**inputs, output_attentions=True).attentions
     assert inputs["input_ids"].shape[0] >= 2
     assert max_abs_diff(capture.attentions, eager_rows(reference, layers, query_mask, key_mask)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. eager numerics: the original's bf16 maps (eager attention in bf16, softmax in float32, probabilities in bf16)
+
+
+def bf16_llava_and_batch(padding: str) -> tuple[LlavaForConditionalGeneration, LlavaForConditionalGeneration, dict]:
+    """The tiny LLaVA in bf16 with capture enabled, the same weights with transformers' eager attention in the
+    language model only (the vision tower keeps SDPA in both, so that both see the same image features), a batch."""
+    model = tiny_llava().to(torch.bfloat16)
+    eager = disable_capture(copy.deepcopy(model), "eager")
+    assert eager.config.text_config._attn_implementation == "eager"
+    assert eager.config.vision_config._attn_implementation == "sdpa"
+    inputs = llava_batch(padding)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    return enable_capture(model), eager, inputs
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "none"])
+def test_eager_numerics_equal_transformers_eager_in_bf16(padding):
+    """`numerics="eager"` gives exactly what transformers' eager attention returns with `output_attentions=True` in
+    bf16 (it softmaxes in float32 and casts to the query dtype), and the model's outputs are eager's too; the float32
+    numerics differ from those bf16 maps by bf16 rounding (and, past layer 0, by SDPA's hidden states)."""
+    model, eager, inputs = bf16_llava_and_batch(padding)
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 6) | (key_mask & (key_mask.long().cumsum(-1) <= 3))
+    layers = [3, 0, 2]
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        with AttentionCapture(model, layers, query_mask, key_mask, numerics="eager") as eager_capture:
+            ours = model(**inputs, output_hidden_states=True)
+        with AttentionCapture(model, layers, query_mask, key_mask) as float_capture:
+            model(**inputs)
+        reference = eager(**inputs, output_attentions=True, output_hidden_states=True)
+    assert reference.attentions[0].dtype == torch.bfloat16
+    expected = eager_rows(reference.attentions, layers, query_mask, key_mask)
+
+    assert all(a.dtype == torch.bfloat16 for a in eager_capture.attentions)
+    assert all(torch.equal(a, e) for a, e in zip(eager_capture.attentions, expected))  # bit for bit
+    assert torch.equal(ours.logits[real], reference.logits[real])  # later layers saw eager's hidden states
+    for a, b in zip(ours.hidden_states, reference.hidden_states):
+        assert torch.equal(a[real], b[real])
+
+    # float32 numerics (the default): float32 maps, off the bf16 ones by bf16 rounding: measured 4.9e-4 to 9.8e-4
+    # per layer on this model, whose maps reach 0.26 (one bf16 step at 0.25 is 2^-10 = 9.8e-4)
+    assert all(a.dtype == torch.float32 for a in float_capture.attentions)
+    difference = max((a - e.float()).abs().max().item() for a, e in zip(float_capture.attentions, expected))
+    assert 1e-4 < difference < 5e-3
+    # in layer 0 (same input, no SDPA drift before it) the bf16 maps are the float32 ones computed from bf16 scores
+    layer0 = [a[1] for a in float_capture.attentions], [a[1].float() for a in eager_capture.attentions]
+    assert max((f - e).abs().max().item() for f, e in zip(*layer0)) > 1e-5
+
+    # after the block, the model runs SDPA again (its outputs differ from eager's in bf16)
+    with torch.no_grad():
+        after = model(**inputs)
+    assert not torch.equal(after.logits[real], reference.logits[real])
+
+
+@pytest.mark.parametrize("prompt_rows", [0, 2])
+def test_eager_numerics_during_generation(prompt_rows):
+    """With a KV cache, each decoding step's rows equal transformers' eager `generate(output_attentions=True)`."""
+    model, eager, inputs = bf16_llava_and_batch("left")
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    layers = [0, 3]
+    query_mask = last_tokens(inputs["attention_mask"], prompt_rows) if prompt_rows else None
+    steps = 4
+    with torch.no_grad():
+        with AttentionCapture(model, layers, query_mask, key_mask, generation=True, numerics="eager") as capture:
+            sequences = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        reference = eager.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_attentions=True, return_dict_in_generate=True,
+        )
+    assert torch.equal(sequences, reference.sequences)
+    # reference.attentions[s][layer]: step 0 is the prompt [B, H, L, L], step s > 0 the token fed back [B, H, 1, L + s]
+    prompt_length = inputs["input_ids"].shape[1]
+    for b in range(2):
+        for i, layer in enumerate(layers):
+            rows = [reference.attentions[0][layer][b][:, query_mask[b]]] if prompt_rows else []
+            rows += [reference.attentions[s][layer][b] for s in range(1, steps)]
+            expected = torch.cat([r[..., :prompt_length] for r in rows], dim=1)[..., key_mask[b]]
+            assert torch.equal(capture.attentions[b][i], expected)
+
+
+def test_eager_numerics_are_per_call():
+    """An eager capture makes only its own thread's forwards eager: a plain forward in another thread meanwhile
+    runs SDPA, and a capture of one model does not switch another model."""
+    model, eager, inputs = bf16_llava_and_batch("none")
+    other = enable_capture(copy.deepcopy(model))
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 2)
+    with torch.no_grad():
+        sdpa_logits = model(**inputs).logits
+        eager_logits = eager(**inputs).logits
+    assert not torch.equal(sdpa_logits, eager_logits)
+    seen = {}
+
+    def plain_forward():
+        with torch.no_grad():
+            seen["thread"] = model(**inputs).logits
+
+    with torch.no_grad(), AttentionCapture(model, [1], query_mask, key_mask, numerics="eager"):
+        thread = threading.Thread(target=plain_forward)
+        thread.start()
+        thread.join()
+        seen["other model"] = other(**inputs).logits
+        seen["captured"] = model(**inputs).logits
+    assert torch.equal(seen["thread"], sdpa_logits)
+    assert torch.equal(seen["other model"], sdpa_logits)
+    assert torch.equal(seen["captured"], eager_logits)
+
+
+def test_eager_scaling_equals_the_439_division():
+    """transformers 4.39 divided the bf16 scores by sqrt(head_dim), transformers 5 (and `eager_attention`) multiply
+    by head_dim ** -0.5: for head_dim 64 and 128 the bf16 results are equal for every bf16 value. A bf16 product or
+    quotient by a constant depends only on the 8-bit significand (the exponent shifts out), so these 2 x 256 values
+    are all cases."""
+    significands = torch.arange(256, dtype=torch.int32)
+    # sign, exponent of 1.0 (127), 7 stored mantissa bits: every significand in [1, 2), both signs
+    bits = torch.cat([(127 << 7) | significands[:128], (1 << 15) | (127 << 7) | significands[:128]])
+    values = torch.cat([bits.to(torch.int16).view(torch.bfloat16) * scale for scale in (1.0, 2.0**-20, 2.0**20)])
+    assert values.unique().numel() == 3 * 256
+    for head_dim in (64, 128):
+        assert torch.equal(values / math.sqrt(head_dim), values * head_dim**-0.5)
+
+
+def test_eager_attention_and_numerics_errors():
+    """`eager_attention` equals `selected_attention_probs(numerics="eager")` over all rows, a subset of rows gives the
+    same values; score modifiers that eager Llama attention lacks and unknown numerics are refused."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 6, 16, generator=generator).to(torch.bfloat16)
+    key = torch.randn(1, 2, 6, 16, generator=generator).to(torch.bfloat16)
+    value = torch.randn(1, 2, 6, 16, generator=generator).to(torch.bfloat16)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 2
+    output, probs = eager_attention(module, query, key, value, None, scaling=0.25)
+    assert output.shape == (1, 6, 4, 16) and output.dtype == probs.dtype == torch.bfloat16
+    assert torch.equal(probs.triu(1), torch.zeros_like(probs))  # a None mask is causal, as under sdpa
+    rows = torch.tensor([[5, 2]])
+    subset = selected_attention_probs(query, key, None, rows, scaling=0.25, num_key_value_groups=2, numerics="eager")
+    # equal here; a matmul over fewer rows may sum in another order on other CPUs: one bf16 step (2^-8) at most
+    assert subset.dtype == torch.bfloat16 and (subset.float() - probs[:, :, [5, 2]].float()).abs().max() <= 2**-8
+    as_float = selected_attention_probs(query, key, None, rows, scaling=0.25, num_key_value_groups=2)
+    assert as_float.dtype == torch.float32 and (as_float - subset.float()).abs().max() > 0
+
+    with pytest.raises(NotImplementedError, match="softcap"):
+        eager_attention(module, query, key, value, None, scaling=0.25, softcap=30.0)
+    with pytest.raises(ValueError, match="numerics must be one of"):
+        selected_attention_probs(query, key, None, rows, numerics="bf16")
+    model = enable_capture(tiny_llava())
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="numerics must be one of .*'bfloat16'"):
+        AttentionCapture(model, None, mask, mask, numerics="bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

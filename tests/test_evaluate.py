@@ -28,6 +28,7 @@ from flmm_hf.evaluation import (
     BENCHMARKS,
     RECALL_PLOT_SIZE,
     EvaluationArguments,
+    load_model_and_processor,
     merge_payloads,
     model_index_results,
     prepare_res_split,
@@ -405,12 +406,14 @@ def test_cli_two_processes_equal_one_process(model, processor, model_dir, data, 
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
          "--model_name_or_path", str(model_dir), "--refcoco", sources["refcoco"], "--png", sources["png"],
          "--protocols", "concat", "--max_samples", "3", "--batch_size", "2", "--cache_dir", str(data["cache"]),
-         "--output_dir", str(tmp_path / "two"), "--update_model_card"],
+         "--output_dir", str(tmp_path / "two"), "--update_model_card", "--lmm_dtype", "float32"],  # as in memory
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-5000:]
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert one["num_processes"] == 1 and two["num_processes"] == 2
+    assert one["settings"]["lmm_dtype"] == two["settings"]["lmm_dtype"] == "float32"
+    assert one["settings"]["attention_numerics"] == two["settings"]["attention_numerics"] == "float32"
     results = json.loads(json.dumps(one["results"]))
     # concat: 3 images, 7 refs (2 + 1 images per process); PNG: 1 narrative (one process idle)
     assert results["refcoco"]["val"]["concat"]["num_examples"] == 3
@@ -420,8 +423,21 @@ def test_cli_two_processes_equal_one_process(model, processor, model_dir, data, 
     assert_same_results(two["results"], results, atol=1e-4)
     # the CLI prints the table once (main process only) and writes the model card's model-index
     assert run.stdout.count("concat") == 1 and "PNG" in run.stdout
+    # the card holds what the two-process run wrote (its metrics differ from one process's by float rounding only)
     card = ModelCard.load(model_dir / "README.md")
     index = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
     assert index[("RefCOCO", "val", "cIoU (concat, refined)")] == pytest.approx(
-        results["refcoco"]["val"]["concat"]["refined"]["ciou"])
-    assert index[("PNG", "val", "AR (refined)")] == pytest.approx(results["png"]["val"]["refined"]["ar"])
+        two["results"]["refcoco"]["val"]["concat"]["refined"]["ciou"])
+    assert index[("PNG", "val", "AR (refined)")] == pytest.approx(two["results"]["png"]["val"]["refined"]["ar"])
+
+
+def test_lmm_dtype_defaults_to_bf16(model_dir):
+    """evaluate.py loads the frozen LMM in bf16 (the paper's dtype) unless told otherwise; the head and SAM stay
+    float32."""
+    for given, expected in ((None, torch.bfloat16), ("float32", torch.float32)):
+        arguments = {} if given is None else {"lmm_dtype": given}
+        loaded, _ = load_model_and_processor(EvaluationArguments(model_name_or_path=str(model_dir), **arguments))
+        assert loaded.lmm.dtype == expected
+        assert {p.dtype for p in loaded.head.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="lmm_dtype must be one of .*'bf16'"):
+        EvaluationArguments(lmm_dtype="bf16")

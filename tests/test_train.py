@@ -350,10 +350,20 @@ def _tiny_lmm(model_type: str):
     return AutoModelForImageTextToText.from_config(config)
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_backbone_yaml(name, tmp_path):
+def _tiny_sam_config():
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
+    return SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=64, patch_size=16, global_attn_indexes=[1], mlp_dim=32),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                                 iou_head_hidden_dim=16),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_yaml(name, tmp_path):
     from flmm_hf.training import build_model, parse_arguments, paper_warmup_steps
 
     repo, model_type = BACKBONES[name]
@@ -385,19 +395,16 @@ def test_backbone_yaml(name, tmp_path):
     if original:
         assert data_args.text_mode == "random"
         assert data_args.train_questions == (["What is shown in this image?", "", "", ""] if original[1] else None)
+    # The paper's backbones reproduce the original's numerics: bf16 eager attention maps, decay on every parameter.
+    paper = name in PAPER_BACKBONES
+    assert model_args.attention_numerics == ("eager" if paper else "float32")
+    assert args.weight_decay_scope == ("all" if paper else "transformers")
 
     # A tiny model of the same architecture, built as train.py builds the real one.
     lmm = _tiny_lmm(model_type)
     assert lmm.config.model_type == model_type
-    sam = SamConfig(
-        vision_config=SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                                      image_size=64, patch_size=16, global_attn_indexes=[1], mlp_dim=32),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
-                                                 iou_head_hidden_dim=16),
-    )
-    model = build_model(model_args, lmm=lmm, sam=sam)
-    assert model.config.use_sam
+    model = build_model(model_args, lmm=lmm, sam=_tiny_sam_config())
+    assert model.config.use_sam and model.config.attention_numerics == model_args.attention_numerics
     assert model.config.mask_head_in_channels == model.config.num_grids * len(model.config.selected_layers) * (
         lmm.config.get_text_config(decoder=True).num_attention_heads
     )
@@ -449,6 +456,45 @@ def test_yaml_and_command_line_override(tmp_path):
     assert args.learning_rate == 2e-4 and not model_args.use_sam and model_args.attention_layers == [1, 3]
     model_args, data_args, args = parse_arguments(["--output_dir", str(tmp_path)], default_config=CONFIGS / "demo.yaml")
     assert model_args.lmm_name_or_path is None and data_args.train_datasets is None
+    # the demo keeps the library defaults: float32 maps under SDPA, the Trainer's weight-decay groups
+    assert model_args.attention_numerics == "float32" and args.weight_decay_scope == "transformers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight decay: the Trainer's groups, or every trained parameter as mmengine's optimizer
+# ---------------------------------------------------------------------------------------------
+def test_weight_decay_scope_sets_the_optimizer_groups(tmp_path):
+    """`weight_decay_scope="all"` gives every trained parameter (biases and norm weights included) weight decay 0.01,
+    as the original's mmengine AdamW did; the default keeps the Trainer's groups (biases and norms at 0.0)."""
+    from tiny_models import build_tiny
+
+    from flmm_hf import FLMMForGrounding
+    from flmm_hf.training import FLMMTrainer, FLMMTrainingArguments
+
+    model = FLMMForGrounding.from_lmm(build_tiny("llava")[0], sam=_tiny_sam_config(), mask_head_channels=8)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    no_decay_in_transformers = {name for name in trained if "bias" in name or "norm" in name}
+    # the head has both kinds: conv/linear biases, GroupNorm weights (U-Net), LayerNorms (SAM's mask decoder)
+    assert any(n.endswith(".bias") for n in no_decay_in_transformers)
+    assert any("norm" in n and n.endswith(".weight") for n in no_decay_in_transformers)
+    assert "head.text_projection.proj.bias" in no_decay_in_transformers
+
+    decay_of = {}
+    for scope in ("transformers", "all"):
+        args = FLMMTrainingArguments(
+            output_dir=str(tmp_path / scope), weight_decay=0.01, weight_decay_scope=scope, use_cpu=True, report_to="none"
+        )
+        optimizer = FLMMTrainer(model=model, args=args).create_optimizer()
+        by_id = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+        assert len(by_id) == len(trained)  # every trained parameter once, nothing frozen
+        decay_of[scope] = {name: by_id[id(p)] for name, p in trained.items()}
+    assert set(decay_of["all"].values()) == {0.01}
+    assert {n for n, decay in decay_of["transformers"].items() if decay == 0.0} == no_decay_in_transformers
+    decayed = {n for n, decay in decay_of["transformers"].items() if decay == 0.01}
+    assert decayed == set(trained) - no_decay_in_transformers
+
+    with pytest.raises(ValueError, match="weight_decay_scope must be one of .*'mmengine'"):
+        FLMMTrainingArguments(output_dir=str(tmp_path), weight_decay_scope="mmengine", use_cpu=True, report_to="none")
 
 
 # ---------------------------------------------------------------------------------------------
