@@ -180,6 +180,17 @@ RELEASED_BACKBONES = {
     "deepseek-vl-7b-chat": _DEEPSEEK_VL_7B,
     "deepseek-ai/deepseek-vl-7b-chat": _DEEPSEEK_VL_7B,
 }
+# The original's prompt of each released backbone (its configs' xtuner INSTRUCTION around
+# "<image>\n" + question; DeepSeek-VL: no system text, the question right after the image tokens),
+# as `FLMMProcessor(prompt_template=...)`. The paper YAMLs in configs/ give the same strings.
+_VICUNA = "USER: {image}\n{question} ASSISTANT:"
+ORIGINAL_PROMPT_TEMPLATES = {
+    _LLAVA_15: _VICUNA,
+    _LLAVA_NEXT_VICUNA: _VICUNA,
+    _LLAVA_NEXT_MISTRAL: "[INST] {image}\n{question} [/INST]",
+    _DEEPSEEK_VL_1B: "User: {image}{question}\n\nAssistant:",
+    _DEEPSEEK_VL_7B: "User: {image}{question}\n\nAssistant:",
+}
 # Released backbones without a transformers implementation: (pattern of their names, what they are).
 _UNSUPPORTED_BACKBONES = (
     (re.compile(r"mini-?gemini|(^|/)mgm-"), "MiniGemini (MGM)"),
@@ -256,6 +267,8 @@ def config_for_checkpoint(
         mask_head_channels=base_channels,
         mask_head_stages=num_stages,
         mode="reproduction",
+        # the maps the released heads were trained on: eager attention in bf16
+        attention_numerics="eager",
         save_mode="adapter",
     )
     return config
@@ -322,7 +335,8 @@ def convert_original_checkpoint(
     model.save_pretrained(output_dir, model_card=False)
     write_model_card(output_dir, model.config, source=source_name, keep_results=False)
     processor = AutoProcessor.from_pretrained(lmm_name, revision=lmm_revision)
-    FLMMProcessor(processor, mode="reproduction").save_pretrained(output_dir)
+    template = ORIGINAL_PROMPT_TEMPLATES.get(lmm_name)  # a local or other backbone keeps its chat template
+    FLMMProcessor(processor, mode="reproduction", prompt_template=template).save_pretrained(output_dir)
     logger.info("wrote %s (base LMM %s, SAM %s)", output_dir, lmm_name, sam_name)
     return output_dir
 

@@ -11,6 +11,7 @@ import configparser
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_converted_model_reproduces_the_reference(model, reference):
 def test_converted_folder_is_an_adapter_in_reproduction_mode(converted, model, reference, bases):
     config = json.loads((converted / "config.json").read_text())
     assert config["mode"] == "reproduction" and config["save_mode"] == "adapter"
+    assert config["attention_numerics"] == "eager"  # the maps the released heads were trained on
     assert config["lmm_name_or_path"] == str(bases / "lmm") and config["sam_name_or_path"] == str(bases / "sam")
     assert (config["num_grids"], config["mask_head_channels"], config["mask_head_stages"]) == (1, 64, 4)
     assert model.config.mask_head_in_channels == reference[1]["in_channels"]
@@ -167,3 +169,19 @@ def test_console_script_is_declared():
     parser.read(REPO_ROOT / "setup.cfg")
     scripts = parser["options.entry_points"]["console_scripts"]
     assert "flmm-convert = flmm_hf.convert:main" in [line.strip() for line in scripts.splitlines()]
+
+
+def test_original_prompt_templates_equal_the_paper_configs():
+    """The converter's prompt per released backbone is the one its paper YAML trains with."""
+    import yaml
+
+    from flmm_hf.convert import ORIGINAL_PROMPT_TEMPLATES
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    seen = set()
+    for path in configs.glob("*.yaml"):
+        settings = yaml.safe_load(path.read_text())
+        if settings.get("lmm_name_or_path") in ORIGINAL_PROMPT_TEMPLATES:
+            assert settings["prompt_template"] == ORIGINAL_PROMPT_TEMPLATES[settings["lmm_name_or_path"]], path.name
+            seen.add(settings["lmm_name_or_path"])
+    assert seen == set(ORIGINAL_PROMPT_TEMPLATES)
