@@ -178,9 +178,11 @@ def generate_with_attention(
         processor: the `FLMMProcessor` (default: `model.processor`).
         return_sam_inputs: also prepare SAM's input (`inputs["sam_pixel_values"]`), for the refiner.
         answer_prefix: text the assistant's turn starts with; generation continues it. It is part of the
-            prompt (`GeneratedAnswer.inputs`), not of the answer. It is appended as the processor appends an
-            answer: leading whitespace is replaced by the processor's separator (one space after a template
-            that ends in a non-space such as `ASSISTANT:`, none after a newline).
+            prompt (`GeneratedAnswer.inputs`), not of the answer, and tokenised with the prompt as one
+            string. Reproduction mode appends it verbatim, as the original appended its VisCoT prefix to its
+            prompt string (`prompt += ' The object ...'`); native mode replaces its leading whitespace by the
+            processor's separator (one space after a template that ends in a non-space such as
+            `ASSISTANT:`, none after a newline).
         stop_words: stop once the decoded generated text (special tokens kept, carriage returns and new lines
             removed) ends with one of these strings, as xtuner's `StopWordStoppingCriteria` that the original
             F-LMM uses.
@@ -195,8 +197,12 @@ def generate_with_attention(
     """
     processor = model.resolve_processor(processor)
     _check_capture_kwargs(generate_kwargs)
-    texts = [answer_prefix.lstrip()] if answer_prefix else None
-    inputs = processor(images=[image], texts=texts, question=question, return_sam_inputs=return_sam_inputs)
+    texts = None
+    if answer_prefix:
+        texts = [answer_prefix if processor.mode == "reproduction" else answer_prefix.lstrip()]
+    inputs = processor(
+        images=[image], texts=texts, question=question, return_sam_inputs=return_sam_inputs, encoding="joint"
+    )
     device = model.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     lmm_inputs = backbone_inputs(inputs)

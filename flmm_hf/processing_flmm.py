@@ -621,6 +621,7 @@ class FLMMProcessor:
         max_length: int | None = None,
         return_tensors: str = "pt",
         pieces: Sequence[PieceSpec] | Sequence[Sequence[PieceSpec] | None] | None = None,
+        encoding: str | None = None,
     ) -> BatchFeature:
         """Build a padded batch of model inputs.
 
@@ -652,6 +653,9 @@ class FLMMProcessor:
                 `answer_tokens`; `FLMMTransform` gives the original's RefCOCO and PNG pieces);
                 `None` (or a `None` entry): the whole answer is one piece. Native mode tokenises
                 the answer with its prompt as one string and ignores them.
+            encoding: `"pieces"` (reproduction mode's) or `"joint"` (native mode's: prompt, separator
+                and answer tokenised as one string); `None`: the mode's. `"joint"` serves a text that
+                the original appended to its prompt string, such as VisCoT's forced answer start.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
@@ -673,7 +677,9 @@ class FLMMProcessor:
                   as_pieces(answer, example_pieces, example=b))
             for b, (q, answer, example_phrases, example_pieces) in enumerate(zip(questions, texts, phrases, pieces))
         ]
-        if self.mode == "reproduction":
+        if encoding not in (None, "pieces", "joint"):
+            raise ValueError(f"encoding must be 'pieces', 'joint' or None, got {encoding!r}")
+        if (encoding or ("pieces" if self.mode == "reproduction" else "joint")) == "pieces":
             data = self._encode_piecewise(lmm_images, examples, max_length)
         else:
             data = self._encode_joint(lmm_images, examples, max_length)

@@ -591,7 +591,11 @@ class VisCoTBenchmarkArguments:
     processor_name_or_path: str | None = field(
         default=None, metadata={"help": "Folder or Hub id of the FLMMProcessor (default: the model's)."}
     )
-    dtype: str | None = field(default=None, metadata={"help": "Load the model in this dtype ('bfloat16', 'float32', ...)."})
+    lmm_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "dtype of the frozen LMM (the original ran it in bf16), as evaluate.py's --lmm_dtype.",
+                  "choices": ["bfloat16", "float16", "float32", "auto"]},
+    )
     device: str | None = field(default=None, metadata={"help": "Device of the model (default: cuda if available, else cpu)."})
     seed: int = field(default=0, metadata={"help": "Seed set before loading."})
     version: str = field(default="v1", metadata={"help": "VisCoT version: v1, v2 or baseline."})
@@ -680,7 +684,7 @@ def run_viscot_benchmark(
         if model is None:
             from .evaluation import load_model_and_processor
 
-            model, loaded = load_model_and_processor(args)  # reads the model_*/processor_*/dtype/seed fields
+            model, loaded = load_model_and_processor(args)  # reads the model_*/processor_*/lmm_dtype/seed fields
             processor = processor if processor is not None else loaded
             model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         elif processor is None:

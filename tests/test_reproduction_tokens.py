@@ -287,3 +287,22 @@ def test_deepseek_prompt_has_no_system_text_and_pieces_join_without_spaces(built
     with torch.no_grad():
         out = model(**batch)
     assert out.coarse_logits[0].shape[0] == len(expressions)
+
+
+def test_deepseek_visual_cot_prefix_is_part_of_the_prompt_string(deepseek, fixtures_dir):
+    """The original's VisCoT appends ' The object ...' to its prompt string and encodes it whole: with a
+    byte-level tokenizer the prefix keeps its space ('ĠThe'), which a separately encoded piece would lose."""
+    from PIL import Image
+
+    from flmm_hf.grounded_chat import generate_with_attention
+    from flmm_hf.visual_cot import THOUGHT_PREFIX
+
+    tok, processor, model = deepseek
+    image = Image.open(fixtures_dir / "coco" / "images" / "000000039769.png")
+    question = "What is on the couch?First think which object in this image is most relevant to the question."
+    answer = generate_with_attention(model, image, question, processor, answer_prefix=THOUGHT_PREFIX, max_new_tokens=2)
+    expected = tok.encode(
+        "User: " + "<image_placeholder>" * 49 + question + "\n\nAssistant:" + THOUGHT_PREFIX, add_special_tokens=True
+    )
+    assert answer.inputs["input_ids"][0].tolist() == expected
+    assert tok.convert_tokens_to_ids("ĠThe") in expected

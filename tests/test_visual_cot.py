@@ -587,7 +587,7 @@ def test_cli_answers_and_scores_with_a_local_judge(model, processor, benchmark_d
         "--model_name_or_path", str(model_dir), "--benchmark", str(benchmark_dir / "benchmark" / "coco.json"),
         "--image_folder", str(benchmark_dir / "data"), "--output_dir", str(out), "--device", "cpu",
         "--version", "v2", "--every", "2", "--judge", "local", "--judge_model", str(tiny_lm_dir),
-        "--progress", "false",
+        "--progress", "false", "--lmm_dtype", "float32",
     ]
     outcome = bench.main(argv)
     answers = [json.loads(line) for line in (out / "coco.jsonl").read_text().splitlines()]
