@@ -454,6 +454,11 @@ def load_split(name: str, split: str, concat_refs: bool, max_samples: int | None
     dataset = load_dataset(name, split=split)
     if concat_refs and "ref_id" in dataset.column_names:
         dataset = group_refs_by_image(dataset)
+    if "segments" in dataset.column_names:
+        from .evaluation import prepare_png_split
+
+        # The original redraws a PNG narrative that grounds nothing; dropping it is the same in expectation.
+        dataset = prepare_png_split(dataset)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset

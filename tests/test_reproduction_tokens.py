@@ -306,3 +306,19 @@ def test_deepseek_visual_cot_prefix_is_part_of_the_prompt_string(deepseek, fixtu
     )
     assert answer.inputs["input_ids"][0].tolist() == expected
     assert tok.convert_tokens_to_ids("ĠThe") in expected
+
+
+def test_training_drops_png_narratives_that_ground_nothing(built, tmp_path):
+    """The original's PNGDataset redraws a narrative without a grounded segment; training never sees one."""
+    from datasets import concatenate_datasets
+
+    from flmm_hf.training import load_split
+
+    png = built["png"]
+    ungrounded = png.map(lambda segments: {"segments": [dict(s, segment_ids=[]) for s in segments]},
+                         input_columns="segments")
+    folder = tmp_path / "png"
+    (folder / "data").mkdir(parents=True)
+    concatenate_datasets([ungrounded, png]).to_parquet(str(folder / "data" / "val-00000-of-00001.parquet"))
+    rows = load_split(str(folder), "val", concat_refs=True)
+    assert len(rows) == len(png) and all(any(s["segment_ids"] for s in r["segments"]) for r in rows)
