@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,13 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_inputs_outside_output,
+    file_sha256,
+    files_signature,
     image_cell,
     mask_to_rle,
     png_features,
+    start_build,
     write_dataset_card,
 )
 
@@ -90,9 +93,9 @@ def read_panoptic_png(path: Path) -> np.ndarray:
 
 def build(args: argparse.Namespace) -> BuildSummary:
     """Convert the files named in ``args``; returns the summary (also saved and printed)."""
-    if args.overwrite and args.output_dir.exists():
-        shutil.rmtree(args.output_dir)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"--png-json": args.png_json, "--panoptic-json": args.panoptic_json,
+              "--panoptic-dir": args.panoptic_dir, "--image-dir": args.image_dir}
+    check_inputs_outside_output(args.output_dir, inputs)  # before anything is read or written
     split = args.split or infer_split(args.png_json)
     summary = BuildSummary()
 
@@ -102,11 +105,22 @@ def build(args: argparse.Namespace) -> BuildSummary:
     pan_anns = {ann["image_id"]: ann for ann in panoptic["annotations"]}
     isthing = {c["id"]: bool(c.get("isthing", 0)) for c in panoptic["categories"]}
 
+    # What decides the rows: a resume is refused when any of it changed since the earlier run.
+    fingerprint = {
+        "--png-json sha256": file_sha256(args.png_json),
+        "--panoptic-json sha256": file_sha256(args.panoptic_json),
+        "--panoptic-dir files": files_signature(args.panoptic_dir, [a.get("file_name", "") for a in pan_anns.values()]),
+        "--image-dir files": files_signature(args.image_dir, [img.get("file_name", "") for img in images.values()]),
+        # with --no-embed-images the rows hold the images' absolute paths
+        "--image-dir path": str(args.image_dir.resolve()) if args.no_embed_images else None,
+    }
+    manifest = start_build(args, "build_png", inputs, fingerprint)
+
     features = png_features()
     writer = ShardedParquetWriter(
         args.output_dir, split, features, key_column="narrative_id",
         max_rows_per_shard=args.max_rows_per_shard,
-        max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+        max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024), manifest=manifest,
     )
     summary.already_present[split] = len(writer.existing_keys)
     budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
@@ -148,8 +162,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
         summary=summary,
         split_order=["train", "val"],
         tags=("panoptic-narrative-grounding", "referring-expression-segmentation"),
+        manifest=manifest,
     )
-    summary.save(args.output_dir)
+    summary.save(args.output_dir, manifest)
     return summary
 
 

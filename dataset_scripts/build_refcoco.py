@@ -14,7 +14,9 @@ Example::
         --instances data/refcoco/instances.json --refs "data/refcoco/refs(unc).p" \\
         --image-dir data/coco/train2014 --output-dir build/refcoco
 
-Re-running resumes: refs already in finished shards are not written again.
+Re-running resumes: refs already in finished shards are not written again, provided the inputs
+and arguments are those of the earlier run (a fingerprint in ``build_manifest.json`` says);
+otherwise it stops and asks for ``--overwrite``, which deletes only the files that build wrote.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import argparse
 import json
 import logging
 import shlex
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,10 +35,14 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_inputs_outside_output,
+    file_sha256,
+    files_signature,
     image_cell,
     load_refs_pickle,
     refcoco_features,
     segmentation_to_rle,
+    start_build,
     write_dataset_card,
 )
 
@@ -82,9 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> BuildSummary:
     """Convert the files named in ``args``; returns the summary (also saved and printed)."""
-    if args.overwrite and args.output_dir.exists():
-        shutil.rmtree(args.output_dir)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"--instances": args.instances, "--refs": args.refs, "--image-dir": args.image_dir}
+    check_inputs_outside_output(args.output_dir, inputs)  # before anything is read or written
     summary = BuildSummary()
 
     instances = json.loads(args.instances.read_text())
@@ -92,6 +96,20 @@ def build(args: argparse.Namespace) -> BuildSummary:
     anns = {ann["id"]: ann for ann in instances["annotations"]}
     categories = {c["id"]: c["name"] for c in instances.get("categories", [])}
     refs = load_refs_pickle(args.refs)
+
+    # What decides the rows: a resume is refused when any of it changed since the earlier run.
+    used_images = {ref.get("image_id") for ref in refs}
+    fingerprint = {
+        "--dataset": args.dataset,
+        "--instances sha256": file_sha256(args.instances),
+        "--refs sha256": file_sha256(args.refs),
+        "--image-dir files": files_signature(
+            args.image_dir, [img.get("file_name", "") for i, img in images.items() if i in used_images]
+        ),
+        # with --no-embed-images the rows hold the images' absolute paths
+        "--image-dir path": str(args.image_dir.resolve()) if args.no_embed_images else None,
+    }
+    manifest = start_build(args, "build_refcoco", inputs, fingerprint)
 
     # Group refs by split, keeping file order (deterministic output, so resuming is well defined).
     by_split: "OrderedDict[str, list[dict]]" = OrderedDict()
@@ -108,7 +126,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
         writer = ShardedParquetWriter(
             args.output_dir, split, features, key_column="ref_id",
             max_rows_per_shard=args.max_rows_per_shard,
-            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024), manifest=manifest,
         )
         summary.already_present[split] = len(writer.existing_keys)
         budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
@@ -141,8 +159,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
         build_command=" ".join(shlex.quote(a) for a in ["python", "dataset_scripts/build_refcoco.py", *args.argv]),
         summary=summary,
         split_order=SPLIT_ORDER,
+        manifest=manifest,
     )
-    summary.save(args.output_dir)
+    summary.save(args.output_dir, manifest)
     return summary
 
 

@@ -1,0 +1,106 @@
+"""What the dataset builders may touch in --output-dir: nothing of the user's, nothing stale.
+
+The builders write into a folder the user names; inputs may sit inside it, a README.md may be
+the user's own, and a rerun may use other inputs or arguments. These tests build tiny sets from
+the real fixtures and check that nothing is lost and no stale rows are kept silently.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from test_datasets import _script, make_refcoco_inputs, refcoco_inputs, run_png, run_refcoco  # noqa: F401 (fixture)
+
+
+def _shapes(out: Path, *extra: str):
+    return _script("build_shapes").main(
+        ["--output-dir", str(out), "--train-scenes", "2", "--val-scenes", "1", "--test-scenes", "1",
+         "--image-size", "32", *extra]
+    )
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (what must survive untouched)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------
+# 1. inputs inside --output-dir; --overwrite deletes only what a build wrote
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inside", ["instances", "refs", "image-dir"])
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "resume"])
+def test_refcoco_refuses_inputs_inside_output_dir(fixtures_dir, tmp_path, inside, overwrite):
+    out = tmp_path / "out"
+    src = make_refcoco_inputs(fixtures_dir, out / "annotations" if inside != "image-dir" else tmp_path / "src")
+    instances, refs_path, refs = src
+    image_dir = fixtures_dir / "coco" / "images"
+    if inside == "image-dir":
+        image_dir = out / "train2014"
+        shutil.copytree(fixtures_dir / "coco" / "images", image_dir)
+    elif inside == "refs":  # only the refs inside: move the instances out again
+        outside = tmp_path / "outside_instances.json"
+        shutil.move(str(instances), outside)
+        src = (outside, refs_path, refs)
+    before = _tree(out)
+    with pytest.raises(ValueError, match=rf"--{inside} .* inside --output-dir") as err:
+        run_refcoco(fixtures_dir, src, out, *(["--overwrite"] if overwrite else []), image_dir=image_dir)
+    assert "outside" in str(err.value)  # the fix is named
+    assert _tree(out) == before  # refused before touching anything
+
+
+def test_png_refuses_inputs_inside_output_dir(fixtures_dir, tmp_path):
+    out = tmp_path / "out"
+    png_json = out / "png_coco_val2017.json"
+    png_json.parent.mkdir()
+    shutil.copy(fixtures_dir / "png" / "png_format_sample_constructed.json", png_json)
+    with pytest.raises(ValueError, match="--png-json .* inside --output-dir"):
+        run_png(fixtures_dir, out, png_json, None, "--overwrite")
+    assert png_json.is_file()
+    # the output folder being an input folder counts as inside too (a copy: never risk the fixtures)
+    panoptic_dir = tmp_path / "panoptic"
+    shutil.copytree(fixtures_dir / "coco" / "panoptic", panoptic_dir)
+    before = _tree(panoptic_dir)
+    with pytest.raises(ValueError, match="--panoptic-dir .* inside --output-dir"):
+        _script("build_png").main([
+            "--png-json", str(fixtures_dir / "png" / "png_format_sample_constructed.json"),
+            "--panoptic-json", str(fixtures_dir / "coco" / "panoptic" / "panoptic_val2017_trimmed.json"),
+            "--panoptic-dir", str(panoptic_dir), "--image-dir", str(fixtures_dir / "coco" / "images"),
+            "--output-dir", str(panoptic_dir), "--split", "val", "--overwrite"])
+    assert _tree(panoptic_dir) == before
+
+
+def test_overwrite_deletes_only_files_the_build_wrote(fixtures_dir, tmp_path, refcoco_inputs):
+    out = tmp_path / "refcoco"
+    run_refcoco(fixtures_dir, refcoco_inputs, out, "--max-rows-per-shard", "2")
+    assert len(list((out / "data").glob("*.parquet"))) == 7  # 4 val + 3 train shards
+    (out / "notes.txt").write_text("mine")
+    (out / "keep").mkdir()
+    (out / "keep" / "instances.json").write_text("{}")
+    summary = run_refcoco(fixtures_dir, refcoco_inputs, out, "--overwrite", "--split", "val", "--max-samples", "2")
+    assert summary.written == {"val": 2} and not summary.already_present["val"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "keep" / "instances.json").read_text() == "{}"
+    # the earlier build's shards are all gone (no stale train split), the new one is complete
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["val-00000.parquet"]
+    assert list(load_dataset(str(out)).keys()) == ["val"]
+    manifest = json.loads((out / "build_manifest.json").read_text())
+    assert set(manifest["files"]) == {"data/val-00000.parquet", "README.md", "build_summary.json"}
+
+
+def test_overwrite_ignores_manifest_entries_outside_the_folder(fixtures_dir, tmp_path):
+    out = tmp_path / "shapes"
+    _shapes(out)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the builder's")
+    manifest_path = out / "build_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../victim.txt"] = {}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"\.\./victim\.txt.*outside"):
+        _shapes(out, "--overwrite")
+    assert victim.read_text() == "not the builder's"
