@@ -104,3 +104,62 @@ def test_overwrite_ignores_manifest_entries_outside_the_folder(fixtures_dir, tmp
     with pytest.raises(ValueError, match=r"\.\./victim\.txt.*outside"):
         _shapes(out, "--overwrite")
     assert victim.read_text() == "not the builder's"
+
+
+# --------------------------------------------------------------------------------------
+# 2. a README.md (or any file) the builder did not write is never replaced
+# --------------------------------------------------------------------------------------
+def _build(kind: str, fixtures_dir: Path, tmp_path: Path, out: Path, *extra: str):
+    if kind == "shapes":
+        return _shapes(out, *extra)
+    if kind == "png":
+        return run_png(fixtures_dir, out, None, None, *extra)
+    return run_refcoco(fixtures_dir, make_refcoco_inputs(fixtures_dir, tmp_path / "src"), out, *extra)
+
+
+@pytest.mark.parametrize("kind", ["shapes", "refcoco", "png"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["resume", "overwrite"])
+def test_builders_never_replace_a_readme_they_did_not_write(fixtures_dir, tmp_path, kind, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my own notes\n")
+    before = _tree(out)
+    with pytest.raises(ValueError, match="README.md") as err:
+        _build(kind, fixtures_dir, tmp_path, out, *(["--overwrite"] if overwrite else []))
+    assert "not written by" in str(err.value) and "another --output-dir" in str(err.value)
+    assert _tree(out) == before  # refused before writing anything
+
+
+@pytest.mark.parametrize("edited", ["README.md", "build_summary.json"])
+def test_an_edited_card_is_no_longer_the_builders(tmp_path, edited):
+    out = tmp_path / "shapes"
+    _shapes(out)
+    (out / edited).write_text((out / edited).read_text() + "\nmy edits\n")
+    before = _tree(out)
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match=f"{edited} was edited after the build wrote it"):
+            _shapes(out, *extra)
+        assert _tree(out) == before
+
+
+def test_a_strangers_file_in_data_is_refused(tmp_path):
+    out = tmp_path / "shapes"
+    _shapes(out)
+    (out / "data" / "train-99999.parquet").write_bytes(b"someone else's")
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"train-99999\.parquet was not written by a build"):
+        _shapes(out, "--overwrite")
+    assert _tree(out) == before
+
+
+def test_library_card_and_summary_never_replace_existing_files(tmp_path):
+    from flmm_hf.datasets_io import BuildSummary, refcoco_features, write_dataset_card
+
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "build_summary.json").write_text("mine")
+    with pytest.raises(ValueError, match="README.md exists"):
+        write_dataset_card(tmp_path, pretty_name="x", features=refcoco_features(), description="d",
+                           license="mit", citation="c", build_command="b")
+    with pytest.raises(ValueError, match="build_summary.json exists"):
+        BuildSummary().save(tmp_path)
+    assert (tmp_path / "README.md").read_text() == (tmp_path / "build_summary.json").read_text() == "mine"
