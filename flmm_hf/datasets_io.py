@@ -859,10 +859,16 @@ def run_builder(parse_args, build, argv: list[str] | None = None) -> "BuildSumma
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv  # recorded in the dataset card's build command
-    summary = build(args)
+    try:
+        summary = build(args)
+    except BuildOutputError as err:
+        if not from_command_line:
+            raise
+        raise SystemExit(f"error: {err}") from None  # a refusal with its fix, not a traceback
     print(summary.report())
     print(split_num_rows(args.output_dir))
     if args.push_to_hub:

@@ -163,3 +163,60 @@ def test_library_card_and_summary_never_replace_existing_files(tmp_path):
     with pytest.raises(ValueError, match="build_summary.json exists"):
         BuildSummary().save(tmp_path)
     assert (tmp_path / "README.md").read_text() == (tmp_path / "build_summary.json").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------
+# 3. a resume from other inputs or arguments is refused (no stale rows)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [("--seed", "3", "4"), ("--image-size", "32", "40")], ids=["seed", "image-size"])
+def test_shapes_resume_with_other_arguments_is_refused(tmp_path, change):
+    flag, old, new = change
+    out = tmp_path / "shapes"
+    _shapes(out, "--seed", "3", flag, old)
+    before = _tree(out)
+    with pytest.raises(ValueError, match=rf"{flag}: {old} -> {new}.*--overwrite"):
+        _shapes(out, "--seed", "3", flag, new)
+    assert _tree(out) == before
+    summary = _shapes(out, "--seed", "3", flag, new, "--overwrite")
+    assert summary.written["train"] > 0 and not summary.already_present["train"]
+    assert _shapes(out, "--seed", "3", flag, new).written["train"] == 0  # same arguments resume
+
+
+def test_refcoco_resume_with_changed_sentences_is_refused(fixtures_dir, tmp_path):
+    instances, refs_path, refs = make_refcoco_inputs(fixtures_dir, tmp_path / "src")
+    out = tmp_path / "refcoco"
+    run_refcoco(fixtures_dir, (instances, refs_path, refs), out, "--split", "val", "--max-samples", "3")
+    # resuming with more samples, other shards or another split is fine: those do not change rows
+    assert run_refcoco(fixtures_dir, (instances, refs_path, refs), out, "--max-rows-per-shard", "2").written["val"] == 4
+    refs[0]["sentences"][0]["sent"] = "a corrected sentence"
+    refs_path.write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(ValueError, match=r"--refs sha256: .* -> .*--overwrite"):
+        run_refcoco(fixtures_dir, (instances, refs_path, refs), out)
+    with pytest.raises(ValueError, match=r"--no-embed-images: false -> true"):
+        run_refcoco(fixtures_dir, (instances, refs_path, refs), out, "--no-embed-images")
+    run_refcoco(fixtures_dir, (instances, refs_path, refs), out, "--overwrite")
+    row = next(r for r in load_dataset(str(out), split="val") if r["ref_id"] == refs[0]["ref_id"])
+    assert row["sentences"][0] == "a corrected sentence"
+
+
+def test_refcoco_resume_with_a_replaced_image_is_refused(fixtures_dir, tmp_path, refcoco_inputs):
+    image_dir = tmp_path / "images"
+    shutil.copytree(fixtures_dir / "coco" / "images", image_dir)
+    out = tmp_path / "refcoco"
+    run_refcoco(fixtures_dir, refcoco_inputs, out, image_dir=image_dir)
+    (image_dir / "COCO_train2014_000000157714.jpg").write_bytes(b"not the same image")
+    with pytest.raises(ValueError, match="--image-dir files"):
+        run_refcoco(fixtures_dir, refcoco_inputs, out, image_dir=image_dir)
+
+
+def test_png_resume_with_changed_narratives_is_refused(fixtures_dir, tmp_path):
+    records = json.loads((fixtures_dir / "png" / "png_format_sample_constructed.json").read_text())
+    png_json = tmp_path / "png_coco_val2017.json"
+    png_json.write_text(json.dumps(records))
+    out = tmp_path / "png"
+    run_png(fixtures_dir, out, png_json)
+    records[0]["segments"][0]["plural"] = not records[0]["segments"][0]["plural"]
+    png_json.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"--png-json sha256: .*--overwrite"):
+        run_png(fixtures_dir, out, png_json)
+    assert run_png(fixtures_dir, out, png_json, None, "--overwrite").written["val"] == 1
