@@ -124,12 +124,17 @@ def build(args: argparse.Namespace) -> BuildSummary:
     )
     summary.already_present[split] = len(writer.existing_keys)
     budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
+    seen: set[str] = set()  # narrative ids met in the input (not the earlier run's rows)
     id_map_cache: tuple[int, np.ndarray] | None = None  # narratives of one image are usually adjacent
     with writer:
         for index, record in enumerate(tqdm(records, desc=f"png {split}", unit="narrative")):
             if budget is not None and writer.num_new >= budget:
                 break
             key = str(record.get("narrative_id") or f"{record.get('image_id')}_{index}")
+            if key in seen:  # the key is the narrative id: a second record would vanish unnoticed
+                summary.skip("duplicate narrative_id", f"narrative {key}: the first record is kept")
+                continue
+            seen.add(key)
             if writer.has(key):
                 continue
             try:

@@ -130,11 +130,16 @@ def build(args: argparse.Namespace) -> BuildSummary:
         )
         summary.already_present[split] = len(writer.existing_keys)
         budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
+        seen: set[int] = set()  # ref ids met in this split's input (not the earlier run's rows)
         with writer:
             for ref in tqdm(split_refs, desc=f"{args.dataset} {split}", unit="ref"):
                 if budget is not None and writer.num_new >= budget:
                     break
                 ref_id = int(ref["ref_id"])
+                if ref_id in seen:  # the key is the ref id: a second record would vanish unnoticed
+                    summary.skip("duplicate ref_id in split", f"ref {ref_id} in {split}: the first record is kept")
+                    continue
+                seen.add(ref_id)
                 if writer.has(ref_id):
                     continue
                 row = _ref_to_row(ref, images, anns, categories, args, summary, sizes_checked)

@@ -220,3 +220,44 @@ def test_png_resume_with_changed_narratives_is_refused(fixtures_dir, tmp_path):
     with pytest.raises(ValueError, match=r"--png-json sha256: .*--overwrite"):
         run_png(fixtures_dir, out, png_json)
     assert run_png(fixtures_dir, out, png_json, None, "--overwrite").written["val"] == 1
+
+
+# --------------------------------------------------------------------------------------
+# 4. duplicate ids are counted and reported, not dropped silently
+# --------------------------------------------------------------------------------------
+def test_refcoco_duplicate_ref_ids_are_reported(fixtures_dir, tmp_path, caplog):
+    instances, refs_path, refs = make_refcoco_inputs(fixtures_dir, tmp_path / "src")
+    val = [r for r in refs if r["split"] == "val"]
+    twin = json.loads(json.dumps(val[1]))
+    twin["sentences"][0]["sent"] = "another sentence under the same id"
+    refs_path.write_bytes(pickle.dumps(refs + [twin], protocol=2))
+    out = tmp_path / "refcoco"
+    with caplog.at_level("WARNING"):
+        summary = run_refcoco(fixtures_dir, (instances, refs_path, refs), out)
+    assert summary.skipped == {"duplicate ref_id in split": 1}
+    assert summary.written["val"] == 7  # the first record of the id is kept
+    assert "nothing skipped" not in summary.report() and "duplicate ref_id" in summary.report()
+    assert json.loads((out / "build_summary.json").read_text())["skipped"] == {"duplicate ref_id in split": 1}
+    assert "duplicate ref_id" in (out / "README.md").read_text()
+    assert f"ref {val[1]['ref_id']}" in caplog.text
+    row = next(r for r in load_dataset(str(out), split="val") if r["ref_id"] == val[1]["ref_id"])
+    assert row["sentences"][0] == val[1]["sentences"][0]["sent"]
+    # a resume counts the duplicate again and does not mistake the kept rows for duplicates
+    summary = run_refcoco(fixtures_dir, (instances, refs_path, refs), out)
+    assert summary.skipped == {"duplicate ref_id in split": 1} and summary.already_present["val"] == 7
+
+
+def test_png_duplicate_narrative_ids_are_reported(fixtures_dir, tmp_path):
+    record = json.loads((fixtures_dir / "png" / "png_format_sample_constructed.json").read_text())[0]
+    twin = json.loads(json.dumps(record))
+    twin["caption"] = twin["caption"].upper()  # a different narrative under the same id
+    for seg in twin["segments"]:
+        seg["utterance"] = seg["utterance"].upper()
+    png_json = tmp_path / "png_coco_val2017.json"
+    png_json.write_text(json.dumps([record, twin]))
+    out = tmp_path / "png"
+    summary = run_png(fixtures_dir, out, png_json)
+    assert summary.written["val"] == 1
+    assert summary.skipped == {"duplicate narrative_id": 1}
+    assert record["narrative_id"] in summary.examples["duplicate narrative_id"][0]
+    assert "duplicate narrative_id" in (out / "README.md").read_text()
