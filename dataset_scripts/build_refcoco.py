@@ -21,7 +21,6 @@ otherwise it stops and asks for ``--overwrite``, which deletes only the files th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from flmm_hf.datasets_io import (
     files_signature,
     image_cell,
     load_refs_pickle,
+    read_json_input,
     refcoco_features,
     segmentation_to_rle,
     start_build,
@@ -91,7 +91,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
     check_inputs_outside_output(args.output_dir, inputs)  # before anything is read or written
     summary = BuildSummary()
 
-    instances = json.loads(args.instances.read_text())
+    instances = read_json_input(args.instances, "--instances")
     images = {img["id"]: img for img in instances["images"]}
     anns = {ann["id"]: ann for ann in instances["annotations"]}
     categories = {c["id"]: c["name"] for c in instances.get("categories", [])}

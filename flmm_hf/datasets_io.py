@@ -835,6 +835,21 @@ def add_output_arguments(parser: "argparse.ArgumentParser", embed_images: bool =
     )
 
 
+def read_json_input(path: Path, flag: str) -> Any:
+    """Parse an input JSON file; a parse error names the flag, the file and where it broke.
+
+    ``json.loads`` alone says only "Expecting value: line 1 column 5", not which of the several
+    input files is broken (typically a truncated download).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{flag} {path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}). "
+            "Check that it is the complete, unmodified file (downloads get cut off); fetch it again."
+        ) from None
+
+
 def start_build(
     args: "argparse.Namespace", builder: str, inputs: dict[str, Path], fingerprint: dict
 ) -> BuildManifest:

@@ -261,3 +261,70 @@ def test_png_duplicate_narrative_ids_are_reported(fixtures_dir, tmp_path):
     assert summary.skipped == {"duplicate narrative_id": 1}
     assert record["narrative_id"] in summary.examples["duplicate narrative_id"][0]
     assert "duplicate narrative_id" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# 5. one corrupt panoptic PNG or image is skipped and reported; bad JSON names its file
+# --------------------------------------------------------------------------------------
+def _png_inputs(fixtures_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Narratives on 39769 (two) and 142238 (one, over a real panoptic segment), copied folders."""
+    record = json.loads((fixtures_dir / "png" / "png_format_sample_constructed.json").read_text())[0]
+    twin = dict(json.loads(json.dumps(record)), narrative_id="second-on-39769")
+    pan = json.loads((fixtures_dir / "coco" / "panoptic" / "panoptic_val2017_trimmed.json").read_text())
+    seg = next(a for a in pan["annotations"] if a["image_id"] == 142238)["segments_info"][0]
+    other = {"image_id": "142238", "narrative_id": "on-142238", "caption": "a thing",
+             "segments": [{"utterance": "a thing", "segment_ids": [str(seg["id"])], "plural": False, "noun": True}]}
+    png_json = tmp_path / "png_coco_val2017.json"
+    png_json.write_text(json.dumps([record, twin, other]))
+    panoptic_dir, image_dir = tmp_path / "panoptic", tmp_path / "images"
+    shutil.copytree(fixtures_dir / "coco" / "panoptic", panoptic_dir)
+    shutil.copytree(fixtures_dir / "coco" / "images", image_dir)
+    return png_json, panoptic_dir, image_dir
+
+
+def _run_png_dirs(fixtures_dir: Path, out: Path, png_json: Path, panoptic_dir: Path, image_dir: Path,
+                  panoptic_json: Path | None = None):
+    return _script("build_png").main([
+        "--png-json", str(png_json),
+        "--panoptic-json", str(panoptic_json or fixtures_dir / "coco" / "panoptic" / "panoptic_val2017_trimmed.json"),
+        "--panoptic-dir", str(panoptic_dir), "--image-dir", str(image_dir),
+        "--output-dir", str(out), "--split", "val"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_png_corrupt_panoptic_png_is_skipped_and_reported(fixtures_dir, tmp_path, damage):
+    png_json, panoptic_dir, image_dir = _png_inputs(fixtures_dir, tmp_path)
+    bad = panoptic_dir / "000000039769.png"
+    bad.write_bytes(bad.read_bytes()[:400] if damage == "truncated" else b"\x89PNG not really")
+    out = tmp_path / "png"
+    summary = _run_png_dirs(fixtures_dir, out, png_json, panoptic_dir, image_dir)
+    assert summary.skipped == {"panoptic png unreadable": 2}  # both narratives of that image
+    assert "000000039769.png" in summary.examples["panoptic png unreadable"][0]
+    assert summary.written["val"] == 1
+    assert load_dataset(str(out), split="val")["narrative_id"] == ["on-142238"]
+    assert "panoptic png unreadable" in (out / "README.md").read_text()
+
+
+def test_png_corrupt_image_is_skipped_and_reported(fixtures_dir, tmp_path):
+    png_json, panoptic_dir, image_dir = _png_inputs(fixtures_dir, tmp_path)
+    (image_dir / "000000142238.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    summary = _run_png_dirs(fixtures_dir, tmp_path / "png", png_json, panoptic_dir, image_dir)
+    assert summary.skipped == {"image file unreadable": 1} and summary.written["val"] == 2
+
+
+@pytest.mark.parametrize("which", ["png-json", "panoptic-json"])
+def test_png_json_parse_errors_name_the_file(fixtures_dir, tmp_path, which):
+    png_json, panoptic_dir, image_dir = _png_inputs(fixtures_dir, tmp_path)
+    broken = tmp_path / f"broken-{which}.json"
+    broken.write_text('[{"image_id": "39769", "caption": "cut off her')
+    args = (png_json, panoptic_dir, image_dir, broken) if which == "panoptic-json" else (broken, panoptic_dir, image_dir)
+    with pytest.raises(ValueError, match=rf"--{which} {broken}: not valid JSON .*line 1"):
+        _run_png_dirs(fixtures_dir, tmp_path / "png", *args)
+    assert not (tmp_path / "png").exists()  # refused before anything was written
+
+
+def test_refcoco_json_parse_error_names_the_file(fixtures_dir, tmp_path, refcoco_inputs):
+    instances, refs_path, refs = refcoco_inputs
+    instances.write_text(instances.read_text()[:100])
+    with pytest.raises(ValueError, match=rf"--instances {instances}: not valid JSON"):
+        run_refcoco(fixtures_dir, refcoco_inputs, tmp_path / "out")
