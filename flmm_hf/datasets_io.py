@@ -362,7 +362,7 @@ class BuildManifest:
         if self.path.is_file():
             self._previous = self._read_previous()
         self._check_foreign_files()
-        if self._previous_meta and not overwrite:
+        if self._previous and not overwrite:  # an earlier build that wrote nothing leaves nothing stale
             old = self._previous_meta
             if old.get("builder") != builder:
                 raise BuildOutputError(

@@ -328,3 +328,27 @@ def test_refcoco_json_parse_error_names_the_file(fixtures_dir, tmp_path, refcoco
     instances.write_text(instances.read_text()[:100])
     with pytest.raises(ValueError, match=rf"--instances {instances}: not valid JSON"):
         run_refcoco(fixtures_dir, refcoco_inputs, tmp_path / "out")
+
+
+def test_push_uploads_only_the_files_the_build_wrote(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from flmm_hf.datasets_io import push_folder_to_hub
+
+    out = tmp_path / "shapes"
+    _shapes(out)
+    (out / "notes.txt").write_text("private")
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, *a, **k):
+            pass
+
+        def upload_folder(self, **kwargs):
+            calls.update(kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    push_folder_to_hub(out, "user/shapes")
+    assert sorted(calls["allow_patterns"]) == sorted(
+        ["README.md", "build_summary.json"] + [f"data/{p.name}" for p in (out / "data").iterdir()]
+    )
