@@ -21,10 +21,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +34,14 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_inputs_outside_output,
+    file_sha256,
+    files_signature,
     image_cell,
     mask_to_rle,
     png_features,
+    read_json_input,
+    start_build,
     write_dataset_card,
 )
 
@@ -90,38 +93,57 @@ def read_panoptic_png(path: Path) -> np.ndarray:
 
 def build(args: argparse.Namespace) -> BuildSummary:
     """Convert the files named in ``args``; returns the summary (also saved and printed)."""
-    if args.overwrite and args.output_dir.exists():
-        shutil.rmtree(args.output_dir)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"--png-json": args.png_json, "--panoptic-json": args.panoptic_json,
+              "--panoptic-dir": args.panoptic_dir, "--image-dir": args.image_dir}
+    check_inputs_outside_output(args.output_dir, inputs)  # before anything is read or written
     split = args.split or infer_split(args.png_json)
     summary = BuildSummary()
 
-    records = json.loads(args.png_json.read_text())
-    panoptic = json.loads(args.panoptic_json.read_text())
+    records = read_json_input(args.png_json, "--png-json")
+    panoptic = read_json_input(args.panoptic_json, "--panoptic-json")
     images = {img["id"]: img for img in panoptic["images"]}
     pan_anns = {ann["image_id"]: ann for ann in panoptic["annotations"]}
     isthing = {c["id"]: bool(c.get("isthing", 0)) for c in panoptic["categories"]}
+
+    # What decides the rows: a resume is refused when any of it changed since the earlier run.
+    fingerprint = {
+        "--png-json sha256": file_sha256(args.png_json),
+        "--panoptic-json sha256": file_sha256(args.panoptic_json),
+        "--panoptic-dir files": files_signature(args.panoptic_dir, [a.get("file_name", "") for a in pan_anns.values()]),
+        "--image-dir files": files_signature(args.image_dir, [img.get("file_name", "") for img in images.values()]),
+        # with --no-embed-images the rows hold the images' absolute paths
+        "--image-dir path": str(args.image_dir.resolve()) if args.no_embed_images else None,
+    }
+    manifest = start_build(args, "build_png", inputs, fingerprint)
 
     features = png_features()
     writer = ShardedParquetWriter(
         args.output_dir, split, features, key_column="narrative_id",
         max_rows_per_shard=args.max_rows_per_shard,
-        max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+        max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024), manifest=manifest,
     )
     summary.already_present[split] = len(writer.existing_keys)
     budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
-    id_map_cache: tuple[int, np.ndarray] | None = None  # narratives of one image are usually adjacent
+    seen: set[str] = set()  # narrative ids met in the input (not the earlier run's rows)
+    # narratives of one image are usually adjacent: keep its id map (or why it has none) once read
+    id_map_cache: tuple[int, np.ndarray | SkipRecord] | None = None
     with writer:
         for index, record in enumerate(tqdm(records, desc=f"png {split}", unit="narrative")):
             if budget is not None and writer.num_new >= budget:
                 break
             key = str(record.get("narrative_id") or f"{record.get('image_id')}_{index}")
+            if key in seen:  # the key is the narrative id: a second record would vanish unnoticed
+                summary.skip("duplicate narrative_id", f"narrative {key}: the first record is kept")
+                continue
+            seen.add(key)
             if writer.has(key):
                 continue
             try:
-                image_id = int(record["image_id"])
+                image_id = _image_id(record)
                 if id_map_cache is None or id_map_cache[0] != image_id:
                     id_map_cache = (image_id, _load_id_map(image_id, images, pan_anns, args))
+                if isinstance(id_map_cache[1], SkipRecord):
+                    raise SkipRecord(id_map_cache[1].reason, id_map_cache[1].detail)
                 row = _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map_cache[1], args)
             except SkipRecord as skip:
                 summary.skip(skip.reason, f"narrative {key}: {skip.detail}")
@@ -148,18 +170,32 @@ def build(args: argparse.Namespace) -> BuildSummary:
         summary=summary,
         split_order=["train", "val"],
         tags=("panoptic-narrative-grounding", "referring-expression-segmentation"),
+        manifest=manifest,
     )
-    summary.save(args.output_dir)
+    summary.save(args.output_dir, manifest)
     return summary
 
 
-def _load_id_map(image_id: int, images: dict, pan_anns: dict, args) -> np.ndarray | None:
-    """The panoptic id map of an image, or None when the image has no panoptic annotation/PNG."""
+def _image_id(record: dict) -> int:
+    """The record's image id as an int (the PNG files hold it as a string)."""
+    try:
+        return int(record["image_id"])
+    except (KeyError, TypeError, ValueError):
+        raise SkipRecord("bad image_id", repr(record.get("image_id"))) from None
+
+
+def _load_id_map(image_id: int, images: dict, pan_anns: dict, args) -> np.ndarray | SkipRecord:
+    """The panoptic id map of an image, or the :class:`SkipRecord` saying why it has none."""
     ann = pan_anns.get(image_id)
     if ann is None or image_id not in images:
-        return None
+        return SkipRecord("image not in panoptic json", f"image {image_id}")
     path = args.panoptic_dir / ann["file_name"]
-    return read_panoptic_png(path) if path.is_file() else None
+    if not path.is_file():
+        return SkipRecord("panoptic png missing", ann["file_name"])
+    try:
+        return read_panoptic_png(path)
+    except Exception as err:  # noqa: BLE001 - any decode failure makes this one file unusable, not the build
+        return SkipRecord("panoptic png unreadable", f"{ann['file_name']}: {err}")
 
 
 def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, args) -> dict:
@@ -168,20 +204,20 @@ def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, arg
     segments = record.get("segments") or []
     if not caption.strip() or not segments:
         raise SkipRecord("empty narrative", "no caption or no segments")
-    image = images.get(image_id)
-    if image is None or image_id not in pan_anns:
-        raise SkipRecord("image not in panoptic json", f"image {image_id}")
-    if id_map is None:
-        raise SkipRecord("panoptic png missing", pan_anns[image_id]["file_name"])
+    image = images[image_id]  # present: _load_id_map checked it
     path = args.image_dir / image["file_name"]
     if not path.is_file():
         raise SkipRecord("image file missing", str(image["file_name"]))
     height, width = int(image["height"]), int(image["width"])
     if id_map.shape != (height, width):
         raise SkipRecord("panoptic png size differs from annotation", f"{id_map.shape} vs {(height, width)}")
-    with PILImage.open(path) as im:
-        if im.size != (width, height):
-            raise SkipRecord("image size differs from annotation", f"{im.size[::-1]} vs {(height, width)}")
+    try:
+        with PILImage.open(path) as im:  # reads the header only
+            size = im.size
+    except Exception as err:  # noqa: BLE001 - as the RefCOCO builder: skip this image, not the build
+        raise SkipRecord("image file unreadable", f"{image['file_name']}: {err}") from None
+    if size != (width, height):
+        raise SkipRecord("image size differs from annotation", f"{size[::-1]} vs {(height, width)}")
 
     known = {s["id"]: s["category_id"] for s in pan_anns[image_id]["segments_info"]}
     present = set(np.unique(id_map).tolist())

@@ -14,15 +14,15 @@ Example::
         --instances data/refcoco/instances.json --refs "data/refcoco/refs(unc).p" \\
         --image-dir data/coco/train2014 --output-dir build/refcoco
 
-Re-running resumes: refs already in finished shards are not written again.
+Re-running resumes: refs already in finished shards are not written again, provided the inputs
+and arguments are those of the earlier run (a fingerprint in ``build_manifest.json`` says);
+otherwise it stops and asks for ``--overwrite``, which deletes only the files that build wrote.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,10 +34,15 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_inputs_outside_output,
+    file_sha256,
+    files_signature,
     image_cell,
     load_refs_pickle,
+    read_json_input,
     refcoco_features,
     segmentation_to_rle,
+    start_build,
     write_dataset_card,
 )
 
@@ -82,16 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> BuildSummary:
     """Convert the files named in ``args``; returns the summary (also saved and printed)."""
-    if args.overwrite and args.output_dir.exists():
-        shutil.rmtree(args.output_dir)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"--instances": args.instances, "--refs": args.refs, "--image-dir": args.image_dir}
+    check_inputs_outside_output(args.output_dir, inputs)  # before anything is read or written
     summary = BuildSummary()
 
-    instances = json.loads(args.instances.read_text())
+    instances = read_json_input(args.instances, "--instances")
     images = {img["id"]: img for img in instances["images"]}
     anns = {ann["id"]: ann for ann in instances["annotations"]}
     categories = {c["id"]: c["name"] for c in instances.get("categories", [])}
     refs = load_refs_pickle(args.refs)
+
+    # What decides the rows: a resume is refused when any of it changed since the earlier run.
+    used_images = {ref.get("image_id") for ref in refs}
+    fingerprint = {
+        "--dataset": args.dataset,
+        "--instances sha256": file_sha256(args.instances),
+        "--refs sha256": file_sha256(args.refs),
+        "--image-dir files": files_signature(
+            args.image_dir, [img.get("file_name", "") for i, img in images.items() if i in used_images]
+        ),
+        # with --no-embed-images the rows hold the images' absolute paths
+        "--image-dir path": str(args.image_dir.resolve()) if args.no_embed_images else None,
+    }
+    manifest = start_build(args, "build_refcoco", inputs, fingerprint)
 
     # Group refs by split, keeping file order (deterministic output, so resuming is well defined).
     by_split: "OrderedDict[str, list[dict]]" = OrderedDict()
@@ -108,15 +126,20 @@ def build(args: argparse.Namespace) -> BuildSummary:
         writer = ShardedParquetWriter(
             args.output_dir, split, features, key_column="ref_id",
             max_rows_per_shard=args.max_rows_per_shard,
-            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024), manifest=manifest,
         )
         summary.already_present[split] = len(writer.existing_keys)
         budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
+        seen: set[int] = set()  # ref ids met in this split's input (not the earlier run's rows)
         with writer:
             for ref in tqdm(split_refs, desc=f"{args.dataset} {split}", unit="ref"):
                 if budget is not None and writer.num_new >= budget:
                     break
                 ref_id = int(ref["ref_id"])
+                if ref_id in seen:  # the key is the ref id: a second record would vanish unnoticed
+                    summary.skip("duplicate ref_id in split", f"ref {ref_id} in {split}: the first record is kept")
+                    continue
+                seen.add(ref_id)
                 if writer.has(ref_id):
                     continue
                 row = _ref_to_row(ref, images, anns, categories, args, summary, sizes_checked)
@@ -141,8 +164,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
         build_command=" ".join(shlex.quote(a) for a in ["python", "dataset_scripts/build_refcoco.py", *args.argv]),
         summary=summary,
         split_order=SPLIT_ORDER,
+        manifest=manifest,
     )
-    summary.save(args.output_dir)
+    summary.save(args.output_dir, manifest)
     return summary
 
 

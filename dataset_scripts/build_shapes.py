@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -22,9 +22,12 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    file_sha256,
     refcoco_features,
+    start_build,
     write_dataset_card,
 )
+from flmm_hf import shapes
 from flmm_hf.shapes import generate_shapes_rows
 
 SPLITS = ("train", "val", "test")
@@ -44,9 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> BuildSummary:
     """Generate and write the splits; returns the summary."""
-    if args.overwrite and args.output_dir.exists():
-        shutil.rmtree(args.output_dir)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    # What decides the rows (the generator's code included): a resume is refused when any changed.
+    fingerprint = {
+        "--train-scenes": args.train_scenes,
+        "--val-scenes": args.val_scenes,
+        "--test-scenes": args.test_scenes,
+        "--image-size": args.image_size,
+        "--seed": args.seed,
+        "generator sha256": file_sha256(Path(shapes.__file__)),
+    }
+    manifest = start_build(args, "build_shapes", {}, fingerprint)
     summary = BuildSummary()
     features = refcoco_features()
     scenes = {"train": args.train_scenes, "val": args.val_scenes, "test": args.test_scenes}
@@ -55,7 +65,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
             continue
         writer = ShardedParquetWriter(
             args.output_dir, split, features, key_column="ref_id", max_rows_per_shard=args.max_rows_per_shard,
-            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024),
+            max_bytes_per_shard=int(args.max_shard_mb * 1024 * 1024), manifest=manifest,
         )
         summary.already_present[split] = len(writer.existing_keys)
         budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
@@ -84,8 +94,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
         summary=summary,
         split_order=list(SPLITS),
         tags=("synthetic", "referring-expression-segmentation"),
+        manifest=manifest,
     )
-    summary.save(args.output_dir)
+    summary.save(args.output_dir, manifest)
     return summary
 
 

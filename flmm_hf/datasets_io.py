@@ -11,11 +11,15 @@ One job each:
 - :func:`write_dataset_card`: ``README.md`` with the YAML block that ``datasets.load_dataset(folder)``
   and the Hub read (configs/splits, features), plus license, citation and how it was built.
 - :class:`BuildSummary`: what was written and what was skipped and why (logged, printed, saved).
+- :class:`BuildManifest`: ``build_manifest.json``, the files a build wrote and a fingerprint of
+  its inputs and arguments; only those files are ever replaced or deleted, and a rerun resumes
+  only a build with the same fingerprint.
 
 Library-only: nothing here is needed by the Hub custom code.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +28,7 @@ import pickle
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
     import argparse
@@ -236,6 +240,256 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
+# Build manifest: which files in the output folder a build wrote, and from what
+# --------------------------------------------------------------------------------------
+MANIFEST_FILE = "build_manifest.json"
+MANIFEST_VERSION = 1
+CARD_FILE = "README.md"
+
+
+class BuildOutputError(ValueError):
+    """The output folder cannot be used as asked; the message names the file and the fix."""
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both resolved, so links count)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_inputs_outside_output(output_dir: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse any input (``{"--flag": path}``) that lies inside ``output_dir``.
+
+    A build owns its output folder; an input in there could be replaced or deleted by a later
+    ``--overwrite``, so it is refused up front, before anything is read or written.
+    """
+    for flag, path in inputs.items():
+        if _is_inside(Path(path), Path(output_dir)):
+            raise BuildOutputError(
+                f"{flag} {path} lies inside --output-dir {output_dir}: a build must not write where its inputs "
+                f"are. Choose an --output-dir outside the input files (e.g. a sibling folder), or move {path} out."
+            )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content, read in chunks (annotation files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_signature(folder: str | os.PathLike, names: Iterable[str]) -> str:
+    """A cheap signature of many files (images): SHA-256 over their sorted names and byte sizes.
+
+    Content hashes of a whole COCO image folder would take minutes; a replaced or missing image
+    changes its size (or turns it to -1) and so the signature.
+    """
+    digest = hashlib.sha256()
+    for name in sorted({str(n) for n in names}):  # str: a malformed record must not crash this
+        path = Path(folder) / name
+        size = path.stat().st_size if path.is_file() else -1
+        digest.update(f"{name}\0{size}\n".encode("utf-8", errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def _describe_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every fingerprint entry that differs (hashes shortened)."""
+
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text[:15] + "...\"" if isinstance(value, str) and len(value) == 64 else text
+
+    return [
+        f"{key}: {short(old.get(key))} -> {short(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+class BuildManifest:
+    """``build_manifest.json``: the files a build wrote in its output folder and its fingerprint.
+
+    Only files listed here are ever replaced or deleted (``--overwrite`` deletes exactly these,
+    never the folder), so inputs, notes or a README.md of the user's in the same folder survive.
+    The card and summary are listed with their SHA-256: if the user edited them since, they are
+    no longer the builder's and are not replaced. The fingerprint (relevant arguments, content
+    hashes of the annotation files, signatures of image folders) decides whether a rerun may
+    resume: rows of a build from other inputs or arguments are never mixed with new ones.
+
+    Use :meth:`plan` (checks only, changes nothing), then :meth:`begin` (deletes the previous
+    build's files if overwriting, creates the folder) before writing.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, builder: str, fingerprint: dict) -> None:
+        self.output_dir = Path(output_dir)
+        self.builder = builder
+        self.fingerprint = dict(fingerprint, manifest_version=MANIFEST_VERSION)
+        self.files: dict[str, dict] = {}  # relative posix path -> {"sha256": ...} for card/summary
+        self._previous: dict[str, dict] = {}  # files of the build found on disk
+        self._previous_meta: dict = {}
+        self._overwrite = False
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / MANIFEST_FILE
+
+    # ---- checks (no side effects) ---------------------------------------------------------
+    @classmethod
+    def plan(
+        cls,
+        output_dir: str | os.PathLike,
+        *,
+        builder: str,
+        fingerprint: dict,
+        inputs: dict[str, str | os.PathLike],
+        overwrite: bool,
+    ) -> "BuildManifest":
+        """Check that ``output_dir`` can take this build; raise :class:`BuildOutputError` if not.
+
+        Refused: an input inside the folder; a file at a name the builder writes (``README.md``,
+        ``build_summary.json``, anything in ``data/``) that an earlier build did not write or that
+        was edited since; without ``overwrite``, an earlier build whose fingerprint differs.
+        Nothing is changed on disk.
+        """
+        check_inputs_outside_output(output_dir, inputs)
+        self = cls(output_dir, builder, fingerprint)
+        self._overwrite = overwrite
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise BuildOutputError(f"--output-dir {out} is a file, not a folder; name a folder.")
+        if self.path.is_file():
+            self._previous = self._read_previous()
+        self._check_foreign_files()
+        if self._previous and not overwrite:  # an earlier build that wrote nothing leaves nothing stale
+            old = self._previous_meta
+            if old.get("builder") != builder:
+                raise BuildOutputError(
+                    f"{out} holds a build of {old.get('builder')!r}, not of {builder!r}. Pass --overwrite to "
+                    "replace it (only the files listed in its build_manifest.json are deleted) or choose "
+                    "another --output-dir."
+                )
+            changes = _describe_changes(old.get("fingerprint", {}), self.fingerprint)
+            if changes:
+                raise BuildOutputError(
+                    f"{out} holds a build from other inputs or arguments, and resuming would mix its rows "
+                    f"with new ones. Changed: {'; '.join(changes)}. Pass --overwrite to rebuild from scratch "
+                    "(deletes only the files listed in its build_manifest.json) or choose another --output-dir."
+                )
+            self.files = dict(self._previous)  # resuming: the earlier shards stay ours
+        return self
+
+    def _read_previous(self) -> dict[str, dict]:
+        try:
+            meta = json.loads(self.path.read_text())
+            files = meta["files"]
+            if not isinstance(files, dict):
+                raise TypeError("'files' is not a mapping")
+        except (ValueError, KeyError, TypeError) as err:
+            raise BuildOutputError(
+                f"{self.path} is not a readable build manifest ({err}), so it cannot tell which files a build "
+                "wrote. Nothing was changed; delete the folder yourself or choose another --output-dir."
+            ) from err
+        root = self.output_dir.resolve()
+        for name in files:
+            # A tampered or hand-edited manifest must not lead a deletion outside the folder.
+            target = (root / name).resolve()
+            if Path(name).is_absolute() or ".." in Path(name).parts or root not in target.parents:
+                raise BuildOutputError(
+                    f"{self.path} lists {name!r}, a path outside the output folder; a build never writes there, "
+                    "so the manifest was edited. Nothing was changed; fix or remove that entry."
+                )
+        self._previous_meta = meta
+        return {str(k): dict(v or {}) for k, v in files.items()}
+
+    def _check_foreign_files(self) -> None:
+        """Refuse files at the builder's names that are not (or no longer) the builder's."""
+        out = self.output_dir
+        owned = self._previous
+        candidates = [out / CARD_FILE, out / SUMMARY_FILE]
+        if (out / DATA_DIR).is_dir():
+            # load_dataset(folder) reads data/<split>-*: a stranger's file there would join the data.
+            candidates += sorted(p for p in (out / DATA_DIR).rglob("*") if not p.is_dir())
+        for path in candidates:
+            if not (path.exists() or path.is_symlink()):
+                continue
+            name = path.relative_to(out).as_posix()
+            if name not in owned:
+                raise BuildOutputError(
+                    f"{path} was not written by a build of this folder (it is not in {MANIFEST_FILE}), and the "
+                    f"builder would {'replace' if path.parent == out else 'load it as data beside'} it. Nothing "
+                    "was changed: move it elsewhere or choose another --output-dir."
+                )
+            recorded = owned[name].get("sha256")
+            if recorded is not None and (not path.is_file() or file_sha256(path) != recorded):
+                raise BuildOutputError(
+                    f"{path} was edited after the build wrote it, so it is no longer the builder's to replace. "
+                    "Nothing was changed: move your version elsewhere (or delete it) and rerun."
+                )
+
+    # ---- changes ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Make the folder ready: with ``overwrite``, delete the files the previous build wrote."""
+        if self._overwrite and self._previous:
+            removed = 0
+            for name in self._previous:
+                path = self.output_dir / name
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    removed += 1
+            logger.info("--overwrite: deleted the %d files of the previous build in %s", removed, self.output_dir)
+            data = self.output_dir / DATA_DIR
+            if data.is_dir() and not any(data.iterdir()):
+                data.rmdir()
+            self.files = {}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        """Write the manifest atomically (an interrupted run keeps a valid list of its files)."""
+        meta = {"builder": self.builder, "fingerprint": self.fingerprint, "files": self.files}
+        tmp = self.output_dir / f".{MANIFEST_FILE}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def _name(self, path: str | os.PathLike) -> str:
+        # abspath, not resolve: a link in the folder is named by where it sits, not where it points
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(self.output_dir)).as_posix()
+
+    def owns(self, name: str) -> bool:
+        """Whether the relative path ``name`` was written by this build (or the one it resumes)."""
+        return name in self.files
+
+    def record(self, path: str | os.PathLike, *, content_hash: bool = False) -> None:
+        """Add a file this build wrote (call before it appears, so a crash cannot orphan it)."""
+        name = self._name(path)
+        self.files[name] = {"sha256": file_sha256(path)} if content_hash and Path(path).is_file() else {}
+        self.save()
+
+    def forget(self, path: str | os.PathLike) -> None:
+        """Drop a file from the list (a temporary file that was renamed)."""
+        name = self._name(path)
+        if self.files.pop(name, None) is not None:
+            self.save()
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a small builder file (card, summary) if it is absent or the builder's own."""
+        path = self.output_dir / name
+        if (path.exists() or path.is_symlink()) and not self.owns(name):
+            raise BuildOutputError(
+                f"{path} exists and was not written by this build; not replacing it. Move it elsewhere or "
+                "choose another --output-dir."
+            )
+        self.record(path)  # listed first: a crash mid-write leaves a file still known as ours
+        if path.is_symlink():
+            path.unlink()  # write a file of our own, never through a link into someone else's
+        path.write_text(text)
+        self.record(path, content_hash=True)
+        return path
+
+
+# --------------------------------------------------------------------------------------
 # Build summary
 # --------------------------------------------------------------------------------------
 @dataclass
@@ -286,16 +540,31 @@ class BuildSummary:
             lines.append("  nothing skipped")
         return "\n".join(lines)
 
-    def save(self, output_dir: str | os.PathLike) -> Path:
-        """Write ``build_summary.json`` next to the data."""
-        path = Path(output_dir) / SUMMARY_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+    def save(self, output_dir: str | os.PathLike, manifest: "BuildManifest | None" = None) -> Path:
+        """Write ``build_summary.json`` next to the data (through ``manifest`` when given).
+
+        Without a manifest an existing file is never replaced (it may not be the builder's).
+        """
+        text = json.dumps(self.to_dict(), indent=1)
+        if manifest is not None:
+            return manifest.write_text(SUMMARY_FILE, text)
+        return _write_new(Path(output_dir) / SUMMARY_FILE, text)
 
 
 # --------------------------------------------------------------------------------------
 # Sharded Parquet writing
 # --------------------------------------------------------------------------------------
+def _write_new(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` unless a file is already there (whose it is is unknown)."""
+    if path.exists():
+        raise BuildOutputError(
+            f"{path} exists and nothing records that a build wrote it; not replacing it. Move it elsewhere "
+            "or build through the dataset_scripts/ builders, which keep a build manifest."
+        )
+    path.write_text(text)
+    return path
+
+
 def _row_nbytes(row: dict) -> int:
     """Cheap size estimate of an encoded row (images dominate; strings count their length)."""
     total = 0
@@ -322,7 +591,9 @@ class ShardedParquetWriter:
     renamed when complete, so an interrupted run leaves no half shard behind.
 
     ``features`` (a ``datasets.Features``) gives the Arrow schema, including the metadata that
-    makes ``load_dataset`` decode images; rows are encoded with it.
+    makes ``load_dataset`` decode images; rows are encoded with it. With a ``manifest`` (what the
+    builders pass), only shards it lists count as earlier rows, and every shard (and temporary
+    file) is recorded there before it is written, so ``--overwrite`` can delete exactly these.
     """
 
     def __init__(
@@ -333,7 +604,9 @@ class ShardedParquetWriter:
         key_column: str,
         max_rows_per_shard: int = 10_000,
         max_bytes_per_shard: int = 256 * 1024 * 1024,
+        manifest: "BuildManifest | None" = None,
     ) -> None:
+        self.manifest = manifest
         self.data_dir = Path(output_dir) / DATA_DIR
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -344,8 +617,14 @@ class ShardedParquetWriter:
         self.max_bytes = max_bytes_per_shard
         # A leftover temporary file is an interrupted shard: its rows are not counted, rewrite them.
         for tmp in self.data_dir.glob(f".{split}-*.parquet.tmp"):
-            tmp.unlink()
-        self.existing_shards = sorted(self.data_dir.glob(f"{split}-*.parquet"))
+            if manifest is None or manifest.owns(f"{DATA_DIR}/{tmp.name}"):
+                tmp.unlink()
+                if manifest is not None:
+                    manifest.forget(tmp)
+        self.existing_shards = sorted(
+            p for p in self.data_dir.glob(f"{split}-*.parquet")
+            if manifest is None or manifest.owns(f"{DATA_DIR}/{p.name}")
+        )
         self.existing_keys: set = set()
         for shard in self.existing_shards:
             self.existing_keys.update(pq.read_table(shard, columns=[key_column]).column(0).to_pylist())
@@ -387,8 +666,15 @@ class ShardedParquetWriter:
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
         final = self.data_dir / f"{self.split}-{self._next_index:05d}.parquet"
         tmp = self.data_dir / f".{final.name}.tmp"
+        if final.exists() and (self.manifest is None or not self.manifest.owns(f"{DATA_DIR}/{final.name}")):
+            raise BuildOutputError(f"{final} exists and was not written by this build; not replacing it.")
+        if self.manifest is not None:
+            self.manifest.record(tmp)  # listed before it exists: a crash cannot leave an unowned file
+            self.manifest.record(final)
         pq.write_table(table, tmp)
         os.replace(tmp, final)
+        if self.manifest is not None:
+            self.manifest.forget(tmp)
         self._next_index += 1
         self.rows_written += len(self._buffer)
         self.shards_written.append(final)
@@ -437,12 +723,15 @@ def write_dataset_card(
     summary: BuildSummary | None = None,
     split_order: Sequence[str] | None = None,
     tags: Sequence[str] = ("referring-expression-segmentation",),
+    manifest: "BuildManifest | None" = None,
 ) -> Path:
     """Write ``README.md`` with the YAML metadata ``datasets`` and the Hub understand.
 
     The YAML lists one ``default`` config whose splits point at ``data/<split>-*`` (so
     ``load_dataset(folder)`` needs no code), ``dataset_info`` with features and split sizes,
     the license and tags. The body says what the rows are, how they were built and the citation.
+    With ``manifest`` the card is written only if ``README.md`` is absent or the builder's own
+    (unedited); without one an existing ``README.md`` is never replaced.
     """
     import yaml  # a dependency of datasets
 
@@ -501,18 +790,28 @@ Masks are COCO compressed RLE (`{{"size": [h, w], "counts": str}}`); decode with
 {citation.strip()}
 ```
 """
-    path = Path(output_dir) / "README.md"
-    path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body)
-    return path
+    text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body
+    if manifest is not None:
+        return manifest.write_text(CARD_FILE, text)
+    return _write_new(Path(output_dir) / CARD_FILE, text)
 
 
 def push_folder_to_hub(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:
-    """Upload a built dataset folder (data shards + card + summary) to a Hub dataset repo."""
+    """Upload a built dataset folder (data shards + card + summary) to a Hub dataset repo.
+
+    With a build manifest only the files the build wrote are uploaded (not the manifest, which
+    holds local paths, nor anything else the user keeps in the folder).
+    """
     from huggingface_hub import HfApi
 
+    allow = None
+    manifest_path = Path(output_dir) / MANIFEST_FILE
+    if manifest_path.is_file():
+        allow = sorted(n for n in json.loads(manifest_path.read_text())["files"]
+                       if (Path(output_dir) / n).is_file() and not Path(n).name.startswith("."))
     api = HfApi()
     api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset")
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", allow_patterns=allow)
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
@@ -529,7 +828,45 @@ def add_output_arguments(parser: "argparse.ArgumentParser", embed_images: bool =
         parser.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
     parser.add_argument("--max-rows-per-shard", type=int, default=5000)
     parser.add_argument("--max-shard-mb", type=float, default=256.0)
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="rebuild from scratch: delete the files an earlier build wrote (listed in build_manifest.json; "
+        "nothing else) instead of resuming",
+    )
+
+
+def read_json_input(path: Path, flag: str) -> Any:
+    """Parse an input JSON file; a parse error names the flag, the file and where it broke.
+
+    ``json.loads`` alone says only "Expecting value: line 1 column 5", not which of the several
+    input files is broken (typically a truncated download).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{flag} {path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}). "
+            "Check that it is the complete, unmodified file (downloads get cut off); fetch it again."
+        ) from None
+
+
+def start_build(
+    args: "argparse.Namespace", builder: str, inputs: dict[str, Path], fingerprint: dict
+) -> BuildManifest:
+    """Check ``args.output_dir`` for this build (see :meth:`BuildManifest.plan`), then prepare it.
+
+    Call after the inputs were read (so a bad input leaves an earlier build untouched) and before
+    anything is written. ``fingerprint`` holds what decides the rows; ``--no-embed-images`` is
+    added here when the builder has it.
+    """
+    fingerprint = dict(fingerprint)
+    if hasattr(args, "no_embed_images"):
+        fingerprint["--no-embed-images"] = bool(args.no_embed_images)
+    manifest = BuildManifest.plan(
+        args.output_dir, builder=builder, fingerprint=fingerprint, inputs=inputs, overwrite=args.overwrite
+    )
+    manifest.begin()
+    return manifest
 
 
 def run_builder(parse_args, build, argv: list[str] | None = None) -> "BuildSummary":
@@ -537,10 +874,16 @@ def run_builder(parse_args, build, argv: list[str] | None = None) -> "BuildSumma
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv  # recorded in the dataset card's build command
-    summary = build(args)
+    try:
+        summary = build(args)
+    except BuildOutputError as err:
+        if not from_command_line:
+            raise
+        raise SystemExit(f"error: {err}") from None  # a refusal with its fix, not a traceback
     print(summary.report())
     print(split_num_rows(args.output_dir))
     if args.push_to_hub:
