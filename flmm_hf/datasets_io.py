@@ -163,28 +163,84 @@ def safe_pickle_loads(data: bytes, encoding: str = "latin1") -> Any:
     return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
 
 
-def load_refs_pickle(path: str | os.PathLike, encoding: str = "latin1") -> list[dict]:
+# The largest real refs file (RefCOCO unc, 142k sentences) expands to a few million nodes; a
+# pickle that expands to far more is shared-reference inflation ("billion laughs"), not data.
+MAX_PICKLE_NODES = 50_000_000
+
+
+def load_refs_pickle(
+    path: str | os.PathLike, encoding: str = "latin1", max_nodes: int = MAX_PICKLE_NODES
+) -> list[dict]:
     """Read a RefCOCO ``refs(unc).p`` / ``refs(umd).p`` / ``refs(google).p`` file safely.
 
     Returns the list of ref records (``ref_id``, ``ann_id``, ``image_id``, ``split``,
     ``sentences``, ``category_id``, ...). Raises :class:`UnsafePickleError` for any
-    non-container object and ``ValueError`` if the top level is not a list of dicts.
+    non-container object, for a self-containing structure and for one that expands (counting
+    every shared reference as often as it is referenced) to more than ``max_nodes`` nodes;
+    ``ValueError`` if the top level is not a list of dicts.
     """
     refs = safe_pickle_loads(Path(path).read_bytes(), encoding=encoding)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
-    return [_decode_bytes(r) for r in refs]
+    return _decode_bytes(refs, max_nodes=max_nodes, source=str(path))
 
 
-def _decode_bytes(obj: Any) -> Any:
-    """Turn ``bytes`` left by ``encoding='bytes'`` style pickles into ``str`` recursively."""
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", errors="replace")
-    if isinstance(obj, dict):
-        return {_decode_bytes(k): _decode_bytes(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_decode_bytes(v) for v in obj)
-    return obj
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(obj: Any) -> list[Any]:
+    """The objects a container refers to (dict keys and values alike)."""
+    if type(obj) is dict:
+        return [x for kv in obj.items() for x in kv]
+    return list(obj)
+
+
+def _decode_bytes(obj: Any, max_nodes: int = MAX_PICKLE_NODES, source: str = "pickle") -> Any:
+    """Turn ``bytes`` left by ``encoding='bytes'`` style pickles into ``str`` throughout ``obj``.
+
+    Pickle memo references let a few hundred bytes describe a tree of 10**30 nodes (a list
+    holding the same list ten times, thirty levels deep), so the walk is iterative (no recursion
+    limit), converts each distinct object once and shares the result where the input shares it,
+    and refuses an input whose expanded size (what any later traversal of it would visit)
+    exceeds ``max_nodes``, or that contains itself.
+    """
+    done: dict[int, tuple[Any, int]] = {}  # id(original) -> (converted, expanded node count)
+    open_ids: set[int] = set()  # containers whose children are still being converted
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)  # every original stays alive inside `obj`, so ids are not reused
+        if key in done:
+            continue
+        if type(node) not in _CONTAINERS:
+            done[key] = (node.decode("utf-8", errors="replace") if isinstance(node, bytes) else node, 1)
+            continue
+        if not children_done:
+            if key in open_ids:  # reached again while its own children are pending: a cycle
+                raise UnsafePickleError(
+                    f"{source}: the pickle holds a {type(node).__name__} that contains itself; "
+                    "annotation files are trees of plain containers, re-export the file"
+                )
+            open_ids.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in done)
+            continue
+        kids = [done[id(child)] for child in _children(node)]
+        size = 1 + sum(n for _, n in kids)
+        if size > max_nodes:
+            raise UnsafePickleError(
+                f"{source}: the pickle expands to more than {max_nodes:,} nodes through shared "
+                "references (a 'billion laughs' file, not annotations); if it is a genuine file this "
+                "large, raise max_nodes of load_refs_pickle"
+            )
+        values = [v for v, _ in kids]
+        if type(node) is dict:
+            converted: Any = dict(zip(values[0::2], values[1::2]))
+        else:
+            converted = type(node)(values)
+        open_ids.discard(key)
+        done[key] = (converted, size)
+    return done[id(obj)][0]
 
 
 # --------------------------------------------------------------------------------------
