@@ -39,6 +39,7 @@ from flmm_hf.datasets_io import (
     image_cell,
     mask_to_rle,
     png_features,
+    resolve_inside,
     write_dataset_card,
 )
 
@@ -158,7 +159,10 @@ def _load_id_map(image_id: int, images: dict, pan_anns: dict, args) -> np.ndarra
     ann = pan_anns.get(image_id)
     if ann is None or image_id not in images:
         return None
-    path = args.panoptic_dir / ann["file_name"]
+    try:
+        path = resolve_inside(args.panoptic_dir, ann.get("file_name"))
+    except ValueError as err:
+        raise SkipRecord("panoptic png path outside --panoptic-dir", f"image {image_id}: {err}") from None
     return read_panoptic_png(path) if path.is_file() else None
 
 
@@ -173,7 +177,10 @@ def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, arg
         raise SkipRecord("image not in panoptic json", f"image {image_id}")
     if id_map is None:
         raise SkipRecord("panoptic png missing", pan_anns[image_id]["file_name"])
-    path = args.image_dir / image["file_name"]
+    try:
+        path = resolve_inside(args.image_dir, image.get("file_name"))
+    except ValueError as err:
+        raise SkipRecord("image path outside --image-dir", f"image {image_id}: {err}") from None
     if not path.is_file():
         raise SkipRecord("image file missing", str(image["file_name"]))
     height, width = int(image["height"]), int(image["width"])

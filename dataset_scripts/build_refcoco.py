@@ -37,6 +37,7 @@ from flmm_hf.datasets_io import (
     image_cell,
     load_refs_pickle,
     refcoco_features,
+    resolve_inside,
     segmentation_to_rle,
     write_dataset_card,
 )
@@ -162,7 +163,11 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
     if not sentences:
         summary.skip("ref without sentences", what)
         return None
-    path = args.image_dir / image["file_name"]
+    try:
+        path = resolve_inside(args.image_dir, image.get("file_name"))
+    except ValueError as err:
+        summary.skip("image path outside --image-dir", f"{what}: {err}")
+        return None
     height, width = int(image["height"]), int(image["width"])
     if image_id not in sizes_checked:
         sizes_checked[image_id] = _check_image(path, height, width)

@@ -119,6 +119,26 @@ def image_cell(path: Path, embed: bool) -> dict:
     return {"bytes": path.read_bytes() if embed else None, "path": str(path) if not embed else path.name}
 
 
+def resolve_inside(folder: str | os.PathLike, name: Any) -> Path:
+    """``folder / name`` resolved (``..`` and symlinks followed), refused unless it stays inside ``folder``.
+
+    Annotation files name images by ``file_name``; a ``../`` or absolute name (or a symlink in the
+    folder pointing elsewhere) would otherwise read, embed and upload a file from anywhere on the
+    machine. Raises ``ValueError`` saying why; the message holds ``name`` but no resolved path,
+    since builders keep skip details in the published ``build_summary.json``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"file name {name!r} is not a non-empty string")
+    root = Path(folder).resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError) as err:  # e.g. an embedded NUL byte, a symlink loop
+        raise ValueError(f"file name {name!r} cannot be resolved ({err})") from None
+    if path == root or not path.is_relative_to(root):
+        raise ValueError(f"file name {name!r} leads outside the folder (after resolving '..' and symlinks)")
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # Safe unpickling
 # --------------------------------------------------------------------------------------

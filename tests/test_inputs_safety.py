@@ -107,3 +107,95 @@ def test_self_containing_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps([_ref(sentences=loop)], protocol=2))
     with pytest.raises(UnsafePickleError, match="contains itself"):
         load_refs_pickle(path)
+
+
+# --------------------------------------------------------------------------------------
+# RefCOCO inputs written here around real fixture images
+# --------------------------------------------------------------------------------------
+GOOD_IMAGE = "COCO_train2014_000000157714.jpg"  # 640 x 480
+
+
+def _refcoco_inputs(src: Path, images: list[dict], segmentation=None) -> tuple[Path, Path]:
+    """instances.json + refs pickle with one ref (a box polygon unless `segmentation`) per image."""
+    annotations, refs = [], []
+    for k, image in enumerate(images):
+        w, h = image["width"], image["height"]
+        seg = segmentation or [[10, 10, w / 2, 10, w / 2, h / 2, 10, h / 2]]
+        annotations.append({"id": 100 + k, "image_id": image["id"], "category_id": 1,
+                            "bbox": [10, 10, w / 2 - 10, h / 2 - 10], "segmentation": seg, "iscrowd": 0})
+        refs.append({"ref_id": k, "ann_id": 100 + k, "image_id": image["id"], "split": "val", "category_id": 1,
+                     "sentences": [{"sent_id": k, "sent": f"thing {k}", "raw": f"Thing {k}"}]})
+    src.mkdir(parents=True, exist_ok=True)
+    instances = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (src / "instances.json").write_text(json.dumps(instances))
+    (src / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return src / "instances.json", src / "refs(unc).p"
+
+
+def _run_refcoco(inputs: tuple[Path, Path], image_dir: Path, out: Path):
+    instances, refs = inputs
+    return _script("build_refcoco").main(["--dataset", "refcoco", "--instances", str(instances), "--refs", str(refs),
+                                          "--image-dir", str(image_dir), "--output-dir", str(out)])
+
+
+def _written(out: Path, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    return [v for shard in sorted((out / "data").glob("*.parquet")) for v in pq.read_table(shard).column(column).to_pylist()]
+
+
+@pytest.fixture
+def image_dir(fixtures_dir, tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / GOOD_IMAGE).write_bytes((fixtures_dir / "coco" / "images" / GOOD_IMAGE).read_bytes())
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# 2. file names that leave --image-dir / --panoptic-dir
+# --------------------------------------------------------------------------------------
+def test_refcoco_refuses_image_paths_outside_the_image_dir(fixtures_dir, tmp_path, image_dir):
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes((fixtures_dir / "coco" / "images" / "COCO_train2014_000000363252.jpg").read_bytes())
+    (image_dir / "link.jpg").symlink_to(secret)  # inside by name, outside in fact
+    size = {"height": 500, "width": 375}
+    images = [{"id": 1, "file_name": GOOD_IMAGE, "height": 480, "width": 640},
+              {"id": 2, "file_name": "../private/secret.jpg", **size},
+              {"id": 3, "file_name": str(secret), **size},
+              {"id": 4, "file_name": "link.jpg", **size},
+              {"id": 5, "file_name": "sub/../../private/secret.jpg", **size}]
+    out = tmp_path / "out"
+    summary = _run_refcoco(_refcoco_inputs(tmp_path / "src", images), image_dir, out)
+    assert summary.skipped == {"image path outside --image-dir": 4}
+    assert _written(out, "image_id") == [1]
+    secret_bytes = secret.read_bytes()
+    assert all(cell["bytes"] != secret_bytes for cell in _written(out, "image"))
+
+
+def test_png_refuses_image_and_panoptic_paths_outside_their_folders(fixtures_dir, tmp_path):
+    good = json.loads((fixtures_dir / "png" / "png_format_sample_constructed.json").read_text())[0]
+    pan = json.loads((fixtures_dir / "coco" / "panoptic" / "panoptic_val2017_trimmed.json").read_text())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((fixtures_dir / "coco" / "images" / "000000039769.png").read_bytes())
+    for image in pan["images"]:
+        if image["id"] == 39769:
+            image["file_name"] = str(outside)  # absolute: Path / absolute drops the folder
+    for ann in pan["annotations"]:
+        if ann["image_id"] == 142238:
+            ann["file_name"] = "../outside_pan.png"
+    panoptic_dir = tmp_path / "panoptic"
+    panoptic_dir.mkdir()
+    for name in ("000000039769.png", "000000142238.png"):
+        (panoptic_dir / name).write_bytes((fixtures_dir / "coco" / "panoptic" / name).read_bytes())
+    (tmp_path / "outside_pan.png").write_bytes((fixtures_dir / "coco" / "panoptic" / "000000142238.png").read_bytes())
+    (tmp_path / "pan.json").write_text(json.dumps(pan))
+    other = dict(good, narrative_id="other", image_id="142238")
+    (tmp_path / "png.json").write_text(json.dumps([good, other]))
+    summary = _script("build_png").main([
+        "--png-json", str(tmp_path / "png.json"), "--panoptic-json", str(tmp_path / "pan.json"),
+        "--panoptic-dir", str(panoptic_dir), "--image-dir", str(fixtures_dir / "coco" / "images"),
+        "--output-dir", str(tmp_path / "out"), "--split", "val"])
+    assert summary.skipped == {"image path outside --image-dir": 1, "panoptic png path outside --panoptic-dir": 1}
+    assert summary.written["val"] == 0
