@@ -36,6 +36,7 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_image_file,
     image_cell,
     mask_to_rle,
     png_features,
@@ -112,6 +113,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
     summary.already_present[split] = len(writer.existing_keys)
     budget = None if args.max_samples is None else max(0, args.max_samples - len(writer.existing_keys))
     id_map_cache: tuple[int, np.ndarray] | None = None  # narratives of one image are usually adjacent
+    image_checks: dict[int, str | None] = {}  # image id -> skip reason (None = fine), checked once
     with writer:
         for index, record in enumerate(tqdm(records, desc=f"png {split}", unit="narrative")):
             if budget is not None and writer.num_new >= budget:
@@ -123,7 +125,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
                 image_id = int(record["image_id"])
                 if id_map_cache is None or id_map_cache[0] != image_id:
                     id_map_cache = (image_id, _load_id_map(image_id, images, pan_anns, args))
-                row = _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map_cache[1], args)
+                row = _record_to_row(
+                    record, key, image_id, images, pan_anns, isthing, id_map_cache[1], args, image_checks
+                )
             except SkipRecord as skip:
                 summary.skip(skip.reason, f"narrative {key}: {skip.detail}")
                 continue
@@ -163,10 +167,15 @@ def _load_id_map(image_id: int, images: dict, pan_anns: dict, args) -> np.ndarra
         path = resolve_inside(args.panoptic_dir, ann.get("file_name"))
     except ValueError as err:
         raise SkipRecord("panoptic png path outside --panoptic-dir", f"image {image_id}: {err}") from None
-    return read_panoptic_png(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_panoptic_png(path)
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt PNG: skip its narratives, keep building
+        raise SkipRecord("panoptic png unreadable (truncated or corrupt)", f"image {image_id}: {type(err).__name__}") from None
 
 
-def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, args) -> dict:
+def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, args, image_checks: dict) -> dict:
     """One narrative -> one row; raises :class:`SkipRecord` for anything incomplete."""
     caption = record.get("caption") or ""
     segments = record.get("segments") or []
@@ -181,14 +190,13 @@ def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, arg
         path = resolve_inside(args.image_dir, image.get("file_name"))
     except ValueError as err:
         raise SkipRecord("image path outside --image-dir", f"image {image_id}: {err}") from None
-    if not path.is_file():
-        raise SkipRecord("image file missing", str(image["file_name"]))
     height, width = int(image["height"]), int(image["width"])
+    if image_id not in image_checks:  # decoding is the slow part; an image has several narratives
+        image_checks[image_id] = check_image_file(path, height, width)
+    if image_checks[image_id] is not None:
+        raise SkipRecord(image_checks[image_id], str(image["file_name"]))
     if id_map.shape != (height, width):
         raise SkipRecord("panoptic png size differs from annotation", f"{id_map.shape} vs {(height, width)}")
-    with PILImage.open(path) as im:
-        if im.size != (width, height):
-            raise SkipRecord("image size differs from annotation", f"{im.size[::-1]} vs {(height, width)}")
 
     known = {s["id"]: s["category_id"] for s in pan_anns[image_id]["segments_info"]}
     present = set(np.unique(id_map).tolist())

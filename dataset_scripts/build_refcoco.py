@@ -26,7 +26,6 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flmm_hf.datasets_io import (
@@ -34,6 +33,7 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_image_file,
     image_cell,
     load_refs_pickle,
     refcoco_features,
@@ -170,7 +170,7 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
         return None
     height, width = int(image["height"]), int(image["width"])
     if image_id not in sizes_checked:
-        sizes_checked[image_id] = _check_image(path, height, width)
+        sizes_checked[image_id] = check_image_file(path, height, width)
     if sizes_checked[image_id] is not None:
         summary.skip(sizes_checked[image_id], f"{what}: {path.name}")
         return None
@@ -196,20 +196,6 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
         "bbox": [float(v) for v in ann["bbox"]],
         "mask": rle,
     }
-
-
-def _check_image(path: Path, height: int, width: int) -> str | None:
-    """None if the image exists, opens and has the annotated size; else the skip reason."""
-    if not path.is_file():
-        return "image file missing"
-    try:
-        with PILImage.open(path) as im:  # reads the header only
-            w, h = im.size
-    except Exception:  # noqa: BLE001 - any decode failure means the file is unusable
-        return "image file unreadable"
-    if (h, w) != (height, width):
-        return "image size differs from annotation"
-    return None
 
 
 def main(argv: list[str] | None = None) -> BuildSummary:

@@ -139,6 +139,28 @@ def resolve_inside(folder: str | os.PathLike, name: Any) -> Path:
     return path
 
 
+def check_image_file(path: Path, height: int, width: int) -> str | None:
+    """None if ``path`` decodes completely at the annotated ``height`` x ``width``; else the skip reason.
+
+    Opening an image reads only its header, so a truncated download with a valid header would
+    pass and fail later in training; the pixels are decoded here (``Image.load``), which PIL
+    refuses for truncated files unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on.
+    """
+    from PIL import Image as PILImage
+
+    if not path.is_file():
+        return "image file missing"
+    try:
+        with PILImage.open(path) as im:
+            im.load()
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - any decode failure (truncated, corrupt, not an image) means unusable
+        return "image file unreadable (truncated or corrupt)"
+    if (h, w) != (height, width):
+        return "image size differs from annotation"
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Safe unpickling
 # --------------------------------------------------------------------------------------

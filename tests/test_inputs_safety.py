@@ -199,3 +199,45 @@ def test_png_refuses_image_and_panoptic_paths_outside_their_folders(fixtures_dir
         "--output-dir", str(tmp_path / "out"), "--split", "val"])
     assert summary.skipped == {"image path outside --image-dir": 1, "panoptic png path outside --panoptic-dir": 1}
     assert summary.written["val"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# 3. truncated images
+# --------------------------------------------------------------------------------------
+def _truncate(source: Path, target: Path) -> None:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # the header is intact; half of the scan is gone
+
+
+def test_refcoco_skips_a_truncated_jpeg_with_a_valid_header(fixtures_dir, tmp_path, image_dir):
+    from PIL import Image
+
+    _truncate(fixtures_dir / "coco" / "images" / "COCO_train2014_000000363252.jpg", image_dir / "cut.jpg")
+    assert Image.open(image_dir / "cut.jpg").size == (375, 500)  # the header still reads
+    images = [{"id": 1, "file_name": GOOD_IMAGE, "height": 480, "width": 640},
+              {"id": 2, "file_name": "cut.jpg", "height": 500, "width": 375}]
+    out = tmp_path / "out"
+    summary = _run_refcoco(_refcoco_inputs(tmp_path / "src", images), image_dir, out)
+    assert summary.skipped == {"image file unreadable (truncated or corrupt)": 1}
+    assert _written(out, "image_id") == [1]
+
+
+def test_png_skips_truncated_images_and_panoptic_pngs(fixtures_dir, tmp_path):
+    good = json.loads((fixtures_dir / "png" / "png_format_sample_constructed.json").read_text())[0]
+    images = tmp_path / "images"
+    images.mkdir()
+    _truncate(fixtures_dir / "coco" / "images" / "000000039769.png", images / "000000039769.png")
+    panoptic = tmp_path / "panoptic"
+    panoptic.mkdir()
+    (panoptic / "000000039769.png").write_bytes((fixtures_dir / "coco" / "panoptic" / "000000039769.png").read_bytes())
+    _truncate(fixtures_dir / "coco" / "panoptic" / "000000142238.png", panoptic / "000000142238.png")
+    other = dict(good, narrative_id="other", image_id="142238")
+    (tmp_path / "png.json").write_text(json.dumps([good, other]))
+    summary = _script("build_png").main([
+        "--png-json", str(tmp_path / "png.json"),
+        "--panoptic-json", str(fixtures_dir / "coco" / "panoptic" / "panoptic_val2017_trimmed.json"),
+        "--panoptic-dir", str(panoptic), "--image-dir", str(images),
+        "--output-dir", str(tmp_path / "out"), "--split", "val"])
+    assert summary.skipped == {"image file unreadable (truncated or corrupt)": 1,
+                               "panoptic png unreadable (truncated or corrupt)": 1}
+    assert summary.written["val"] == 0
