@@ -38,6 +38,7 @@ from flmm_hf.datasets_io import (
     load_refs_pickle,
     refcoco_features,
     resolve_inside,
+    rle_area,
     segmentation_to_rle,
     write_dataset_card,
 )
@@ -178,6 +179,9 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
         rle = segmentation_to_rle(ann["segmentation"], height, width)
     except (ValueError, KeyError, TypeError) as err:
         summary.skip("bad segmentation", f"{what}: {err}")
+        return None
+    if rle_area(rle) == 0:  # e.g. a polygon wholly outside the image: nothing to learn or score
+        summary.skip("empty mask (segmentation covers no pixel of the image)", what)
         return None
     return {
         "image": image_cell(path, embed=not args.no_embed_images),

@@ -325,6 +325,14 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return _rle_to_storable(mask_utils.encode(arr))
 
 
+def rle_area(rle: dict) -> int:
+    """Foreground pixel count of a storable (or pycocotools) compressed RLE."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return int(mask_utils.area({"size": [int(s) for s in rle["size"]], "counts": counts}))
+
+
 def rle_to_mask(rle: dict) -> np.ndarray:
     """Storable (or pycocotools) compressed RLE -> bool mask [H, W]."""
     counts = rle["counts"]

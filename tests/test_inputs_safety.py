@@ -115,12 +115,13 @@ def test_self_containing_pickle_is_refused(tmp_path):
 GOOD_IMAGE = "COCO_train2014_000000157714.jpg"  # 640 x 480
 
 
-def _refcoco_inputs(src: Path, images: list[dict], segmentation=None) -> tuple[Path, Path]:
-    """instances.json + refs pickle with one ref (a box polygon unless `segmentation`) per image."""
+def _refcoco_inputs(src: Path, images: list[dict]) -> tuple[Path, Path]:
+    """instances.json + refs pickle with one ref per image: its "segmentation" (taken out of the
+    image record) or a box polygon."""
     annotations, refs = [], []
     for k, image in enumerate(images):
         w, h = image["width"], image["height"]
-        seg = segmentation or [[10, 10, w / 2, 10, w / 2, h / 2, 10, h / 2]]
+        seg = image.pop("segmentation", None) or [[10, 10, w / 2, 10, w / 2, h / 2, 10, h / 2]]
         annotations.append({"id": 100 + k, "image_id": image["id"], "category_id": 1,
                             "bbox": [10, 10, w / 2 - 10, h / 2 - 10], "segmentation": seg, "iscrowd": 0})
         refs.append({"ref_id": k, "ann_id": 100 + k, "image_id": image["id"], "split": "val", "category_id": 1,
@@ -241,3 +242,18 @@ def test_png_skips_truncated_images_and_panoptic_pngs(fixtures_dir, tmp_path):
     assert summary.skipped == {"image file unreadable (truncated or corrupt)": 1,
                                "panoptic png unreadable (truncated or corrupt)": 1}
     assert summary.written["val"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# 4. empty masks
+# --------------------------------------------------------------------------------------
+def test_refcoco_skips_refs_whose_mask_is_empty(tmp_path, image_dir):
+    good = {"id": 1, "file_name": GOOD_IMAGE, "height": 480, "width": 640}
+    outside = [[700, 500, 800, 500, 800, 600, 700, 600]]  # wholly beyond the 640 x 480 image
+    negative = [[-90, -90, -10, -90, -10, -10, -90, -10]]
+    rle_zeros = {"size": [480, 640], "counts": [480 * 640]}  # uncompressed RLE, all background
+    images = [good] + [dict(good, id=2 + k, segmentation=seg) for k, seg in enumerate([outside, negative, rle_zeros])]
+    out = tmp_path / "out"
+    summary = _run_refcoco(_refcoco_inputs(tmp_path / "src", images), image_dir, out)
+    assert summary.skipped == {"empty mask (segmentation covers no pixel of the image)": 3}
+    assert _written(out, "image_id") == [1]
