@@ -257,3 +257,70 @@ def test_refcoco_skips_refs_whose_mask_is_empty(tmp_path, image_dir):
     summary = _run_refcoco(_refcoco_inputs(tmp_path / "src", images), image_dir, out)
     assert summary.skipped == {"empty mask (segmentation covers no pixel of the image)": 3}
     assert _written(out, "image_id") == [1]
+
+
+# --------------------------------------------------------------------------------------
+# 5. datasets missing the columns of their row kind
+# --------------------------------------------------------------------------------------
+def _refcoco_rows(drop: tuple[str, ...] = ()) -> dict[str, list]:
+    import io
+
+    from PIL import Image
+
+    from flmm_hf.datasets_io import mask_to_rle
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), "red").save(buf, format="PNG")
+    import numpy as np
+
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:4, 2:5] = True
+    row = {"image": {"bytes": buf.getvalue(), "path": None}, "image_id": 7, "file_name": "x.png", "height": 6,
+           "width": 8, "ref_id": 1, "ann_id": 2, "category_id": 1, "category": "thing", "sentences": ["red thing"],
+           "raw_sentences": ["Red thing"], "sent_ids": [0], "bbox": [2.0, 1.0, 3.0, 3.0], "mask": mask_to_rle(mask)}
+    return {k: [v] for k, v in row.items() if k not in drop}
+
+
+def _parquet_folder(folder: Path, rows: dict[str, list]) -> Path:
+    from datasets import Dataset, Image
+
+    ds = Dataset.from_dict(rows)
+    if "image" in rows:
+        ds = ds.cast_column("image", Image())
+    (folder / "data").mkdir(parents=True)
+    ds.to_parquet(str(folder / "data" / "train-00000.parquet"))
+    return folder
+
+
+def test_load_split_names_the_missing_columns_and_the_builder(tmp_path):
+    from flmm_hf.training import load_split
+
+    folder = _parquet_folder(tmp_path / "no_mask", _refcoco_rows(drop=("mask",)))
+    with pytest.raises(ValueError, match=r"RefCOCO rows need the column\(s\) 'mask'.*build_refcoco\.py"):
+        load_split(str(folder), "train", concat_refs=False)
+    folder = _parquet_folder(tmp_path / "no_category", _refcoco_rows(drop=("category",)))
+    with pytest.raises(ValueError, match=r"group_refs_by_image.*\['category'\].*build_refcoco\.py"):
+        load_split(str(folder), "train", concat_refs=True)  # was a DatasetGenerationError
+    folder = _parquet_folder(tmp_path / "unknown", {"image_id": [1], "text": ["a"]})
+    with pytest.raises(ValueError, match=r"unknown row layout.*build_png\.py.*build_refcoco\.py"):
+        load_split(str(folder), "train", concat_refs=False)
+
+
+def test_transform_names_missing_columns_null_images_and_segment_fields():
+    from flmm_hf.data import FLMMTransform
+
+    transform = FLMMTransform(train=False)
+    row = {k: v[0] for k, v in _refcoco_rows().items()}
+    assert transform.example(row)["text"] == "red thing."
+    with pytest.raises(ValueError, match=r"'raw_sentences' or 'sentences'.*build_refcoco\.py"):
+        transform.example({k: v for k, v in row.items() if k not in ("sentences", "raw_sentences")})
+    with pytest.raises(ValueError, match=r"image_id 7 has no image.*build_refcoco\.py"):  # was 'NoneType' ... 'convert'
+        transform.example(dict(row, image=None))
+    with pytest.raises(ValueError, match=r"image_id 7 has no image"):
+        transform.example(dict(row, image={"bytes": None, "path": None}))
+    png = {"image": row["image"], "image_id": 7, "caption": "a red thing",
+           "segments": [{"utterance": "a red thing", "start": 0, "end": 11, "segment_ids": [1]}]}
+    with pytest.raises(ValueError, match=r"PNG segments need the fields \['plural', 'isthing', 'mask'\].*build_png\.py"):
+        transform.example(png)
+    with pytest.raises(ValueError, match=r"PNG rows need the column\(s\) 'segments'.*build_png\.py"):
+        transform.example({k: v for k, v in png.items() if k != "segments"})
