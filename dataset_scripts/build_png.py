@@ -34,6 +34,7 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_image_file,
     check_inputs_outside_output,
     file_sha256,
     files_signature,
@@ -41,6 +42,7 @@ from flmm_hf.datasets_io import (
     mask_to_rle,
     png_features,
     read_json_input,
+    resolve_inside,
     start_build,
     write_dataset_card,
 )
@@ -127,6 +129,7 @@ def build(args: argparse.Namespace) -> BuildSummary:
     seen: set[str] = set()  # narrative ids met in the input (not the earlier run's rows)
     # narratives of one image are usually adjacent: keep its id map (or why it has none) once read
     id_map_cache: tuple[int, np.ndarray | SkipRecord] | None = None
+    image_checks: dict[int, str | None] = {}  # image id -> skip reason (None = fine), checked once
     with writer:
         for index, record in enumerate(tqdm(records, desc=f"png {split}", unit="narrative")):
             if budget is not None and writer.num_new >= budget:
@@ -144,7 +147,9 @@ def build(args: argparse.Namespace) -> BuildSummary:
                     id_map_cache = (image_id, _load_id_map(image_id, images, pan_anns, args))
                 if isinstance(id_map_cache[1], SkipRecord):
                     raise SkipRecord(id_map_cache[1].reason, id_map_cache[1].detail)
-                row = _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map_cache[1], args)
+                row = _record_to_row(
+                    record, key, image_id, images, pan_anns, isthing, id_map_cache[1], args, image_checks
+                )
             except SkipRecord as skip:
                 summary.skip(skip.reason, f"narrative {key}: {skip.detail}")
                 continue
@@ -189,35 +194,36 @@ def _load_id_map(image_id: int, images: dict, pan_anns: dict, args) -> np.ndarra
     ann = pan_anns.get(image_id)
     if ann is None or image_id not in images:
         return SkipRecord("image not in panoptic json", f"image {image_id}")
-    path = args.panoptic_dir / ann["file_name"]
+    try:
+        path = resolve_inside(args.panoptic_dir, ann.get("file_name"))
+    except ValueError as err:
+        return SkipRecord("panoptic png path outside --panoptic-dir", f"image {image_id}: {err}")
     if not path.is_file():
-        return SkipRecord("panoptic png missing", ann["file_name"])
+        return SkipRecord("panoptic png missing", str(ann.get("file_name")))
     try:
         return read_panoptic_png(path)
-    except Exception as err:  # noqa: BLE001 - any decode failure makes this one file unusable, not the build
-        return SkipRecord("panoptic png unreadable", f"{ann['file_name']}: {err}")
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt PNG: skip its narratives, keep building
+        return SkipRecord("panoptic png unreadable (truncated or corrupt)", f"{ann['file_name']}: {type(err).__name__}")
 
 
-def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, args) -> dict:
+def _record_to_row(record, key, image_id, images, pan_anns, isthing, id_map, args, image_checks: dict) -> dict:
     """One narrative -> one row; raises :class:`SkipRecord` for anything incomplete."""
     caption = record.get("caption") or ""
     segments = record.get("segments") or []
     if not caption.strip() or not segments:
         raise SkipRecord("empty narrative", "no caption or no segments")
     image = images[image_id]  # present: _load_id_map checked it
-    path = args.image_dir / image["file_name"]
-    if not path.is_file():
-        raise SkipRecord("image file missing", str(image["file_name"]))
+    try:
+        path = resolve_inside(args.image_dir, image.get("file_name"))
+    except ValueError as err:
+        raise SkipRecord("image path outside --image-dir", f"image {image_id}: {err}") from None
     height, width = int(image["height"]), int(image["width"])
+    if image_id not in image_checks:  # decoding is the slow part; an image has several narratives
+        image_checks[image_id] = check_image_file(path, height, width)
+    if image_checks[image_id] is not None:
+        raise SkipRecord(image_checks[image_id], str(image["file_name"]))
     if id_map.shape != (height, width):
         raise SkipRecord("panoptic png size differs from annotation", f"{id_map.shape} vs {(height, width)}")
-    try:
-        with PILImage.open(path) as im:  # reads the header only
-            size = im.size
-    except Exception as err:  # noqa: BLE001 - as the RefCOCO builder: skip this image, not the build
-        raise SkipRecord("image file unreadable", f"{image['file_name']}: {err}") from None
-    if size != (width, height):
-        raise SkipRecord("image size differs from annotation", f"{size[::-1]} vs {(height, width)}")
 
     known = {s["id"]: s["category_id"] for s in pan_anns[image_id]["segments_info"]}
     present = set(np.unique(id_map).tolist())

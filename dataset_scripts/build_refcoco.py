@@ -26,7 +26,6 @@ import shlex
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flmm_hf.datasets_io import (
@@ -34,6 +33,7 @@ from flmm_hf.datasets_io import (
     run_builder,
     BuildSummary,
     ShardedParquetWriter,
+    check_image_file,
     check_inputs_outside_output,
     file_sha256,
     files_signature,
@@ -41,6 +41,8 @@ from flmm_hf.datasets_io import (
     load_refs_pickle,
     read_json_input,
     refcoco_features,
+    resolve_inside,
+    rle_area,
     segmentation_to_rle,
     start_build,
     write_dataset_card,
@@ -186,10 +188,14 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
     if not sentences:
         summary.skip("ref without sentences", what)
         return None
-    path = args.image_dir / image["file_name"]
+    try:
+        path = resolve_inside(args.image_dir, image.get("file_name"))
+    except ValueError as err:
+        summary.skip("image path outside --image-dir", f"{what}: {err}")
+        return None
     height, width = int(image["height"]), int(image["width"])
     if image_id not in sizes_checked:
-        sizes_checked[image_id] = _check_image(path, height, width)
+        sizes_checked[image_id] = check_image_file(path, height, width)
     if sizes_checked[image_id] is not None:
         summary.skip(sizes_checked[image_id], f"{what}: {path.name}")
         return None
@@ -197,6 +203,9 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
         rle = segmentation_to_rle(ann["segmentation"], height, width)
     except (ValueError, KeyError, TypeError) as err:
         summary.skip("bad segmentation", f"{what}: {err}")
+        return None
+    if rle_area(rle) == 0:  # e.g. a polygon wholly outside the image: nothing to learn or score
+        summary.skip("empty mask (segmentation covers no pixel of the image)", what)
         return None
     return {
         "image": image_cell(path, embed=not args.no_embed_images),
@@ -215,20 +224,6 @@ def _ref_to_row(ref, images, anns, categories, args, summary: BuildSummary, size
         "bbox": [float(v) for v in ann["bbox"]],
         "mask": rle,
     }
-
-
-def _check_image(path: Path, height: int, width: int) -> str | None:
-    """None if the image exists, opens and has the annotated size; else the skip reason."""
-    if not path.is_file():
-        return "image file missing"
-    try:
-        with PILImage.open(path) as im:  # reads the header only
-            w, h = im.size
-    except Exception:  # noqa: BLE001 - any decode failure means the file is unusable
-        return "image file unreadable"
-    if (h, w) != (height, width):
-        return "image size differs from annotation"
-    return None
 
 
 def main(argv: list[str] | None = None) -> BuildSummary:

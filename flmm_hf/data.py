@@ -63,6 +63,58 @@ from .processing_flmm import match_phrases
 EXAMPLE_KEYS = ("image", "text", "phrases", "masks", "plural", "isthing", "image_id", "pieces", "question")
 TEXT_MODES = ("random", "resample", "select_first")
 
+# What each row kind needs (a tuple entry: any one of those columns) and what writes such rows, so
+# that a dataset missing a column fails up front with the fix, not deep inside a map or the model.
+REFCOCO_BUILDER = "dataset_scripts/build_refcoco.py"
+PNG_BUILDER = "dataset_scripts/build_png.py"
+ROW_KINDS: dict[str, tuple[tuple[str | tuple[str, ...], ...], str]] = {
+    "PNG": (("image", "image_id", "caption", "segments"), PNG_BUILDER),
+    "RefCOCO grouped by image": (
+        ("image", "image_id", "ref_ids", "masks", ("raw_sentences", "sentences")),
+        f"flmm_hf.data.group_refs_by_image over a dataset of {REFCOCO_BUILDER}",
+    ),
+    "RefCOCO": (("image", "image_id", "ref_id", "mask", ("raw_sentences", "sentences")), REFCOCO_BUILDER),
+}
+PNG_SEGMENT_FIELDS = ("utterance", "start", "end", "segment_ids", "plural", "isthing", "mask")
+# group_refs_by_image copies every column of a RefCOCO row
+GROUPED_SOURCE_COLUMNS = (
+    "image", "image_id", "file_name", "height", "width", "ref_id", "ann_id", "category_id", "category",
+    "sentences", "raw_sentences", "bbox", "mask",
+)
+
+
+def _name(entry: str | tuple[str, ...]) -> str:
+    return " or ".join(repr(c) for c in entry) if isinstance(entry, tuple) else repr(entry)
+
+
+def check_columns(columns: Sequence[str], where: str = "dataset") -> str:
+    """The row kind of a dataset with these columns (a key of :data:`ROW_KINDS`).
+
+    Raises ``ValueError`` naming the missing columns and the builder that writes them, or, when
+    no kind fits, what each kind needs. ``where`` names the dataset in the message.
+    """
+    cols = set(columns)
+    if "segments" in cols or "caption" in cols:
+        kind = "PNG"
+    elif "ref_ids" in cols:
+        kind = "RefCOCO grouped by image"
+    elif "ref_id" in cols:
+        kind = "RefCOCO"
+    else:
+        kinds = "; ".join(
+            f"{kind} rows ({', '.join(_name(c) for c in need)}) come from {writer}"
+            for kind, (need, writer) in ROW_KINDS.items()
+        )
+        raise ValueError(f"{where}: unknown row layout with columns {sorted(cols)}: {kinds}")
+    need, writer = ROW_KINDS[kind]
+    missing = [_name(c) for c in need if not (set(c) & cols if isinstance(c, tuple) else c in cols)]
+    if missing:
+        raise ValueError(
+            f"{where}: {kind} rows need the column(s) {', '.join(missing)}, missing from {sorted(cols)}; "
+            f"such rows are written by {writer}: rebuild the dataset with it"
+        )
+    return kind
+
 
 # --------------------------------------------------------------------------------------
 # Dataset-level helpers
@@ -99,6 +151,12 @@ def group_refs_by_image(dataset, cache_dir: str | None = None, keep_in_memory: b
     """
     from datasets import Dataset, Image
 
+    missing = [c for c in GROUPED_SOURCE_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"group_refs_by_image needs per-ref RefCOCO rows; the columns {missing} are missing from "
+            f"{dataset.column_names}: build the dataset with {REFCOCO_BUILDER}"
+        )
     src = dataset.cast_column("image", Image(decode=False))
     groups: dict[int, list[int]] = defaultdict(list)
     for i, image_id in enumerate(src["image_id"]):
@@ -226,25 +284,29 @@ class FLMMTransform:
     # -- one row -----------------------------------------------------------------------
     def example(self, row: dict) -> dict:
         """One decoded row -> one example dict (see the module docstring)."""
+        kind = check_columns(list(row), where="row")
         image = row["image"]
-        if not hasattr(image, "convert"):  # undecoded {"bytes", "path"} (e.g. Image(decode=False))
+        if image is not None and not hasattr(image, "convert"):  # undecoded {"bytes", "path"} (Image(decode=False))
             from datasets import Image as ImageFeature
 
-            image = ImageFeature().decode_example(image)
+            image = ImageFeature().decode_example(image) if (image.get("bytes") or image.get("path")) else None
+        if image is None:
+            raise ValueError(
+                f"row of image_id {row['image_id']} has no image (a null image cell): rebuild the dataset "
+                f"with {ROW_KINDS[kind][1]}, which skips records whose image is missing"
+            )
         image = image.convert("RGB")
         height, width = image.height, image.width
-        if "segments" in row:
+        if kind == "PNG":
             return self._png_example(row, image)
         if "ref_ids" in row:
             keys = [int(r) for r in row["ref_ids"]]
-            sentences = row[self.sentence_field] if self.sentence_field in row else row["sentences"]
+            sentences = self._sentences(row)
             rles = row["masks"]
-        elif "ref_id" in row:
+        else:  # one ref per row (check_columns saw "ref_id")
             keys = [int(row["ref_id"])]
-            sentences = [row[self.sentence_field] if self.sentence_field in row else row["sentences"]]
+            sentences = [self._sentences(row)]
             rles = [row["mask"]]
-        else:
-            raise ValueError(f"unknown row layout with columns {sorted(row)}")
         expressions = [self._choose(key, sents) for key, sents in zip(keys, sentences)]
         text, phrases, pieces = build_concat_answer(expressions)
         k = len(phrases)
@@ -259,6 +321,12 @@ class FLMMTransform:
             "pieces": pieces,
             "question": row.get("question"),
         }
+
+    def _sentences(self, row: dict) -> Any:
+        """The ``sentence_field`` column, else the other sentence column (a source may have one only)."""
+        if self.sentence_field in row:
+            return row[self.sentence_field]
+        return row["sentences" if "sentences" in row else "raw_sentences"]
 
     def _choose(self, key: int, sentences: Sequence[str]) -> str:
         """The sentence of ref ``key`` by ``text_mode``; whitespace normalised."""
@@ -283,6 +351,12 @@ class FLMMTransform:
         caption = row["caption"]
         spans, rles, plural, isthing, pieces = [], [], [], [], []
         for seg in row["segments"]:
+            missing = [f for f in PNG_SEGMENT_FIELDS if f not in seg]
+            if missing:
+                raise ValueError(
+                    f"image {row['image_id']}: PNG segments need the fields {missing}; "
+                    f"they are written by {PNG_BUILDER}: rebuild the dataset with it"
+                )
             start, end = int(seg["start"]), int(seg["end"])
             if caption[start:end] != seg["utterance"]:
                 raise ValueError(f"segment span {start}:{end} does not index {seg['utterance']!r}")

@@ -123,6 +123,48 @@ def image_cell(path: Path, embed: bool) -> dict:
     return {"bytes": path.read_bytes() if embed else None, "path": str(path) if not embed else path.name}
 
 
+def resolve_inside(folder: str | os.PathLike, name: Any) -> Path:
+    """``folder / name`` resolved (``..`` and symlinks followed), refused unless it stays inside ``folder``.
+
+    Annotation files name images by ``file_name``; a ``../`` or absolute name (or a symlink in the
+    folder pointing elsewhere) would otherwise read, embed and upload a file from anywhere on the
+    machine. Raises ``ValueError`` saying why; the message holds ``name`` but no resolved path,
+    since builders keep skip details in the published ``build_summary.json``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"file name {name!r} is not a non-empty string")
+    root = Path(folder).resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError) as err:  # e.g. an embedded NUL byte, a symlink loop
+        raise ValueError(f"file name {name!r} cannot be resolved ({err})") from None
+    if path == root or not path.is_relative_to(root):
+        raise ValueError(f"file name {name!r} leads outside the folder (after resolving '..' and symlinks)")
+    return path
+
+
+def check_image_file(path: Path, height: int, width: int) -> str | None:
+    """None if ``path`` decodes completely at the annotated ``height`` x ``width``; else the skip reason.
+
+    Opening an image reads only its header, so a truncated download with a valid header would
+    pass and fail later in training; the pixels are decoded here (``Image.load``), which PIL
+    refuses for truncated files unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on.
+    """
+    from PIL import Image as PILImage
+
+    if not path.is_file():
+        return "image file missing"
+    try:
+        with PILImage.open(path) as im:
+            im.load()
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - any decode failure (truncated, corrupt, not an image) means unusable
+        return "image file unreadable (truncated or corrupt)"
+    if (h, w) != (height, width):
+        return "image size differs from annotation"
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Safe unpickling
 # --------------------------------------------------------------------------------------
@@ -167,28 +209,84 @@ def safe_pickle_loads(data: bytes, encoding: str = "latin1") -> Any:
     return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
 
 
-def load_refs_pickle(path: str | os.PathLike, encoding: str = "latin1") -> list[dict]:
+# The largest real refs file (RefCOCO unc, 142k sentences) expands to a few million nodes; a
+# pickle that expands to far more is shared-reference inflation ("billion laughs"), not data.
+MAX_PICKLE_NODES = 50_000_000
+
+
+def load_refs_pickle(
+    path: str | os.PathLike, encoding: str = "latin1", max_nodes: int = MAX_PICKLE_NODES
+) -> list[dict]:
     """Read a RefCOCO ``refs(unc).p`` / ``refs(umd).p`` / ``refs(google).p`` file safely.
 
     Returns the list of ref records (``ref_id``, ``ann_id``, ``image_id``, ``split``,
     ``sentences``, ``category_id``, ...). Raises :class:`UnsafePickleError` for any
-    non-container object and ``ValueError`` if the top level is not a list of dicts.
+    non-container object, for a self-containing structure and for one that expands (counting
+    every shared reference as often as it is referenced) to more than ``max_nodes`` nodes;
+    ``ValueError`` if the top level is not a list of dicts.
     """
     refs = safe_pickle_loads(Path(path).read_bytes(), encoding=encoding)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
-    return [_decode_bytes(r) for r in refs]
+    return _decode_bytes(refs, max_nodes=max_nodes, source=str(path))
 
 
-def _decode_bytes(obj: Any) -> Any:
-    """Turn ``bytes`` left by ``encoding='bytes'`` style pickles into ``str`` recursively."""
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", errors="replace")
-    if isinstance(obj, dict):
-        return {_decode_bytes(k): _decode_bytes(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_decode_bytes(v) for v in obj)
-    return obj
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(obj: Any) -> list[Any]:
+    """The objects a container refers to (dict keys and values alike)."""
+    if type(obj) is dict:
+        return [x for kv in obj.items() for x in kv]
+    return list(obj)
+
+
+def _decode_bytes(obj: Any, max_nodes: int = MAX_PICKLE_NODES, source: str = "pickle") -> Any:
+    """Turn ``bytes`` left by ``encoding='bytes'`` style pickles into ``str`` throughout ``obj``.
+
+    Pickle memo references let a few hundred bytes describe a tree of 10**30 nodes (a list
+    holding the same list ten times, thirty levels deep), so the walk is iterative (no recursion
+    limit), converts each distinct object once and shares the result where the input shares it,
+    and refuses an input whose expanded size (what any later traversal of it would visit)
+    exceeds ``max_nodes``, or that contains itself.
+    """
+    done: dict[int, tuple[Any, int]] = {}  # id(original) -> (converted, expanded node count)
+    open_ids: set[int] = set()  # containers whose children are still being converted
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)  # every original stays alive inside `obj`, so ids are not reused
+        if key in done:
+            continue
+        if type(node) not in _CONTAINERS:
+            done[key] = (node.decode("utf-8", errors="replace") if isinstance(node, bytes) else node, 1)
+            continue
+        if not children_done:
+            if key in open_ids:  # reached again while its own children are pending: a cycle
+                raise UnsafePickleError(
+                    f"{source}: the pickle holds a {type(node).__name__} that contains itself; "
+                    "annotation files are trees of plain containers, re-export the file"
+                )
+            open_ids.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in done)
+            continue
+        kids = [done[id(child)] for child in _children(node)]
+        size = 1 + sum(n for _, n in kids)
+        if size > max_nodes:
+            raise UnsafePickleError(
+                f"{source}: the pickle expands to more than {max_nodes:,} nodes through shared "
+                "references (a 'billion laughs' file, not annotations); if it is a genuine file this "
+                "large, raise max_nodes of load_refs_pickle"
+            )
+        values = [v for v, _ in kids]
+        if type(node) is dict:
+            converted: Any = dict(zip(values[0::2], values[1::2]))
+        else:
+            converted = type(node)(values)
+        open_ids.discard(key)
+        done[key] = (converted, size)
+    return done[id(obj)][0]
 
 
 # --------------------------------------------------------------------------------------
@@ -229,6 +327,14 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     """Binary mask [H, W] -> storable compressed RLE."""
     arr = np.asfortranarray(np.asarray(mask, dtype=np.uint8))
     return _rle_to_storable(mask_utils.encode(arr))
+
+
+def rle_area(rle: dict) -> int:
+    """Foreground pixel count of a storable (or pycocotools) compressed RLE."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return int(mask_utils.area({"size": [int(s) for s in rle["size"]], "counts": counts}))
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:

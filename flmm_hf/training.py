@@ -449,9 +449,10 @@ def load_split(name: str, split: str, concat_refs: bool, max_samples: int | None
     """One dataset split (folder or Hub id); per-ref RefCOCO rows grouped per image in concat mode."""
     from datasets import load_dataset
 
-    from .data import group_refs_by_image
+    from .data import check_columns, group_refs_by_image
 
     dataset = load_dataset(name, split=split)
+    check_columns(dataset.column_names, where=f"dataset {name!r} (split {split!r})")
     if concat_refs and "ref_id" in dataset.column_names:
         dataset = group_refs_by_image(dataset)
     if "segments" in dataset.column_names:

@@ -298,18 +298,18 @@ def test_png_corrupt_panoptic_png_is_skipped_and_reported(fixtures_dir, tmp_path
     bad.write_bytes(bad.read_bytes()[:400] if damage == "truncated" else b"\x89PNG not really")
     out = tmp_path / "png"
     summary = _run_png_dirs(fixtures_dir, out, png_json, panoptic_dir, image_dir)
-    assert summary.skipped == {"panoptic png unreadable": 2}  # both narratives of that image
-    assert "000000039769.png" in summary.examples["panoptic png unreadable"][0]
+    assert summary.skipped == {"panoptic png unreadable (truncated or corrupt)": 2}  # both narratives of that image
+    assert "000000039769.png" in summary.examples["panoptic png unreadable (truncated or corrupt)"][0]
     assert summary.written["val"] == 1
     assert load_dataset(str(out), split="val")["narrative_id"] == ["on-142238"]
-    assert "panoptic png unreadable" in (out / "README.md").read_text()
+    assert "panoptic png unreadable (truncated or corrupt)" in (out / "README.md").read_text()
 
 
 def test_png_corrupt_image_is_skipped_and_reported(fixtures_dir, tmp_path):
     png_json, panoptic_dir, image_dir = _png_inputs(fixtures_dir, tmp_path)
     (image_dir / "000000142238.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     summary = _run_png_dirs(fixtures_dir, tmp_path / "png", png_json, panoptic_dir, image_dir)
-    assert summary.skipped == {"image file unreadable": 1} and summary.written["val"] == 2
+    assert summary.skipped == {"image file unreadable (truncated or corrupt)": 1} and summary.written["val"] == 2
 
 
 @pytest.mark.parametrize("which", ["png-json", "panoptic-json"])
