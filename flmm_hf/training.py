@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -295,6 +296,12 @@ class FLMMTrainer(Trainer):
     The processor (`processing_class`, an `FLMMProcessor`) batches the evaluation examples and
     turns logits into masks.
 
+    Nothing in `output_dir` that this run did not write is deleted or overwritten: `save_total_limit`
+    rotates only the checkpoints this run saved (a `checkpoint-*` found there at start is kept and never
+    counted), a found folder of the same name as a new checkpoint is moved aside to
+    `checkpoint-N.replaced-<time>` first, and a `README.md` that flmm-hf did not generate is kept (see
+    :func:`flmm_hf.model_card.write_model_card`). Each of these is logged.
+
     Args (beyond `Trainer`'s):
         sentence_field: the rows' sentence column read in evaluation (first sentence per ref).
     """
@@ -304,6 +311,55 @@ class FLMMTrainer(Trainer):
         self.sentence_field = sentence_field
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
+        # Checkpoint folders this run saved (real paths); only these are ever rotated away.
+        self._saved_checkpoints: list[str] = []
+
+    # ---- checkpoints: rotate only this run's own ----
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, but `save_total_limit` rotates only this run's checkpoints and a
+        found folder of the new checkpoint's name is moved aside, not written into."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.lexists(folder) and os.path.realpath(folder) not in self._saved_checkpoints:
+            aside = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(folder, aside)
+            logger.warning("%s existed before this run saved there: moved it to %s (nothing deleted)", folder, aside)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # no rank writes into the folder before it was moved aside
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # transformers' rotation deletes any checkpoint-* of output_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self._saved_checkpoints.append(os.path.realpath(folder))
+        if self.args.should_save:
+            self._rotate_own_checkpoints(run_dir)
+
+    def _rotate_own_checkpoints(self, run_dir: str) -> None:
+        """Delete this run's oldest checkpoints beyond `save_total_limit`, keeping the newest and the best one;
+        checkpoints found in `run_dir` that this run did not save are listed once and never deleted."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        own = [path for path in self._saved_checkpoints if os.path.isdir(path)]
+        if not getattr(self, "_reported_foreign", False):
+            foreign = sorted(
+                str(p) for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and os.path.realpath(p) not in own
+            )
+            if foreign:
+                logger.info("save_total_limit=%d counts only this run's checkpoints; kept as found: %s", limit, foreign)
+            self._reported_foreign = True
+        protected = {own[-1]} if own else set()
+        if self.state.best_model_checkpoint:
+            protected.add(os.path.realpath(self.state.best_model_checkpoint))
+        excess = len(own) - max(limit, len(protected))
+        for path in [p for p in own if p not in protected][: max(0, excess)]:
+            logger.info("save_total_limit=%d: deleting this run's checkpoint %s", limit, path)
+            shutil.rmtree(path, ignore_errors=True)
+            self._saved_checkpoints.remove(path)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The F-LMM model card (base model and revision, how to load, results kept), not the Trainer's generic one."""
