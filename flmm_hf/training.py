@@ -204,6 +204,12 @@ class FLMMTrainingArguments(TrainingArguments):
             "to 0, when lr_scheduler_type is 'cosine'. None: transformers' own schedule (warm-up from 0)."
         },
     )
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "Allow resuming from a checkpoint without optimizer.pt / scheduler.pt (e.g. saved with "
+                  "save_only_model): the optimizer and learning-rate schedule then restart from scratch. "
+                  "False: such a resume is refused with an error."},
+    )
     overlay_examples: int = field(default=8, metadata={"help": "Held-out examples drawn into predictions.png (0: none)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the raw dataset columns."}
@@ -283,6 +289,88 @@ def paper_warmup_steps(args: TrainingArguments, num_training_steps: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: which are complete, which one to resume from
+# ---------------------------------------------------------------------------------------------
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Any of these holds a checkpoint's model weights (single file or sharded index; FSDP writes folders).
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_missing(folder: str | os.PathLike, optimizer_state: bool = True) -> list[str]:
+    """What `folder` lacks to be a complete Trainer checkpoint (empty: complete).
+
+    Complete means: a readable `trainer_state.json` (the Trainer writes it after the weights, optimizer and
+    scheduler, so a save cut short lacks it), the model weights and, with `optimizer_state`, `optimizer.pt`
+    and `scheduler.pt` (without them a resume restarts the optimizer and the learning-rate schedule).
+    """
+    folder = Path(folder)
+    names = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = []
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        missing.append("trainer_state.json")
+    if not (names & set(_WEIGHT_FILES) or any(n.startswith("pytorch_model_fsdp") for n in names)):
+        missing.append("model weights (model.safetensors)")
+    if optimizer_state:
+        # optimizer.bin / an optimizer_* folder: other layouts the Trainer loads too (accelerate, FSDP)
+        if not ({"optimizer.pt", "optimizer.bin"} & names or any("optimizer" in n and (folder / n).is_dir() for n in names)):
+            missing.append("optimizer.pt")
+        if "scheduler.pt" not in names:
+            missing.append("scheduler.pt")
+    return missing
+
+
+def resolve_resume_checkpoint(
+    resume: str | bool | None, output_dir: str | os.PathLike, optimizer_state: bool = True
+) -> str | None:
+    """The checkpoint to resume from, checked: `resume` is a folder, or `True` / `"last"` / `"true"` for the
+    newest COMPLETE `checkpoint-N` of `output_dir` (see :func:`checkpoint_missing`; incomplete newer ones,
+    e.g. from a save cut short by a kill, are skipped with a warning). `None` / `False`: no resume.
+
+    Raises:
+        ValueError: the named checkpoint is incomplete, or `output_dir` holds no complete checkpoint.
+    """
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("", "false", "none")):
+        return None
+    opt_in = "pass --resume_without_optimizer_state true to restart the optimizer and schedule from this state"
+    if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "last")):
+        found = sorted(
+            (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+            if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))
+        )
+        skipped = []
+        for _, path in reversed(found):
+            missing = checkpoint_missing(path, optimizer_state)
+            if not missing:
+                for name, lacks in skipped:
+                    logger.warning("skipped incomplete checkpoint %s (missing %s)", name, ", ".join(lacks))
+                logger.info("resuming from %s, the newest complete checkpoint of %s", path, output_dir)
+                return str(path)
+            skipped.append((str(path), missing))
+        detail = "; ".join(f"{name} lacks {', '.join(lacks)}" for name, lacks in skipped)
+        raise ValueError(
+            f"--resume_from_checkpoint last: no complete checkpoint-N in {output_dir}"
+            + (f" ({detail})" if detail else " (none at all)")
+            + ". Fix: name a checkpoint folder, start without --resume_from_checkpoint"
+            + (f", or {opt_in}" if optimizer_state and skipped else "") + "."
+        )
+    missing = checkpoint_missing(resume, optimizer_state)
+    if missing:
+        only_optimizer = all(m in ("optimizer.pt", "scheduler.pt") for m in missing)
+        raise ValueError(
+            f"cannot resume from {resume}: it lacks {', '.join(missing)}"
+            + (" (resuming would silently restart the learning rate and optimizer moments)" if only_optimizer else
+               " (an incomplete or cut-short save)")
+            + ". Fix: resume from another checkpoint (--resume_from_checkpoint last picks the newest complete one)"
+            + (f", or {opt_in}" if only_optimizer else "") + "."
+        )
+    if not optimizer_state and checkpoint_missing(resume, True):
+        logger.warning("resuming from %s without optimizer/scheduler state: they restart from scratch", resume)
+    return str(resume)
+
+
+# ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
 class FLMMTrainer(Trainer):
@@ -313,6 +401,16 @@ class FLMMTrainer(Trainer):
         self._part_count = 0
         # Checkpoint folders this run saved (real paths); only these are ever rotated away.
         self._saved_checkpoints: list[str] = []
+
+    # ---- resuming: only from a complete checkpoint ----
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """`Trainer.train`, resuming only from a complete checkpoint (:func:`resolve_resume_checkpoint`):
+        `True` / `"last"` pick the newest complete `checkpoint-N` of `output_dir`; a checkpoint without
+        optimizer or scheduler state is refused unless `resume_without_optimizer_state` is set."""
+        optimizer_state = not getattr(self.args, "resume_without_optimizer_state", False) and not self.is_deepspeed_enabled
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, optimizer_state)
+        return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # ---- checkpoints: rotate only this run's own ----
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -602,10 +700,8 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
 
 def _train(trainer: FLMMTrainer, extra_metrics: dict[str, Any]) -> dict[str, float]:
     """Train (resuming if asked), save the model, metrics and state; the train metrics."""
-    resume = trainer.args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True  # the last checkpoint-* in output_dir
-    result = trainer.train(resume_from_checkpoint=resume)
+    # "last" / "true": the newest complete checkpoint-* in output_dir (FLMMTrainer.train checks it)
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics.update(extra_metrics)

@@ -75,3 +75,59 @@ def test_a_generated_card_is_updated_but_a_user_readme_is_not(tmp_path):
     (tmp_path / "README.md").write_text("mine")
     write_model_card(tmp_path, config)
     assert (tmp_path / "README.md").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Resume only from a complete checkpoint, never silently restarting the schedule
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, backbone_dir) -> Path:
+    """An output_dir with checkpoint-1 and checkpoint-2 of a 2-step run (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    _train(out, backbone_dir, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.parametrize("lost", ["optimizer.pt", "scheduler.pt"])
+def test_resume_without_optimizer_or_scheduler_state_is_refused_unless_asked(tmp_path, two_checkpoints, backbone_dir, lost):
+    out = _copy(two_checkpoints, tmp_path)
+    (out / "checkpoint-2" / lost).unlink()
+    resume = ["--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2")]
+    with pytest.raises(ValueError, match=rf"lacks {lost}.*restart the learning rate.*resume_without_optimizer_state"):
+        _train(out, backbone_dir, *resume)
+    trainer = _train(out, backbone_dir, *resume, "--resume_without_optimizer_state", "true")
+    assert trainer.state.global_step == 3
+
+
+def test_resume_last_skips_a_checkpoint_cut_short_and_uses_the_newest_complete_one(tmp_path, two_checkpoints,
+                                                                                    backbone_dir, caplog):
+    out = _copy(two_checkpoints, tmp_path)
+    # A save killed half-way: the weights truncated, no trainer_state.json yet.
+    partial = out / "checkpoint-3"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes((out / "checkpoint-2" / "model.safetensors").read_bytes()[:100])
+    (partial / "config.json").write_text((out / "checkpoint-2" / "config.json").read_text())
+    with caplog.at_level(logging.INFO):
+        trainer = _train(out, backbone_dir, "--max_steps", "4", "--resume_from_checkpoint", "last")
+    assert "skipped incomplete checkpoint" in caplog.text and "checkpoint-3 (missing trainer_state.json" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert trainer.state.global_step == 4
+    # 2 steps after checkpoint-2: the resumed run trained steps 3 and 4 only
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert steps[-2:] == [3, 4]
+
+
+def test_resume_last_without_any_complete_checkpoint_names_what_each_lacks(tmp_path, two_checkpoints, backbone_dir):
+    from flmm_hf.training import resolve_resume_checkpoint
+
+    out = _copy(two_checkpoints, tmp_path)
+    for step in (1, 2):
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text('{"global_st')  # cut short
+    with pytest.raises(ValueError, match=r"no complete checkpoint-N.*checkpoint-2 lacks trainer_state.json"):
+        resolve_resume_checkpoint("last", out)
