@@ -677,7 +677,10 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
     if demo:
         # Rank 0 builds (and pre-trains) the backbone; the other ranks load what it saved.
         with training_args.main_process_first(desc="demo backbone"):
-            lmm, lmm_processor, stats = build_demo_backbone_for(model_args, train_dataset, training_args.output_dir)
+            lmm, lmm_processor, stats = build_demo_backbone_for(
+                model_args, train_dataset, training_args.output_dir,
+                progress=not training_args.disable_tqdm and training_args.local_process_index == 0,
+            )
         extras["metrics"].update({f"backbone_{k}": v for k, v in stats.items()})
         set_seed(training_args.seed)  # the head's initialisation must not depend on the backbone's cache state
         model, processor = build_model(model_args, lmm=lmm), build_processor(model_args, lmm_processor)

@@ -131,3 +131,77 @@ def test_resume_last_without_any_complete_checkpoint_names_what_each_lacks(tmp_p
         (out / f"checkpoint-{step}" / "trainer_state.json").write_text('{"global_st')  # cut short
     with pytest.raises(ValueError, match=r"no complete checkpoint-N.*checkpoint-2 lacks trainer_state.json"):
         resolve_resume_checkpoint("last", out)
+
+
+def _tiny_backbone_args():
+    from flmm_hf.demo_backbone import DemoBackboneArguments
+
+    return DemoBackboneArguments(image_size=32, patch_size=16, vision_hidden_size=16, vision_layers=1,
+                                 text_hidden_size=16, text_layers=1, text_heads=2)
+
+
+def test_an_interrupted_demo_backbone_cache_is_rebuilt(tmp_path, caplog):
+    from flmm_hf.demo_backbone import CACHE_MARKER, PretrainArguments, load_or_pretrain_demo_backbone
+
+    folder, sizes = tmp_path / "backbone", _tiny_backbone_args()
+    load_or_pretrain_demo_backbone(folder, scenes=[], backbone_args=sizes, pretrain_args=PretrainArguments(steps=0))
+    assert (folder / CACHE_MARKER).is_file()
+    _, _, stats = load_or_pretrain_demo_backbone(folder, scenes=[], backbone_args=sizes)
+    assert stats == {"pretrain_cached": 1}
+    # Killed while saving: config.json written, the weights cut short, no marker yet.
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    (folder / CACHE_MARKER).unlink()
+    with caplog.at_level(logging.WARNING):
+        model, _, stats = load_or_pretrain_demo_backbone(
+            folder, scenes=[], backbone_args=sizes, pretrain_args=PretrainArguments(steps=0))
+    assert stats == {"pretrain_steps": 0} and "incomplete" in caplog.text and "rebuilding" in caplog.text
+    assert (folder / CACHE_MARKER).is_file() and model.config.vision_config.image_size == 32
+    # A marker but damaged weights (load fails): rebuilt too, saying why.
+    weights.write_bytes(weights.read_bytes()[:200])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, _, stats = load_or_pretrain_demo_backbone(
+            folder, scenes=[], backbone_args=sizes, pretrain_args=PretrainArguments(steps=0))
+    assert stats == {"pretrain_steps": 0} and "does not load" in caplog.text
+
+
+def test_a_folder_that_is_not_a_demo_cache_is_not_written_over(tmp_path):
+    from flmm_hf.demo_backbone import PretrainArguments, load_or_pretrain_demo_backbone
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a demo backbone cache.*demo_backbone_dir"):
+        load_or_pretrain_demo_backbone(folder, scenes=[], backbone_args=_tiny_backbone_args(),
+                                       pretrain_args=PretrainArguments(steps=0))
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The demo says what it is doing and where its outputs are
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("progress", [True, False])
+def test_backbone_pretraining_shows_a_progress_bar(monkeypatch, progress):
+    import numpy as np
+
+    import flmm_hf.demo_backbone as demo_backbone
+    from flmm_hf.shapes import generate_scene
+
+    bars = []
+    real = demo_backbone.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        bars[-1].requested = kwargs
+        return bars[-1]
+
+    monkeypatch.setattr(demo_backbone, "tqdm", recording)
+    image, objects = generate_scene(np.random.default_rng(0), image_size=32)
+    scenes = [(image, [f"the {o['colour']} {o['shape']}" for o in objects], [o["mask"] for o in objects])]
+    model, processor = demo_backbone.build_demo_backbone(_tiny_backbone_args())
+    demo_backbone.pretrain_demo_backbone(
+        model, processor, scenes, demo_backbone.PretrainArguments(steps=2, batch_size=2, warmup_steps=1), progress=progress)
+    assert len(bars) == 1 and bars[0].total == 2
+    # on: tqdm decides by the terminal (None: hidden when stderr is not a TTY); off: always hidden
+    assert bars[0].requested["disable"] is (None if progress else True)
