@@ -205,3 +205,76 @@ def test_backbone_pretraining_shows_a_progress_bar(monkeypatch, progress):
     assert len(bars) == 1 and bars[0].total == 2
     # on: tqdm decides by the terminal (None: hidden when stderr is not a TTY); off: always hidden
     assert bars[0].requested["disable"] is (None if progress else True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A relative backbone folder is the model folder's, never the working directory's
+# ---------------------------------------------------------------------------------------------
+def _demo_model(folder: Path, words: tuple[str, ...] = ()):
+    """A new F-LMM over a tiny demo backbone cached in `folder/backbone`, recorded as "backbone"."""
+    from flmm_hf import FLMMForGrounding
+    from flmm_hf.demo_backbone import PretrainArguments, load_or_pretrain_demo_backbone
+
+    lmm, processor, _ = load_or_pretrain_demo_backbone(
+        folder / "backbone", scenes=[], backbone_args=_tiny_backbone_args(), pretrain_args=PretrainArguments(steps=0),
+        words=words)
+    model = FLMMForGrounding.from_lmm(lmm, use_sam=False, mask_head_channels=8, mask_head_stages=2)
+    model.config.lmm_name_or_path = "backbone"
+    return model, processor
+
+
+def test_a_relative_backbone_is_never_taken_from_the_working_directory(tmp_path, monkeypatch):
+    from flmm_hf import FLMMForGrounding
+
+    model, _ = _demo_model(tmp_path / "run")
+    model.save_pretrained(tmp_path / "run")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy, ignore=shutil.ignore_patterns("backbone"))  # the head only
+    cwd = tmp_path / "cwd"
+    shutil.copytree(tmp_path / "run" / "backbone", cwd / "backbone")  # same shapes, in the working directory
+    monkeypatch.chdir(cwd)
+    with pytest.raises(OSError, match=r"relative to the model folder.*never used.*Fix: copy"):
+        FLMMForGrounding.from_pretrained(copy)
+    # From a Hub repo, the relative folder is the repo's subfolder (not ./backbone)
+    import flmm_hf.frozen_parts as frozen_parts
+
+    asked = []
+
+    def fake_config(name, **kwargs):
+        asked.append((name, kwargs))
+        raise OSError("offline")
+
+    monkeypatch.setattr(frozen_parts.AutoConfig, "from_pretrained", fake_config)
+    with pytest.raises(OSError):
+        frozen_parts.frozen_source("LMM", None, model.config, "org/flmm-demo", {"revision": "v1"}, "")
+    assert asked == [("org/flmm-demo", {"revision": "v1", "subfolder": "backbone"})]
+
+
+def test_a_saved_demo_model_loads_wherever_it_is_copied(tmp_path):
+    from flmm_hf import FLMMForGrounding
+
+    model, _ = _demo_model(tmp_path / "run")
+    model.save_pretrained(tmp_path / "elsewhere")  # not where its backbone is
+    assert (tmp_path / "elsewhere" / "backbone" / "model.safetensors").is_file()
+    shutil.copytree(tmp_path / "elsewhere", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(tmp_path / "elsewhere")
+    loaded = FLMMForGrounding.from_pretrained(tmp_path / "moved")
+    assert Path(loaded.lmm.name_or_path) == tmp_path / "moved" / "backbone"
+    # saving into a folder whose backbone/ is another model: refused, nothing overwritten
+    other = tmp_path / "other"
+    (other / "backbone").mkdir(parents=True)
+    (other / "backbone" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not this model's frozen LMM"):
+        loaded.save_pretrained(other)
+    assert (other / "backbone" / "config.json").read_text() == "{}"
+
+
+def test_a_backbone_with_another_vocabulary_is_refused(tmp_path):
+    from flmm_hf.frozen_parts import check_backbone, recorded_lmm_config
+
+    model, _ = _demo_model(tmp_path / "a")
+    other, _ = _demo_model(tmp_path / "b", words=("a purple hexagon", "zebra"))
+    assert other.lmm.config.text_config.vocab_size != model.lmm.config.text_config.vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_backbone("LMM", recorded_lmm_config(model.lmm), other.lmm.config, "b", "Fix: ...")
