@@ -37,7 +37,7 @@ TEMPLATE = """---
 
 [F-LMM](https://arxiv.org/abs/2406.05821) (Wu et al., CVPR 2025) grounds the words of a **frozen**
 large multimodal model in the image: the LMM's word-to-image attention is turned into masks by a
-small U-Net head, then refined by SAM. Only the head was trained; the LMM keeps its chat skills.
+small U-Net head{{ refine_text }}. Only the head was trained; the LMM keeps its chat skills.
 
 {{ origin }}
 
@@ -122,7 +122,9 @@ def build_model_card(
     sam_name = _get(config, "sam_name_or_path") if _get(config, "use_sam", True) else None
     save_mode = save_mode or _get(config, "save_mode", "adapter")
     mode = _get(config, "mode", "reproduction")
-    model_name = repo_id.split("/")[-1] if repo_id else f"F-LMM on {lmm_name.rstrip('/').split('/')[-1]}"
+    lmm_type = lmm_config.get("model_type", "unknown")
+    use_sam = bool(_get(config, "use_sam", True))
+    model_name = repo_id.split("/")[-1] if repo_id else _default_title(lmm_name, lmm_type)
 
     sam_row = "| SAM refiner | (none: coarse masks only) | |"
     if sam_name or _get(config, "use_sam", True):
@@ -146,7 +148,8 @@ def build_model_card(
         origin=f"Converted from {source}." if source else "",
         lmm_name=lmm_name,
         lmm_revision=lmm_revision,
-        lmm_type=lmm_config.get("model_type", "unknown"),
+        lmm_type=lmm_type,
+        refine_text=", then refined by SAM" if use_sam else " (no SAM refiner: these coarse masks are the output)",
         sam_row=sam_row,
         save_mode=save_mode,
         save_mode_text=(
@@ -156,7 +159,7 @@ def build_model_card(
         ),
         mode=mode,
         mode_text=(
-            "the original F-LMM prompt and 336-pixel pad-to-square preprocessing"
+            _reproduction_text(lmm_type, _image_size_text(lmm_config))
             if mode == "reproduction"
             else "the backbone's own processor and chat template"
         ),
@@ -164,6 +167,28 @@ def build_model_card(
         layers_text=f" (decoder layers {layers})" if layers is not None else " (all decoder layers)",
         results_text=_results_table(eval_results),
     )
+
+
+def _default_title(lmm_name: str, lmm_type: str) -> str:
+    """"F-LMM on <Hub model name>", or on a local folder: the backbone's family and the folder's name."""
+    if hub_ids(lmm_name):
+        return f"F-LMM on {lmm_name.split('/')[-1]}"
+    folder = lmm_name.rstrip("/").split("/")[-1]
+    return f"F-LMM on a local {lmm_type} backbone ({folder})" if not folder.startswith("(") else f"F-LMM on {lmm_type}"
+
+
+def _reproduction_text(lmm_type: str, size: str) -> str:
+    """What reproduction mode feeds this backbone family (see `FLMMProcessor`)."""
+    if lmm_type == "llava_next":
+        return f"the original F-LMM prompt and the backbone's any-resolution processing around a {size} base view"
+    return f"the original F-LMM prompt and pad-to-square preprocessing at {size}"
+
+
+def _image_size_text(lmm_config: Mapping[str, Any]) -> str:
+    """The backbone's input size as reproduction mode letterboxes to it (its vision tower's `image_size`)."""
+    vision = lmm_config.get("vision_config")
+    size = vision.get("image_size") if isinstance(vision, Mapping) else None
+    return f"{size} x {size} pixels" if isinstance(size, int) else "the backbone's input size"
 
 
 def _results_table(eval_results: list[EvalResult] | None) -> str:

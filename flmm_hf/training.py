@@ -729,8 +729,16 @@ def _evaluate(trainer: FLMMTrainer, extras: dict[str, Any], sentence_field: str)
     return metrics
 
 
-def _report_demo(metrics: dict[str, float], seconds: float) -> None:
-    """The demo's result line: held-out IoU against the trivial baseline."""
+def _written_since(folder: str | os.PathLike, start: float) -> list[str]:
+    """The entries of `folder` changed since `start` (a `time.time()`), folders with a trailing `/`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.stat().st_mtime >= start - 1)
+
+
+def _report_demo(metrics: dict[str, float], seconds: float, output_dir: str | os.PathLike, written: list[str]) -> None:
+    """The demo's result lines: held-out IoU against the trivial baseline, then where its outputs are."""
     logger.info(
         "demo: held-out mIoU %.1f / cIoU %.1f  vs  mean-mask baseline mIoU %.1f / cIoU %.1f  (%.0f s in all)",
         metrics["eval_miou"], metrics["eval_ciou"], metrics["eval_baseline_miou"], metrics["eval_baseline_ciou"], seconds,
@@ -738,8 +746,9 @@ def _report_demo(metrics: dict[str, float], seconds: float) -> None:
     print(
         f"\nF-LMM demo on held-out shapes scenes: mIoU {metrics['eval_miou']:.1f}, cIoU {metrics['eval_ciou']:.1f}"
         f"  |  trivial baseline (mean training mask): mIoU {metrics['eval_baseline_miou']:.1f},"
-        f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {seconds:.0f} s\n"
+        f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {seconds:.0f} s"
     )
+    print(f"Outputs in {Path(output_dir).resolve()}: {', '.join(written) or '(nothing written)'}\n")
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, training_args: FLMMTrainingArguments) -> dict:
@@ -760,7 +769,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     if extras["eval_dataset"] is not None and (training_args.do_eval or extras["demo"]):
         metrics.update(_evaluate(trainer, extras, data_args.sentence_field))
     if extras["demo"] and trainer.is_world_process_zero() and "eval_miou" in metrics:
-        _report_demo(metrics, time.time() - t0)
+        _report_demo(metrics, time.time() - t0, training_args.output_dir, _written_since(training_args.output_dir, t0))
     if training_args.push_to_hub:
         trainer.push_to_hub()  # every process calls it (saving may be collective); rank 0 uploads
     return metrics

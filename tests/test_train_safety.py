@@ -278,3 +278,21 @@ def test_a_backbone_with_another_vocabulary_is_refused(tmp_path):
     assert other.lmm.config.text_config.vocab_size != model.lmm.config.text_config.vocab_size
     with pytest.raises(ValueError, match="vocab_size"):
         check_backbone("LMM", recorded_lmm_config(model.lmm), other.lmm.config, "b", "Fix: ...")
+
+
+def test_the_demo_ends_with_its_output_folder_and_a_card_of_its_own_config(tmp_path, backbone_dir, capsys):
+    from flmm_hf.training import run_training
+
+    out = tmp_path / "demo"
+    args = _arguments(out, backbone_dir, "--max_steps", "1", "--overlay_examples", "1")
+    args[2].do_eval = True
+    metrics = run_training(*args)
+    assert "eval_miou" in metrics
+    last = [line for line in capsys.readouterr().out.splitlines() if line.strip()][-1]
+    assert last.startswith(f"Outputs in {out.resolve()}:")
+    for name in ("model.safetensors", "config.json", "README.md", "predictions.png", "all_results.json"):
+        assert name in last
+    card = (out / "README.md").read_text()
+    assert "336" not in card and "refined by SAM" not in card and "no SAM refiner" in card
+    assert "pad-to-square preprocessing at 64 x 64 pixels" in card  # the demo's image size
+    assert "# F-LMM on a local llava backbone (backbone)" in card
