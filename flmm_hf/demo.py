@@ -71,30 +71,36 @@ def demo_backbone_folder(model_args: ModelArguments, output_dir: str | os.PathLi
     return Path(model_args.demo_backbone_dir or os.path.join(output_dir, "backbone"))
 
 
-def build_demo_backbone_for(model_args: ModelArguments, train_dataset, output_dir: str | os.PathLike):
-    """The demo's frozen LLaVA: loaded from its cache folder, or built and pre-trained on captions of
-    the training scenes (``demo_pretrain_steps`` steps; 0 gives a random frozen backbone) and saved there.
+def build_demo_backbone_for(
+    model_args: ModelArguments, train_dataset, output_dir: str | os.PathLike, progress: bool = True
+):
+    """The demo's frozen LLaVA: loaded from its cache folder when complete, or built and pre-trained on
+    captions of the training scenes (``demo_pretrain_steps`` steps; 0 gives a random frozen backbone) and
+    saved there. ``progress``: show the pre-training's progress bar.
 
     Returns:
         ``(model, LlavaProcessor, stats)``; ``stats`` holds the pre-training's steps, time and losses.
     """
     from .data import FLMMTransform
-    from .demo_backbone import DemoBackboneArguments, PretrainArguments, load_or_pretrain_demo_backbone
+    from .demo_backbone import DemoBackboneArguments, PretrainArguments, load_cached_demo_backbone, load_or_pretrain_demo_backbone
 
-    folder = demo_backbone_folder(model_args, output_dir)
+    folder = demo_backbone_folder(model_args, output_dir).resolve()
+    backbone_args = DemoBackboneArguments(image_size=model_args.demo_image_size, patch_size=model_args.demo_patch_size)
+    cached = load_cached_demo_backbone(folder, backbone_args)
+    if cached is not None:
+        return (*cached, {"pretrain_cached": 1})
     scenes, words = [], set()
-    if not (folder / "config.json").is_file():
-        transform = FLMMTransform(train=False)
-        for i in range(len(train_dataset)):
-            row = train_dataset[i]
-            words.update(s for per_ref in row["raw_sentences"] for s in per_ref)
-            example = transform.example(row)
-            expressions = [example["text"][s:e] for s, e in example["phrases"]]
-            scenes.append((example["image"], expressions, [m.numpy() for m in example["masks"]]))
+    transform = FLMMTransform(train=False)
+    for i in range(len(train_dataset)):
+        row = train_dataset[i]
+        words.update(s for per_ref in row["raw_sentences"] for s in per_ref)
+        example = transform.example(row)
+        expressions = [example["text"][s:e] for s, e in example["phrases"]]
+        scenes.append((example["image"], expressions, [m.numpy() for m in example["masks"]]))
     return load_or_pretrain_demo_backbone(
         folder,
         scenes=scenes,
-        backbone_args=DemoBackboneArguments(image_size=model_args.demo_image_size, patch_size=model_args.demo_patch_size),
+        backbone_args=backbone_args,
         pretrain_args=PretrainArguments(
             steps=model_args.demo_pretrain_steps,
             batch_size=model_args.demo_pretrain_batch_size,
@@ -103,6 +109,7 @@ def build_demo_backbone_for(model_args: ModelArguments, train_dataset, output_di
             seed=0,
         ),
         words=sorted(words),
+        progress=progress,
     )
 
 

@@ -13,6 +13,7 @@ Library-only module (not part of the Hub custom code).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
@@ -242,10 +244,14 @@ def pretrain_demo_backbone(
     processor: LlavaProcessor,
     scenes: Sequence[tuple[object, Sequence[str], Sequence[np.ndarray]]],
     args: PretrainArguments | None = None,
+    progress: bool = True,
 ) -> dict:
     """
     Next-token prediction of scene captions after the reproduction prompt (all weights trained),
     then freeze. `scenes` holds (PIL image, expressions, masks). Returns timing and loss stats.
+
+    `progress`: a tqdm progress bar of the steps (with the caption loss), shown only on a terminal, as
+    transformers' own bars (pass False on processes other than the main one, or with `disable_tqdm`).
     """
     args = args or PretrainArguments()
     rng = random.Random(args.seed)
@@ -268,6 +274,8 @@ def pretrain_demo_backbone(
     start = time.perf_counter()
     losses = []
     step = 0
+    # disable=None: tqdm hides the bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=args.steps, desc="demo backbone pre-training", unit="step", disable=None if progress else True)
     try:
         for step in range(args.steps):
             index = [rng.randrange(len(scenes)) for _ in range(args.batch_size)]
@@ -286,12 +294,15 @@ def pretrain_demo_backbone(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(out.loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if step % 50 == 0 or step == args.steps - 1:
                 logger.info("backbone pre-training step %d/%d: caption loss %.3f", step + 1, args.steps, losses[-1])
             if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
                 logger.info("backbone pre-training stopped at step %d: time budget spent", step + 1)
                 break
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
     model.eval()
     model.requires_grad_(False)
@@ -333,40 +344,89 @@ def _cache_matches(folder: Path, args: DemoBackboneArguments) -> bool:
     )
 
 
+#: Written last into a demo backbone cache: without it the folder is an interrupted build and is rebuilt.
+CACHE_MARKER = "flmm_demo_backbone.json"
+# What `save_pretrained` of the demo model and processor writes: a folder holding anything else (and no
+# marker) is not a demo cache, and is never written over.
+_CACHE_FILES = {
+    "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+}
+
+
+def load_cached_demo_backbone(
+    folder: str | Path, backbone_args: DemoBackboneArguments | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor] | None:
+    """The demo backbone cached in `folder`, or None when it must be (re)built: no cache, an incomplete one
+    (no `CACHE_MARKER`: a build cut short), other sizes than `backbone_args`, or files that fail to load.
+    Each reason but the first is logged.
+
+    Raises:
+        ValueError: `folder` holds files that a demo backbone does not (it is not a demo cache).
+    """
+    folder = Path(folder)
+    backbone_args = backbone_args or DemoBackboneArguments()
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if not (folder / CACHE_MARKER).is_file():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _CACHE_FILES)
+        if foreign:
+            raise ValueError(
+                f"{folder} is not a demo backbone cache (it holds {foreign[:5]}) and is not written over. "
+                "Fix: set --demo_backbone_dir to a new or empty folder."
+            )
+        logger.warning("the demo backbone cache in %s is incomplete (no %s: its build was interrupted): rebuilding it",
+                       folder, CACHE_MARKER)
+        return None
+    if not (folder / "config.json").is_file() or not _cache_matches(folder, backbone_args):
+        logger.warning("the cached demo backbone in %s has other sizes than asked for: building a new one", folder)
+        return None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)
+    except Exception as error:  # a truncated or damaged file: any loading error means "rebuild"
+        logger.warning("the cached demo backbone in %s does not load (%s: %s): rebuilding it",
+                       folder, type(error).__name__, error)
+        return None
+    model.eval().requires_grad_(False)
+    logger.info("loaded the pre-trained demo backbone from %s", folder)
+    return model, processor
+
+
 def load_or_pretrain_demo_backbone(
     folder: str | Path,
     scenes: Sequence[tuple[object, Sequence[str], Sequence[np.ndarray]]],
     backbone_args: DemoBackboneArguments | None = None,
     pretrain_args: PretrainArguments | None = None,
     words: Iterable[str] = (),
+    progress: bool = True,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict]:
     """
-    Load the pre-trained demo backbone from `folder` when it is there, else build it, pre-train it
-    on `scenes` (pass `pretrain_args.steps=0` for a random frozen backbone) and save it there.
+    Load the pre-trained demo backbone from `folder` when a complete cache is there
+    (:func:`load_cached_demo_backbone`), else build it, pre-train it on `scenes` (pass
+    `pretrain_args.steps=0` for a random frozen backbone) and save it there, `CACHE_MARKER` last.
+    `progress`: show the pre-training's progress bar (see :func:`pretrain_demo_backbone`).
     """
     # Absolute: the F-LMM config records where its frozen backbone lives (lmm_name_or_path).
     folder = Path(folder).resolve()
     backbone_args = backbone_args or DemoBackboneArguments()
-    if (folder / "config.json").is_file() and not _cache_matches(folder, backbone_args):
-        logger.warning("the cached demo backbone in %s has other sizes than asked for: building a new one", folder)
-        (folder / "config.json").unlink()
-    if (folder / "config.json").is_file():
-        model = AutoModelForImageTextToText.from_pretrained(folder)
-        processor = AutoProcessor.from_pretrained(folder)
-        model.eval().requires_grad_(False)
-        logger.info("loaded the pre-trained demo backbone from %s", folder)
-        return model, processor, {"pretrain_cached": 1}
+    cached = load_cached_demo_backbone(folder, backbone_args)
+    if cached is not None:
+        return (*cached, {"pretrain_cached": 1})
     pretrain_args = pretrain_args or PretrainArguments()
     model, processor = build_demo_backbone(backbone_args, words, seed=pretrain_args.seed)
     stats = {"pretrain_steps": 0}
     if pretrain_args.steps > 0:
-        stats = pretrain_demo_backbone(model, processor, scenes, pretrain_args)
+        stats = pretrain_demo_backbone(model, processor, scenes, pretrain_args, progress=progress)
     model.requires_grad_(False)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / CACHE_MARKER).unlink(missing_ok=True)  # a rebuild cut short must not look complete
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     # Load back the saved folder so the demo runs on exactly what a user would load.
     model = AutoModelForImageTextToText.from_pretrained(folder)
     model.eval().requires_grad_(False)
     processor = AutoProcessor.from_pretrained(folder)
+    marker = {"backbone": dataclasses.asdict(backbone_args), "pretrain": dataclasses.asdict(pretrain_args), **stats}
+    (folder / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return model, processor, stats

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,8 @@ LMM_FIX = (
     "Fix: pass lmm=<Hub id, local folder or loaded model> of the recorded architecture to from_pretrained, "
     "or set lmm_name_or_path / lmm_revision in config.json."
 )
+# A Hub repo id (`org/name`); any other relative name recorded in a config is a folder relative to the model folder.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAM_FIX = "Fix: pass sam=<Hub id, local folder or SamModel> to from_pretrained, or set sam_name_or_path in config.json."
 
 
@@ -81,7 +85,16 @@ def check_backbone(what: str, recorded: dict, found: PreTrainedConfig, where: st
         if what == "LMM":
             rec = AutoConfig.for_model(**recorded).get_text_config(decoder=True).to_dict()
             got = found.get_text_config(decoder=True).to_dict()
-            keys = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+            # vocab_size and the KV heads too: a backbone of equal widths but another tokenizer or attention
+            # layout loads without error and grounds silently wrong.
+            keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                    "intermediate_size", "vocab_size")
+            rec_vision, got_vision = _vision_config(recorded), _vision_config(found.to_dict())
+            vision_keys = tuple(k for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
+                                if k in rec_vision and k in got_vision)
+            if any(rec_vision[key] != got_vision[key] for key in vision_keys):
+                problems.append(f"recorded vision {_describe(rec_vision, vision_keys)} but {where} has "
+                                f"{_describe(got_vision, vision_keys)}")
         else:
             rec, got = recorded.get("vision_config", {}), found.vision_config.to_dict()
             keys = ("hidden_size", "num_hidden_layers", "output_channels")
@@ -91,7 +104,45 @@ def check_backbone(what: str, recorded: dict, found: PreTrainedConfig, where: st
         raise ValueError(f"The base {what} does not match this F-LMM model: {'; '.join(problems)}. {fix}")
 
 
+def _vision_config(config: dict) -> dict:
+    """The vision tower's config of an LMM config dict (empty when it has none as a dict)."""
+    vision = config.get("vision_config")
+    return vision if isinstance(vision, dict) else {}
+
+
 # ---- where the frozen parts load from ------------------------------------------------------------
+def is_relative_folder(name: str) -> bool:
+    """Whether a recorded frozen-part name is a folder relative to the model folder (not absolute, not a Hub id)."""
+    return not os.path.isabs(name) and not _HUB_ID.match(name)
+
+
+def _recorded(what: str, recorded: str, revision: str | None, source: str, hub_kwargs: dict) -> tuple[str, dict]:
+    """Where a recorded frozen part loads from: a relative folder against the model folder (a local folder, or
+    the model's Hub repo with `subfolder=`), never against the working directory; else the absolute folder or
+    Hub id with the recorded revision."""
+    if os.path.isabs(recorded):
+        return recorded, {"revision": revision}
+    if is_relative_folder(recorded):
+        if os.path.isdir(source):
+            local = os.path.join(source, hub_kwargs.get("subfolder") or "", recorded)
+            if os.path.isdir(local):
+                return local, {}
+            raise OSError(
+                f"This F-LMM model records its base {what} as the folder {recorded!r} relative to the model folder, "
+                f"but {local!r} does not exist (a folder of that name in the working directory is never used). "
+                f"Fix: copy the {recorded!r} folder into {source!r}, or pass {what.lower()}=<folder or Hub id>."
+            )
+        parent = hub_kwargs.get("subfolder") or ""
+        return source, dict(hub_kwargs, subfolder=f"{parent}/{recorded}" if parent else recorded)
+    if os.path.isdir(recorded):  # transformers would take a local folder of the Hub id's name first
+        raise OSError(
+            f"This F-LMM model records its base {what} as the Hub id {recorded!r}, and the working directory holds a "
+            f"folder of that name, which would be loaded instead. Fix: pass {what.lower()}={recorded!r} with the "
+            "folder you mean (an absolute path), or run from another directory."
+        )
+    return recorded, {"revision": revision}
+
+
 def _bundled(source: str, subfolder: str, hub_kwargs: dict) -> tuple[str, dict]:
     """Where a full save's frozen part lives: (name or folder, from_pretrained kwargs)."""
     parent = hub_kwargs.get("subfolder") or ""
@@ -116,10 +167,8 @@ def frozen_source(
     elif config.save_mode == "full":
         name, kwargs = _bundled(source, subfolder, hub_kwargs)
     elif recorded:
-        # A relative path is resolved against the model folder first (the demo keeps its backbone beside the head).
-        local = os.path.join(source, recorded)
-        name = local if not os.path.isabs(recorded) and os.path.isdir(local) else recorded
-        kwargs = {"revision": revision}
+        # A relative folder is resolved against the model folder only (the demo keeps its backbone inside it).
+        name, kwargs = _recorded(what, recorded, revision, source, hub_kwargs)
     else:
         raise ValueError(
             f"{source} is an adapter-sized F-LMM save whose config records no base {what} (it was built from a "
@@ -202,6 +251,8 @@ def save_flmm(
     config = copy.deepcopy(model.config)
     config.save_mode = save_mode
     config.save_pretrained(save_directory)
+    if save_mode == "adapter" and config.lmm_name_or_path and is_relative_folder(config.lmm_name_or_path):
+        carry_relative_lmm(model, config.lmm_name_or_path, save_directory)
     if save_mode == "full":
         model.lmm.save_pretrained(os.path.join(save_directory, LMM_SUBFOLDER))
         if model.head.has_refiner:
@@ -212,6 +263,41 @@ def save_flmm(
         write_model_card(save_directory, config, save_mode=save_mode)
     if push_to_hub:
         _upload(save_directory, **hub_kwargs)
+
+
+def carry_relative_lmm(model: Any, relative: str, save_directory: str | os.PathLike) -> None:
+    """Copy the frozen LMM's folder to `save_directory/relative`, so that an adapter save whose config records its
+    LMM as a folder relative to itself (the demo's `backbone`) loads wherever it is copied. Nothing is overwritten:
+    a different folder already there is an error."""
+    source = getattr(model.lmm, "name_or_path", None) or ""
+    target = os.path.join(save_directory, relative)
+    if not os.path.isdir(source):
+        raise ValueError(
+            f"config.lmm_name_or_path is the relative folder {relative!r}, but the attached LMM was not loaded from a "
+            "folder that could be copied there. Fix: save with save_mode='full', or set lmm_name_or_path to a Hub id "
+            "or an absolute folder."
+        )
+    if os.path.exists(target):
+        if os.path.realpath(target) == os.path.realpath(source) or _same_folder(source, target):
+            return
+        raise ValueError(
+            f"{target} exists and is not this model's frozen LMM ({source}); it is not overwritten. "
+            "Fix: save to another folder, or remove that folder yourself."
+        )
+    shutil.copytree(source, target)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Same file names and sizes, and the same config.json: the same saved model."""
+    def listing(folder: str) -> dict[str, int]:
+        return {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+                if os.path.isfile(os.path.join(folder, name))}
+
+    def config_text(folder: str) -> bytes | None:
+        path = os.path.join(folder, "config.json")
+        return open(path, "rb").read() if os.path.isfile(path) else None
+
+    return listing(a) == listing(b) and config_text(a) == config_text(b)
 
 
 def _upload(folder: str | os.PathLike, token: str | None = None, repo_id: str | None = None, **options: Any) -> None:

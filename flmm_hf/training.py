@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -216,6 +217,12 @@ class FLMMTrainingArguments(TrainingArguments):
             "choices": list(WEIGHT_DECAY_SCOPES),
         },
     )
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "Allow resuming from a checkpoint without optimizer.pt / scheduler.pt (e.g. saved with "
+                  "save_only_model): the optimizer and learning-rate schedule then restart from scratch. "
+                  "False: such a resume is refused with an error."},
+    )
     overlay_examples: int = field(default=8, metadata={"help": "Held-out examples drawn into predictions.png (0: none)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the raw dataset columns."}
@@ -303,6 +310,88 @@ def paper_warmup_steps(args: TrainingArguments, num_training_steps: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: which are complete, which one to resume from
+# ---------------------------------------------------------------------------------------------
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Any of these holds a checkpoint's model weights (single file or sharded index; FSDP writes folders).
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_missing(folder: str | os.PathLike, optimizer_state: bool = True) -> list[str]:
+    """What `folder` lacks to be a complete Trainer checkpoint (empty: complete).
+
+    Complete means: a readable `trainer_state.json` (the Trainer writes it after the weights, optimizer and
+    scheduler, so a save cut short lacks it), the model weights and, with `optimizer_state`, `optimizer.pt`
+    and `scheduler.pt` (without them a resume restarts the optimizer and the learning-rate schedule).
+    """
+    folder = Path(folder)
+    names = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = []
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        missing.append("trainer_state.json")
+    if not (names & set(_WEIGHT_FILES) or any(n.startswith("pytorch_model_fsdp") for n in names)):
+        missing.append("model weights (model.safetensors)")
+    if optimizer_state:
+        # optimizer.bin / an optimizer_* folder: other layouts the Trainer loads too (accelerate, FSDP)
+        if not ({"optimizer.pt", "optimizer.bin"} & names or any("optimizer" in n and (folder / n).is_dir() for n in names)):
+            missing.append("optimizer.pt")
+        if "scheduler.pt" not in names:
+            missing.append("scheduler.pt")
+    return missing
+
+
+def resolve_resume_checkpoint(
+    resume: str | bool | None, output_dir: str | os.PathLike, optimizer_state: bool = True
+) -> str | None:
+    """The checkpoint to resume from, checked: `resume` is a folder, or `True` / `"last"` / `"true"` for the
+    newest COMPLETE `checkpoint-N` of `output_dir` (see :func:`checkpoint_missing`; incomplete newer ones,
+    e.g. from a save cut short by a kill, are skipped with a warning). `None` / `False`: no resume.
+
+    Raises:
+        ValueError: the named checkpoint is incomplete, or `output_dir` holds no complete checkpoint.
+    """
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("", "false", "none")):
+        return None
+    opt_in = "pass --resume_without_optimizer_state true to restart the optimizer and schedule from this state"
+    if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "last")):
+        found = sorted(
+            (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+            if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))
+        )
+        skipped = []
+        for _, path in reversed(found):
+            missing = checkpoint_missing(path, optimizer_state)
+            if not missing:
+                for name, lacks in skipped:
+                    logger.warning("skipped incomplete checkpoint %s (missing %s)", name, ", ".join(lacks))
+                logger.info("resuming from %s, the newest complete checkpoint of %s", path, output_dir)
+                return str(path)
+            skipped.append((str(path), missing))
+        detail = "; ".join(f"{name} lacks {', '.join(lacks)}" for name, lacks in skipped)
+        raise ValueError(
+            f"--resume_from_checkpoint last: no complete checkpoint-N in {output_dir}"
+            + (f" ({detail})" if detail else " (none at all)")
+            + ". Fix: name a checkpoint folder, start without --resume_from_checkpoint"
+            + (f", or {opt_in}" if optimizer_state and skipped else "") + "."
+        )
+    missing = checkpoint_missing(resume, optimizer_state)
+    if missing:
+        only_optimizer = all(m in ("optimizer.pt", "scheduler.pt") for m in missing)
+        raise ValueError(
+            f"cannot resume from {resume}: it lacks {', '.join(missing)}"
+            + (" (resuming would silently restart the learning rate and optimizer moments)" if only_optimizer else
+               " (an incomplete or cut-short save)")
+            + ". Fix: resume from another checkpoint (--resume_from_checkpoint last picks the newest complete one)"
+            + (f", or {opt_in}" if only_optimizer else "") + "."
+        )
+    if not optimizer_state and checkpoint_missing(resume, True):
+        logger.warning("resuming from %s without optimizer/scheduler state: they restart from scratch", resume)
+    return str(resume)
+
+
+# ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
 class FLMMTrainer(Trainer):
@@ -318,6 +407,12 @@ class FLMMTrainer(Trainer):
 
     Weight decay follows `args.weight_decay_scope` (see :meth:`get_decay_parameter_names`).
 
+    Nothing in `output_dir` that this run did not write is deleted or overwritten: `save_total_limit`
+    rotates only the checkpoints this run saved (a `checkpoint-*` found there at start is kept and never
+    counted), a found folder of the same name as a new checkpoint is moved aside to
+    `checkpoint-N.replaced-<time>` first, and a `README.md` that flmm-hf did not generate is kept (see
+    :func:`flmm_hf.model_card.write_model_card`). Each of these is logged.
+
     Args (beyond `Trainer`'s):
         sentence_field: the rows' sentence column read in evaluation (first sentence per ref).
     """
@@ -327,6 +422,65 @@ class FLMMTrainer(Trainer):
         self.sentence_field = sentence_field
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
+        # Checkpoint folders this run saved (real paths); only these are ever rotated away.
+        self._saved_checkpoints: list[str] = []
+
+    # ---- resuming: only from a complete checkpoint ----
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """`Trainer.train`, resuming only from a complete checkpoint (:func:`resolve_resume_checkpoint`):
+        `True` / `"last"` pick the newest complete `checkpoint-N` of `output_dir`; a checkpoint without
+        optimizer or scheduler state is refused unless `resume_without_optimizer_state` is set."""
+        optimizer_state = not getattr(self.args, "resume_without_optimizer_state", False) and not self.is_deepspeed_enabled
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, optimizer_state)
+        return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    # ---- checkpoints: rotate only this run's own ----
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, but `save_total_limit` rotates only this run's checkpoints and a
+        found folder of the new checkpoint's name is moved aside, not written into."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.lexists(folder) and os.path.realpath(folder) not in self._saved_checkpoints:
+            aside = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(folder, aside)
+            logger.warning("%s existed before this run saved there: moved it to %s (nothing deleted)", folder, aside)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # no rank writes into the folder before it was moved aside
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # transformers' rotation deletes any checkpoint-* of output_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self._saved_checkpoints.append(os.path.realpath(folder))
+        if self.args.should_save:
+            self._rotate_own_checkpoints(run_dir)
+
+    def _rotate_own_checkpoints(self, run_dir: str) -> None:
+        """Delete this run's oldest checkpoints beyond `save_total_limit`, keeping the newest and the best one;
+        checkpoints found in `run_dir` that this run did not save are listed once and never deleted."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        own = [path for path in self._saved_checkpoints if os.path.isdir(path)]
+        if not getattr(self, "_reported_foreign", False):
+            foreign = sorted(
+                str(p) for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and os.path.realpath(p) not in own
+            )
+            if foreign:
+                logger.info("save_total_limit=%d counts only this run's checkpoints; kept as found: %s", limit, foreign)
+            self._reported_foreign = True
+        protected = {own[-1]} if own else set()
+        if self.state.best_model_checkpoint:
+            protected.add(os.path.realpath(self.state.best_model_checkpoint))
+        excess = len(own) - max(limit, len(protected))
+        for path in [p for p in own if p not in protected][: max(0, excess)]:
+            logger.info("save_total_limit=%d: deleting this run's checkpoint %s", limit, path)
+            shutil.rmtree(path, ignore_errors=True)
+            self._saved_checkpoints.remove(path)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The F-LMM model card (base model and revision, how to load, results kept), not the Trainer's generic one."""
@@ -565,7 +719,10 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
     if demo:
         # Rank 0 builds (and pre-trains) the backbone; the other ranks load what it saved.
         with training_args.main_process_first(desc="demo backbone"):
-            lmm, lmm_processor, stats = build_demo_backbone_for(model_args, train_dataset, training_args.output_dir)
+            lmm, lmm_processor, stats = build_demo_backbone_for(
+                model_args, train_dataset, training_args.output_dir,
+                progress=not training_args.disable_tqdm and training_args.local_process_index == 0,
+            )
         extras["metrics"].update({f"backbone_{k}": v for k, v in stats.items()})
         set_seed(training_args.seed)  # the head's initialisation must not depend on the backbone's cache state
         model, processor = build_model(model_args, lmm=lmm), build_processor(model_args, lmm_processor)
@@ -588,10 +745,8 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
 
 def _train(trainer: FLMMTrainer, extra_metrics: dict[str, Any]) -> dict[str, float]:
     """Train (resuming if asked), save the model, metrics and state; the train metrics."""
-    resume = trainer.args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True  # the last checkpoint-* in output_dir
-    result = trainer.train(resume_from_checkpoint=resume)
+    # "last" / "true": the newest complete checkpoint-* in output_dir (FLMMTrainer.train checks it)
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics.update(extra_metrics)
@@ -616,8 +771,16 @@ def _evaluate(trainer: FLMMTrainer, extras: dict[str, Any], sentence_field: str)
     return metrics
 
 
-def _report_demo(metrics: dict[str, float], seconds: float) -> None:
-    """The demo's result line: held-out IoU against the trivial baseline."""
+def _written_since(folder: str | os.PathLike, start: float) -> list[str]:
+    """The entries of `folder` changed since `start` (a `time.time()`), folders with a trailing `/`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.stat().st_mtime >= start - 1)
+
+
+def _report_demo(metrics: dict[str, float], seconds: float, output_dir: str | os.PathLike, written: list[str]) -> None:
+    """The demo's result lines: held-out IoU against the trivial baseline, then where its outputs are."""
     logger.info(
         "demo: held-out mIoU %.1f / cIoU %.1f  vs  mean-mask baseline mIoU %.1f / cIoU %.1f  (%.0f s in all)",
         metrics["eval_miou"], metrics["eval_ciou"], metrics["eval_baseline_miou"], metrics["eval_baseline_ciou"], seconds,
@@ -625,8 +788,9 @@ def _report_demo(metrics: dict[str, float], seconds: float) -> None:
     print(
         f"\nF-LMM demo on held-out shapes scenes: mIoU {metrics['eval_miou']:.1f}, cIoU {metrics['eval_ciou']:.1f}"
         f"  |  trivial baseline (mean training mask): mIoU {metrics['eval_baseline_miou']:.1f},"
-        f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {seconds:.0f} s\n"
+        f" cIoU {metrics['eval_baseline_ciou']:.1f}  |  {seconds:.0f} s"
     )
+    print(f"Outputs in {Path(output_dir).resolve()}: {', '.join(written) or '(nothing written)'}\n")
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, training_args: FLMMTrainingArguments) -> dict:
@@ -647,7 +811,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     if extras["eval_dataset"] is not None and (training_args.do_eval or extras["demo"]):
         metrics.update(_evaluate(trainer, extras, data_args.sentence_field))
     if extras["demo"] and trainer.is_world_process_zero() and "eval_miou" in metrics:
-        _report_demo(metrics, time.time() - t0)
+        _report_demo(metrics, time.time() - t0, training_args.output_dir, _written_since(training_args.output_dir, t0))
     if training_args.push_to_hub:
         trainer.push_to_hub()  # every process calls it (saving may be collective); rank 0 uploads
     return metrics
