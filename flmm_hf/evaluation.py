@@ -41,6 +41,7 @@ Library-only: nothing here is needed by the Hub custom code. This module must no
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import logging
@@ -63,6 +64,19 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "refcoco+": ("RefCOCO+", "res", ("val", "testA", "testB")),
     "refcocog": ("RefCOCOg", "res", ("val", "test")),
     "png": ("PNG", "png", ("val",)),
+}
+#: Benchmark key -> the evaluate.py flag that names its dataset.
+DATASET_FLAGS = {"refcoco": "--refcoco", "refcoco+": "--refcoco_plus", "refcocog": "--refcocog", "png": "--png"}
+#: Benchmark key -> the builder command that makes its dataset folder (``{out}``: the folder).
+BUILD_COMMANDS = {
+    "refcoco": "python dataset_scripts/build_refcoco.py --dataset refcoco --instances refcoco/instances.json "
+    "--refs 'refcoco/refs(unc).p' --image-dir coco/train2014 --output-dir {out}",
+    "refcoco+": "python dataset_scripts/build_refcoco.py --dataset refcoco+ --instances refcoco+/instances.json "
+    "--refs 'refcoco+/refs(unc).p' --image-dir coco/train2014 --output-dir {out}",
+    "refcocog": "python dataset_scripts/build_refcoco.py --dataset refcocog --instances refcocog/instances.json "
+    "--refs 'refcocog/refs(umd).p' --image-dir coco/train2014 --output-dir {out}",
+    "png": "python dataset_scripts/build_png.py --png-json png_coco_val2017.json --panoptic-json "
+    "panoptic_val2017.json --panoptic-dir panoptic_val2017 --image-dir coco/val2017 --output-dir {out} --split val",
 }
 #: RES protocols: the paper's (first sentence per ref, refs of an image together), the original's
 #: other one (first sentence, one ref per sequence) and the common one (every sentence alone).
@@ -136,11 +150,60 @@ class EvaluationArguments:
             raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
         if self.sentence_field not in ("raw_sentences", "sentences"):
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
+        if not self.protocols:
+            raise ValueError(f"protocols is empty: RES would evaluate nothing; choose from {PROTOCOLS}")
+        if self.datasets():
+            self.selected_splits()  # refuse a bad --splits at parse time, before any model is loaded
 
     def datasets(self) -> dict[str, str]:
         """Benchmark key -> dataset folder / Hub id, for the benchmarks given."""
         given = {"refcoco": self.refcoco, "refcoco+": self.refcoco_plus, "refcocog": self.refcocog, "png": self.png}
         return {key: value for key, value in given.items() if value}
+
+    def selected_splits(self) -> dict[str, list[str]]:
+        """Benchmark key -> the splits to evaluate, for every benchmark given.
+
+        Raises:
+            ValueError: when no dataset is given, when ``splits`` names a split that none of the
+                given benchmarks has (the valid ones are listed per benchmark), or when ``splits``
+                leaves a given benchmark with nothing to evaluate.
+        """
+        sources = self.datasets()
+        if not sources:
+            raise ValueError("no dataset given: pass --refcoco, --refcoco_plus, --refcocog and/or --png")
+        if self.splits is None:
+            return {benchmark: list(BENCHMARKS[benchmark][2]) for benchmark in sources}
+        valid = {benchmark: BENCHMARKS[benchmark][2] for benchmark in sources}
+        listing = "; ".join(f"{BENCHMARKS[b][0]} ({DATASET_FLAGS[b]}): {', '.join(s)}" for b, s in valid.items())
+        if not self.splits:
+            raise ValueError(f"splits is empty: nothing would be evaluated; valid splits are {listing}")
+        known = {split for splits in valid.values() for split in splits}
+        unknown = [split for split in self.splits if split not in known]
+        if unknown:
+            hints = [f"{split!r} -> did you mean {_closest(split, known)!r}?" for split in unknown if _closest(split, known)]
+            raise ValueError(
+                f"unknown split(s) {unknown} for the datasets given; valid splits are {listing}"
+                + (f" ({'; '.join(hints)})" if hints else "")
+            )
+        selected = {benchmark: [s for s in splits if s in self.splits] for benchmark, splits in valid.items()}
+        empty = [benchmark for benchmark, splits in selected.items() if not splits]
+        if empty:
+            # a dataset that was passed but would be silently skipped is a mistake either way
+            raise ValueError(
+                f"--splits {' '.join(self.splits)} selects no split of "
+                + ", ".join(f"{BENCHMARKS[b][0]} (has {', '.join(valid[b])})" for b in empty)
+                + ": add one of its splits to --splits or drop "
+                + ", ".join(DATASET_FLAGS[b] for b in empty)
+            )
+        return selected
+
+
+def _closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice ``name`` most likely meant (a case slip first, then the nearest spelling), if any."""
+    choices = sorted(choices)
+    by_case = [c for c in choices if c.lower() == name.lower()]
+    close = by_case or difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +270,20 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
 
     state = state if state is not None else process_state()
     tasks: list[EvalTask] = []
+    selected = args.selected_splits()
     sources = args.datasets()
-    if not sources:
-        raise ValueError("no dataset given: pass --refcoco, --refcoco_plus, --refcocog and/or --png")
     for benchmark, source in sources.items():
-        pretty, task_type, default_splits = BENCHMARKS[benchmark]
-        splits = [s for s in default_splits if args.splits is None or s in args.splits]
+        pretty, task_type, _ = BENCHMARKS[benchmark]
+        splits = selected[benchmark]
         with state.main_process_first():
             available = load_dataset(source, cache_dir=args.cache_dir)
+        present = [split for split in splits if split in available]
+        if not present:
+            raise ValueError(
+                f"{pretty} dataset {source!r} has none of the splits to evaluate ({', '.join(splits)}); "
+                f"it has {', '.join(sorted(available)) or 'no splits'}. Pass a {pretty} dataset to {DATASET_FLAGS[benchmark]} "
+                f"(built with `{BUILD_COMMANDS[benchmark].format(out='<folder>')}`), or choose its splits with --splits"
+            )
         for split in splits:
             if split not in available:
                 logger.warning("%s (%s) has no split %r; skipped (has: %s)", pretty, source, split, sorted(available))
@@ -227,6 +296,11 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
                 for protocol in args.protocols:
                     rows = prepare_res_split(available[split], protocol, args.max_samples, args.cache_dir)
                     tasks.append(EvalTask(benchmark, split, protocol, rows, source))
+    if not any(len(task.dataset) for task in tasks):
+        raise ValueError(
+            "nothing to evaluate: every selected split is empty ("
+            + ", ".join(f"{task.name}: 0 examples" for task in tasks) + ")"
+        )
     return tasks
 
 
@@ -595,15 +669,14 @@ def run_evaluation(
         empty PNG subgroup is ``None``).
     """
     state = state if state is not None else process_state()
+    if model is not None and processor is None:
+        raise ValueError("pass the processor together with an in-memory model")
+    tasks = build_tasks(args, state)  # data errors (a missing folder, no split) before the slow model load
     if model is None:
         model, loaded_processor = load_model_and_processor(args)
         processor = processor if processor is not None else loaded_processor
-    elif processor is None:
-        raise ValueError("pass the processor together with an in-memory model")
     model.to(state.device)
     model.eval()
-
-    tasks = build_tasks(args, state)
     results: dict[str, Any] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
     for task in tasks:
