@@ -198,6 +198,81 @@ class EvaluationArguments:
         return selected
 
 
+def build_hint(benchmark: str | None, folder: str) -> str:
+    """How to make the dataset folder ``folder``: the builder command of ``benchmark`` (all builders if None)."""
+    if benchmark is not None:
+        return f"build it with `{BUILD_COMMANDS[benchmark].format(out=folder)}`"
+    commands = [BUILD_COMMANDS[key].format(out=folder) for key in ("refcoco", "png")]
+    commands.append(f"python dataset_scripts/build_shapes.py --output-dir {folder}")
+    return "build it with one of `" + "`, `".join(commands) + "` (RefCOCO/+/g, PNG, the demo's shapes)"
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source`` is meant as a local folder rather than a Hub dataset id.
+
+    Hub ids are ``name`` or ``org/name`` with no leading ``.``, ``/`` or ``~``; anything with more
+    parts, a backslash, an absolute form, a parent folder that exists here, or characters the Hub
+    does not allow is a path.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if source.startswith((".", "~", "/")) or os.path.isabs(source) or "\\" in source:
+        return True
+    parts = source.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
+def load_dataset_source(source: str, benchmark: str | None = None, **kwargs: Any):
+    """``datasets.load_dataset(source, **kwargs)`` for a built dataset folder or Hub id, with errors that
+    say which it was taken for and how to make a missing folder.
+
+    Args:
+        source: a folder written by ``dataset_scripts/build_*.py`` or a Hub dataset id.
+        benchmark: key of :data:`BENCHMARKS` the dataset is for (names the builder in errors).
+        **kwargs: passed on to ``load_dataset`` (``split``, ``cache_dir``, ...).
+
+    Raises:
+        FileNotFoundError: ``source`` is a missing folder, a folder without data files, or neither a
+            folder nor a dataset the Hub could give; the message names the builder command.
+    """
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    path = Path(source).expanduser()
+    where = "" if path.is_absolute() else " (relative to the working directory)"
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{source!r} is a file, not a dataset folder; {build_hint(benchmark, source)}")
+        try:
+            return load_dataset(str(path), **kwargs)
+        except FileNotFoundError as error:  # EmptyDatasetError / DataFilesNotFoundError: no data files
+            raise FileNotFoundError(
+                f"dataset folder {source!r} holds no data files ({error}); {build_hint(benchmark, source)}"
+            ) from error
+    if looks_like_local_path(source):
+        # checked before load_dataset, which would report "Couldn't reach ... on the Hub" (or,
+        # offline, silently reuse a cached dataset of the same name)
+        raise FileNotFoundError(
+            f"dataset folder {source!r} does not exist{where}; {build_hint(benchmark, source)}, "
+            "or pass a Hub dataset id (org/name)"
+        )
+    try:
+        return load_dataset(source, **kwargs)
+    except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as error:
+        raise FileNotFoundError(
+            f"dataset folder {source!r} does not exist{where}, and the Hub could not give a dataset of that "
+            f"id either ({error}). "
+            f"If it is meant to be a local folder, {build_hint(benchmark, source)}"
+        ) from error
+
+
 def _closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice ``name`` most likely meant (a case slip first, then the nearest spelling), if any."""
     choices = sorted(choices)
@@ -266,8 +341,6 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
     Dataset preparation (grouping, exploding, filtering) runs on the main process first, so that
     the other processes reuse its ``datasets`` cache instead of racing to write it.
     """
-    from datasets import load_dataset
-
     state = state if state is not None else process_state()
     tasks: list[EvalTask] = []
     selected = args.selected_splits()
@@ -276,7 +349,7 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
         pretty, task_type, _ = BENCHMARKS[benchmark]
         splits = selected[benchmark]
         with state.main_process_first():
-            available = load_dataset(source, cache_dir=args.cache_dir)
+            available = load_dataset_source(source, benchmark, cache_dir=args.cache_dir)
         present = [split for split in splits if split in available]
         if not present:
             raise ValueError(

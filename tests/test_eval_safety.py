@@ -87,3 +87,58 @@ def test_dataset_without_any_selected_split_is_refused(shapes_train_only):
 def test_protocols_empty_is_refused():
     with pytest.raises(ValueError, match="protocols is empty"):
         EvaluationArguments(refcoco="x", protocols=[])
+
+
+# --------------------------------------------------------------------------------------
+# 2. a missing local dataset folder is reported as one, with the builder that makes it
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flag, source, builder",
+    [
+        ("refcoco", "data/png", "build_refcoco.py --dataset refcoco "),  # no data/ here: could be a Hub id
+        ("png", "data/png", "build_png.py"),
+        ("refcoco_plus", "./refcoco+", "build_refcoco.py --dataset refcoco+ "),
+        ("refcocog", "out/data/refcocog", "build_refcoco.py --dataset refcocog "),
+        ("png", "{tmp}/missing", "build_png.py"),  # absolute, and its parent exists
+        ("refcoco", "{tmp}/a/b/c", "build_refcoco.py"),
+        ("refcoco", "~/no-such-folder-here/refcoco", "build_refcoco.py"),
+        ("png", "exists/png", "build_png.py"),  # the parent folder exists: a path
+    ],
+)
+def test_missing_dataset_folder_is_named_with_its_builder(flag, source, builder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exists").mkdir()
+    source = source.format(tmp=tmp_path)
+    args = EvaluationArguments(**{flag: source})
+    with pytest.raises(FileNotFoundError) as info:
+        build_tasks(args)
+    message = str(info.value)
+    assert f"{source!r}" in message and builder in message and f"--output-dir {source}" in message
+    assert "on the Hub" not in message.split("(")[0]  # not reported as a Hub failure first
+
+
+def test_empty_or_file_dataset_folder_is_refused_with_builder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"holds no data files.*build_png\.py"):
+        build_tasks(EvaluationArguments(png=str(tmp_path / "empty")))
+    with pytest.raises(FileNotFoundError, match=r"is a file, not a dataset folder.*build_refcoco\.py"):
+        build_tasks(EvaluationArguments(refcoco=str(tmp_path / "file.txt")))
+
+
+def test_training_load_split_names_a_missing_folder(tmp_path, monkeypatch):
+    from flmm_hf.training import load_split
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"dataset folder 'data/refcoco' does not exist.*build_refcoco\.py.*"
+                                                r"build_png\.py.*build_shapes\.py"):
+        load_split("data/refcoco", "train", concat_refs=False)
+
+
+def test_existing_folder_still_loads(shapes_dir):
+    from flmm_hf.evaluation import load_dataset_source, looks_like_local_path
+
+    assert sorted(load_dataset_source(str(shapes_dir))) == ["test", "train", "val"]
+    assert not looks_like_local_path("org/refcoco") and not looks_like_local_path("refcoco")
+    assert looks_like_local_path("org/refcoco/extra") and looks_like_local_path("..\\refcoco")
