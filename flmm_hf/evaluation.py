@@ -14,6 +14,13 @@
 - Panoptic narrative grounding (PNG, val2017): per-phrase IoU -> average recall overall, things,
   stuff, singulars, plurals, accuracy at IoU 0.5 and pixel accuracy, plus a recall-curve plot.
 
+Datasets are checked before any model is loaded: an unknown ``--splits`` entry, a given dataset
+left with no split to evaluate and a missing dataset folder are refused with the fix in the
+message (:func:`load_dataset_source`). A dataset whose card names another dataset than the
+benchmark it was passed as (e.g. the synthetic shapes set as ``--refcoco``) is evaluated but
+reported under its own name in the table, the JSON (``dataset_labels``) and the model-index
+(:func:`dataset_label`); results stay keyed by the flag it was passed with.
+
 Coarse (U-Net) and refined (SAM) masks are both scored. A prediction is
 ``sigmoid(logits)`` resized bilinearly to the original image size, ``> 0.5``
 (:meth:`FLMMProcessor.post_process_masks`).
@@ -47,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -67,6 +75,8 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 #: Benchmark key -> the evaluate.py flag that names its dataset.
 DATASET_FLAGS = {"refcoco": "--refcoco", "refcoco+": "--refcoco_plus", "refcocog": "--refcocog", "png": "--png"}
+#: Benchmark key -> the dataset name the builders write as the card's ``pretty_name`` (before any " (...)").
+CARD_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "png": "Panoptic Narrative Grounding"}
 #: Benchmark key -> the builder command that makes its dataset folder (``{out}``: the folder).
 BUILD_COMMANDS = {
     "refcoco": "python dataset_scripts/build_refcoco.py --dataset refcoco --instances refcoco/instances.json "
@@ -273,6 +283,41 @@ def load_dataset_source(source: str, benchmark: str | None = None, **kwargs: Any
         ) from error
 
 
+def dataset_card_name(source: str) -> str | None:
+    """The ``pretty_name`` in the dataset card (``README.md``) of a dataset folder or Hub dataset, or
+    None when there is no card, it has no name, or it cannot be read (e.g. offline)."""
+    from huggingface_hub import DatasetCard
+
+    readme = Path(source).expanduser() / "README.md"
+    try:
+        card = DatasetCard.load(readme if readme.is_file() else source, repo_type="dataset")
+    except Exception as error:  # no card, no network, a card that does not parse: the name is unknown
+        logger.debug("no dataset card for %r: %s", source, error)
+        return None
+    name = getattr(card.data, "pretty_name", None)
+    return str(name).strip() if name else None
+
+
+def dataset_label(benchmark: str, source: str) -> str:
+    """The name results of ``source`` are reported under when it was passed as ``benchmark``.
+
+    The benchmark's name (``RefCOCO``, ...) when the dataset card says the dataset is that benchmark
+    (or the dataset has no readable card, with a warning); otherwise the card's own name, so that
+    e.g. the synthetic shapes set passed as ``--refcoco`` is never reported as RefCOCO.
+    """
+    pretty = BENCHMARKS[benchmark][0]
+    name = dataset_card_name(source)
+    if name is None:
+        logger.warning("%s: no dataset card with a pretty_name in %r; its results are labelled %s unchecked",
+                       pretty, source, pretty)
+        return pretty
+    if name.split(" (")[0].strip().lower() == CARD_NAMES[benchmark].lower():
+        return pretty
+    logger.warning("%r, passed as %s, is %r according to its dataset card: its results are labelled %r, not %s",
+                   source, DATASET_FLAGS[benchmark], name, name, pretty)
+    return name
+
+
 def _closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice ``name`` most likely meant (a case slip first, then the nearest spelling), if any."""
     choices = sorted(choices)
@@ -293,6 +338,7 @@ class EvalTask:
     protocol: str | None  # "concat" / "per_sentence" for RES, None for PNG
     dataset: Any  # datasets.Dataset, rows in the layout FLMMTransform reads
     source: str = ""  # dataset folder / Hub id
+    label: str = ""  # the name reported (dataset_label: the benchmark's, or the card's for another dataset)
 
     @property
     def name(self) -> str:
@@ -350,6 +396,7 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
         splits = selected[benchmark]
         with state.main_process_first():
             available = load_dataset_source(source, benchmark, cache_dir=args.cache_dir)
+        label = dataset_label(benchmark, source)
         present = [split for split in splits if split in available]
         if not present:
             raise ValueError(
@@ -364,11 +411,11 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
             with state.main_process_first():
                 if task_type == "png":
                     rows = prepare_png_split(available[split], args.max_samples)
-                    tasks.append(EvalTask(benchmark, split, None, rows, source))
+                    tasks.append(EvalTask(benchmark, split, None, rows, source, label))
                     continue
                 for protocol in args.protocols:
                     rows = prepare_res_split(available[split], protocol, args.max_samples, args.cache_dir)
-                    tasks.append(EvalTask(benchmark, split, protocol, rows, source))
+                    tasks.append(EvalTask(benchmark, split, protocol, rows, source, label))
     if not any(len(task.dataset) for task in tasks):
         raise ValueError(
             "nothing to evaluate: every selected split is empty ("
@@ -770,6 +817,8 @@ def run_evaluation(
     output = {
         "model": args.model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None),
         "datasets": args.datasets(),
+        # what each dataset is (results are keyed by the flag it was passed with)
+        "dataset_labels": {task.benchmark: task.label for task in tasks},
         "num_processes": state.num_processes,
         "settings": {
             "protocols": list(args.protocols),
@@ -788,7 +837,7 @@ def run_evaluation(
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, variant_ious in curves.items():
             path = out_dir / f"{name.replace('/', '_')}_recall_curve.png"
-            title = f"{BENCHMARKS[name.split('/')[0]][0]} {name.split('/')[1]}: recall at IoU >= t"
+            title = f"{_label(output, name.split('/')[0])} {name.split('/')[1]}: recall at IoU >= t"
             plot_recall_curves(variant_ious, path, title=title)
             output["plots"][name] = path.name
         (out_dir / RESULTS_FILE).write_text(json.dumps(output, indent=2) + "\n")
@@ -831,6 +880,11 @@ def iter_results(results: dict[str, Any]) -> Iterable[tuple[str, str, str | None
                     yield benchmark, split, protocol, entry
 
 
+def _label(output: dict[str, Any], benchmark: str) -> str:
+    """The name of the dataset evaluated as ``benchmark`` (results written before labels: the benchmark's)."""
+    return (output.get("dataset_labels") or {}).get(benchmark) or BENCHMARKS[benchmark][0]
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
@@ -849,7 +903,7 @@ def results_table(output: dict[str, Any]) -> str:
         body = []
         for benchmark, split, protocol, entry in group:
             body.append(
-                [BENCHMARKS[benchmark][0], split, protocol or "-", str(entry["num_masks"])]
+                [_label(output, benchmark), split, protocol or "-", str(entry["num_masks"])]
                 + [_fmt(entry.get(v, {}).get(key)) for v in variants for key, _ in columns]
             )
         widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
@@ -878,9 +932,12 @@ def model_index_results(output: dict[str, Any]) -> list[dict[str, Any]]:
             if entry[variant].get(key) is not None and math.isfinite(entry[variant][key])
         ]
         source = output.get("datasets", {}).get(benchmark)
-        # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine paths)
-        dataset_type = source if source and not os.path.exists(source) else benchmark
-        dataset = {"name": pretty, "type": dataset_type, "split": split}
+        name = _label(output, benchmark)
+        # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine
+        # paths): the benchmark key, or a slug of its own name for a dataset that is not the benchmark
+        local_type = benchmark if name == pretty else re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
+        dataset_type = source if source and not os.path.exists(source) else local_type
+        dataset = {"name": name, "type": dataset_type, "split": split}
         entries.append({"task": task, "dataset": dataset, "metrics": metrics})
     return entries
 

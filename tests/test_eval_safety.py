@@ -142,3 +142,59 @@ def test_existing_folder_still_loads(shapes_dir):
     assert sorted(load_dataset_source(str(shapes_dir))) == ["test", "train", "val"]
     assert not looks_like_local_path("org/refcoco") and not looks_like_local_path("refcoco")
     assert looks_like_local_path("org/refcoco/extra") and looks_like_local_path("..\\refcoco")
+
+
+# --------------------------------------------------------------------------------------
+# 3. a dataset that is not the benchmark it was passed as is labelled by its own name
+# --------------------------------------------------------------------------------------
+SHAPES_NAME = "F-LMM synthetic shapes (referring segmentation demo)"  # build_shapes.py's card pretty_name
+
+
+@pytest.fixture(scope="module")
+def refcoco_dir(fixtures_dir, tmp_path_factory) -> Path:
+    """The real builder's RefCOCO folder from the fixture refs (val split only)."""
+    import pickle
+
+    from test_datasets import make_refcoco_inputs
+
+    root = tmp_path_factory.mktemp("refcoco")
+    instances, _, refs = make_refcoco_inputs(fixtures_dir, root / "src")
+    refs_path = root / "refs_val.p"
+    refs_path.write_bytes(pickle.dumps([r for r in refs if r["split"] == "val"][:2], protocol=2))
+    _builder("build_refcoco").main(["--dataset", "refcoco", "--instances", str(instances), "--refs", str(refs_path),
+                                    "--image-dir", str(fixtures_dir / "coco" / "images"),
+                                    "--output-dir", str(root / "refcoco")])
+    return root / "refcoco"
+
+
+def test_tasks_carry_the_dataset_cards_name(shapes_dir, refcoco_dir, caplog):
+    shapes = build_tasks(EvaluationArguments(refcocog=str(shapes_dir), protocols=["split"]))
+    assert {task.label for task in shapes} == {SHAPES_NAME}
+    assert "is 'F-LMM synthetic shapes" in caplog.text and "not RefCOCOg" in caplog.text
+    real = build_tasks(EvaluationArguments(refcoco=str(refcoco_dir), protocols=["split"]))
+    assert {task.label for task in real} == {"RefCOCO"}  # the real benchmark keeps its name
+
+
+def test_shapes_passed_as_refcoco_are_not_reported_as_refcoco(shapes_dir, fixtures_dir, tmp_path):
+    """End to end with the tiny model: the table, the JSON and the model-index name the shapes set."""
+    import json
+
+    import torch
+    from transformers import AutoProcessor
+
+    from flmm_hf import FLMMForGrounding, FLMMProcessor
+    from flmm_hf.evaluation import model_index_results, results_table, run_evaluation
+    from tiny_models import tiny_llava
+
+    torch.manual_seed(0)
+    model = FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), use_sam=False, mask_head_channels=8).eval()
+    processor = FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+    args = EvaluationArguments(refcoco=str(shapes_dir), splits=["val"], protocols=["split"], max_samples=1,
+                               output_dir=str(tmp_path / "out"))
+    output = run_evaluation(args, model=model, processor=processor)
+    table = results_table(output)
+    assert SHAPES_NAME in table and "RefCOCO" not in table
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["dataset_labels"] == {"refcoco": SHAPES_NAME}
+    for entry in model_index_results(output):
+        assert entry["dataset"]["name"] == SHAPES_NAME
+        assert "refcoco" not in entry["dataset"]["type"]
