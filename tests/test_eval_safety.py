@@ -8,7 +8,9 @@ built by dataset_scripts/build_shapes.py and, where a real benchmark is needed, 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -198,3 +200,52 @@ def test_shapes_passed_as_refcoco_are_not_reported_as_refcoco(shapes_dir, fixtur
     for entry in model_index_results(output):
         assert entry["dataset"]["name"] == SHAPES_NAME
         assert "refcoco" not in entry["dataset"]["type"]
+
+
+# --------------------------------------------------------------------------------------
+# 4. pycocotools' numpy-2 DeprecationWarning: silenced where we decode and in pytest, nothing else
+# --------------------------------------------------------------------------------------
+def _decode_warnings(decode, filters: Sequence[tuple] = ()) -> list[warnings.WarningMessage]:
+    """DeprecationWarnings raised by ``decode(rle)``, every warning shown except those ``filters`` ignore."""
+    import numpy as np
+
+    from flmm_hf.datasets_io import mask_to_rle
+
+    rle = mask_to_rle(np.eye(6, dtype=bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for action, message, category, module, lineno in filters:
+            warnings.filterwarnings(action, message, category, module, lineno)
+        decode(rle)
+    return [w for w in caught if issubclass(w.category, DeprecationWarning)]
+
+
+def test_rle_to_mask_emits_no_pycocotools_deprecation_warning():
+    from flmm_hf.datasets_io import rle_to_mask
+
+    assert _decode_warnings(rle_to_mask) == []
+
+
+def test_pytest_config_filters_exactly_that_warning(request):
+    from _pytest.config import parse_warning_filter
+    from pycocotools import mask as mask_utils
+
+    def raw_decode(rle):
+        mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+
+    assert _decode_warnings(raw_decode), "pycocotools no longer warns: drop the filter in setup.cfg"
+    filters = [parse_warning_filter(line, escape=False) for line in request.config.getini("filterwarnings")]
+    assert _decode_warnings(raw_decode, filters) == []
+    assert all(f[0] == "ignore" and f[2] is DeprecationWarning and f[1] for f in filters)  # narrow filters only
+
+
+def test_builder_output_folder_data_is_git_ignored():
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "data/refcoco/data/val-00000.parquet"], cwd=REPO)
+    assert ignored.returncode == 0, "data/ (where the README's builders write) must be git-ignored"
+    kept = subprocess.run(["git", "check-ignore", "-q", "flmm_hf/data.py"], cwd=REPO)
+    assert kept.returncode == 1  # only the top-level folder, not files named data elsewhere
