@@ -249,3 +249,65 @@ def test_builder_output_folder_data_is_git_ignored():
     assert ignored.returncode == 0, "data/ (where the README's builders write) must be git-ignored"
     kept = subprocess.run(["git", "check-ignore", "-q", "flmm_hf/data.py"], cwd=REPO)
     assert kept.returncode == 1  # only the top-level folder, not files named data elsewhere
+
+
+# --------------------------------------------------------------------------------------
+# 5. README: how to get the CPU torch; the bad-input table quotes what the code really says
+# --------------------------------------------------------------------------------------
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_says_how_to_get_the_cpu_torch_and_ci_keeps_its_pin():
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
+    assert "pip install --quiet torch==2.13.0 " in (REPO / ".ci" / "run").read_text()
+
+
+def _message(call) -> str:
+    try:
+        call()
+    except Exception as error:  # the table quotes any error type
+        return f"{type(error).__name__}: {error}"
+    raise AssertionError("no error raised")
+
+
+def _quoted_start(message: str, length: int) -> str:
+    """The start of ``message``, as a table cell must quote it."""
+    return message[:length]
+
+
+def test_bad_input_table_quotes_the_real_messages(fixtures_dir, tmp_path, monkeypatch):
+    import pickle
+
+    from transformers import AutoProcessor
+
+    from flmm_hf import FLMMProcessor
+    from flmm_hf.datasets_io import safe_pickle_loads
+
+    assert "## When the input is wrong" in README and "(#when-the-input-is-wrong)" in README
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    processor = FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+    from PIL import Image
+
+    image = Image.new("RGB", (16, 16))
+    cases = [
+        (lambda: EvaluationArguments(refcoco="x", splits=["bogus"]), 110),
+        (lambda: EvaluationArguments(refcoco="x", refcocog="y", splits=["test"]), 200),
+        (lambda: build_tasks(EvaluationArguments(refcoco="data/png")), 102),  # data/ exists: a path
+        (lambda: EvaluationArguments(refcoco="x", protocols=[]), 32),
+        (lambda: safe_pickle_loads(pickle.dumps(os_system())), 60),
+        (lambda: processor(images=image, texts="a cat", phrases="the cat"), 200),
+        (lambda: processor(images=image, texts="a cat", phrases=["cat", "dog"]), 60),
+        (lambda: processor(images=[image, image], texts=["a"], phrases=[["a"], ["a"]]), 200),
+        (lambda: processor(images=[], texts=[]), 200),
+        (lambda: FLMMProcessor(processor.processor, prompt_template="{input}"), 60),
+    ]
+    for call, length in cases:
+        quoted = _quoted_start(_message(call), length)
+        assert quoted in README, f"README's bad-input table does not quote {quoted!r}"
+
+
+def os_system():
+    import os
+
+    return os.system
