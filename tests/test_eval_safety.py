@@ -311,3 +311,69 @@ def os_system():
     import os
 
     return os.system
+
+
+# --------------------------------------------------------------------------------------
+# 6. the overlay picture: prediction beside ground truth, one swatch + phrase per legend line
+# --------------------------------------------------------------------------------------
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _inside(box: tuple, outer: tuple) -> bool:
+    return outer[0] <= box[0] and outer[1] <= box[1] and box[2] <= outer[2] and box[3] <= outer[3]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (16, 300), (300, 40)])
+def test_overlay_legend_lines_neither_overlap_nor_leave_the_tile(size, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from flmm_hf.demo import save_overlay
+
+    w, h = size
+    images = [Image.new("RGB", (w, h), (90, 90, 90)) for _ in range(3)]
+    masks = torch.zeros(4, h, w, dtype=torch.bool)
+    masks[:, : h // 2, : w // 2] = True
+    phrases = [["the red circle on the left of the big blue square near the top right corner"] * 4,
+               ["a", "b", "c", "d"], ["x" * 300, "y", "the", "last"]]
+    texts = ["a caption " * 30, "short", ""]
+    path = tmp_path / "overlay.png"
+    layout = save_overlay(images, [masks] * 3, [masks] * 3, path, texts=texts, columns=2, phrases=phrases)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape[1::-1] == layout.size and len(layout.tiles) == 3
+    assert [line.colour for line in layout.legend if line.tile == 0][1:] == [
+        (255, 0, 0), (0, 200, 255), (255, 200, 0), (0, 255, 0)]  # one swatch per phrase, in palette order
+    for tile, tile_box in enumerate(layout.tiles):
+        lines = [line for line in layout.legend if line.tile == tile]
+        assert len(lines) == 1 + 4  # the caption, then one line per phrase
+        boxes = [line.text_box for line in lines] + [line.swatch for line in lines if line.swatch]
+        for j, a in enumerate(boxes):
+            assert _inside(a, tile_box), (tile, a, tile_box)
+            assert not any(_overlap(a, b) for b in boxes[j + 1:]), (tile, a)
+        # every lit pixel of the legend strip lies in a reported box: the layout is what was drawn
+        x0, _, x1, y1 = tile_box
+        strip = picture[layout.legend_top[tile]:y1, x0:x1].any(axis=2)
+        drawn = np.zeros_like(strip)
+        for bx0, by0, bx1, by1 in boxes:
+            drawn[by0 - layout.legend_top[tile]:by1 - layout.legend_top[tile], bx0 - x0:bx1 - x0] = True
+        assert not (strip & ~drawn).any()
+        # the prediction is drawn beside the ground truth: two image panels side by side in the tile
+        assert tile_box[2] - tile_box[0] >= 2 * w
+
+
+def test_prediction_overlay_names_each_phrase(tmp_path, shapes_dir):
+    import torch
+    from datasets import load_dataset
+
+    from flmm_hf.data import group_refs_by_image
+    from flmm_hf.demo import save_prediction_overlay
+    from flmm_hf.evaluation import MaskPrediction
+
+    rows = group_refs_by_image(load_dataset(str(shapes_dir), split="val"), keep_in_memory=True)
+    k = len(rows[0]["ref_ids"])
+    h, w = rows[0]["height"], rows[0]["width"]
+    prediction = MaskPrediction(0, torch.zeros(k, h, w, dtype=torch.bool), torch.zeros(k, h, w, dtype=torch.bool))
+    layout = save_prediction_overlay(rows, [prediction], tmp_path / "p.png")
+    assert [line.text for line in layout.legend] == [s[0] for s in rows[0]["raw_sentences"]]
