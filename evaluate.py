@@ -13,7 +13,9 @@ RefCOCO/RefCOCO+ val, testA, testB and RefCOCOg val, test under the paper's ``co
 and the common ``per_sentence`` one; PNG on val. Coarse and refined masks are both reported.
 The frozen LMM is loaded in bf16, as the paper ran it (``--lmm_dtype float32`` or ``auto`` for
 another dtype). Writes ``<output_dir>/eval_results.json`` and a recall-curve plot per PNG split,
-and prints a table. The logic lives in :mod:`flmm_hf.evaluation`.
+and prints a table. A dataset that is not the benchmark it is passed as (its dataset card says so,
+e.g. the shapes demo set) is labelled by its own name; unknown ``--splits`` and missing folders
+are refused. The logic lives in :mod:`flmm_hf.evaluation`.
 
 Why the first lines below exist: this file is named ``evaluate.py`` and sits at the repo root.
 ``python evaluate.py`` (and ``accelerate launch evaluate.py``) put the script's folder first on

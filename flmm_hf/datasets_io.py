@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
+
+#: The start of the DeprecationWarning numpy 2 raises inside pycocotools' RLE decode (harmless).
+PYCOCOTOOLS_COPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +346,10 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     counts = rle["counts"]
     if isinstance(counts, str):
         counts = counts.encode("ascii")
-    return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts}).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools 2.0.x passes copy=False to an __array__ that numpy 2 warns about on every call
+        warnings.filterwarnings("ignore", message=PYCOCOTOOLS_COPY_WARNING, category=DeprecationWarning)
+        return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts}).astype(bool)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -158,45 +159,137 @@ def mean_mask_baseline(train_dataset, eval_dataset, size: int = 64) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # The overlay picture
 # ---------------------------------------------------------------------------------------------
-def save_overlay(images: Sequence[Any], predictions: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                 path: str | os.PathLike, texts: Sequence[str] | None = None, columns: int = 4) -> None:
-    """Predicted masks (``[K, H, W]`` bool per image) blended over each image in `PALETTE` colours,
-    ground-truth outlines in white, the text (if given) in the corner; one tile per image, `columns`
-    tiles per row. Nothing is written when there is no image."""
-    from PIL import Image, ImageDraw
+#: Width of one overlay tile at least, so that legend lines of small images stay readable.
+MIN_TILE_WIDTH = 200
 
-    tiles = []
-    for i, (image, pred, gt) in enumerate(zip(images, predictions, targets)):
-        base = np.asarray(image.convert("RGB")).astype(np.float32)
-        out = base.copy()
-        for k in range(pred.shape[0]):
-            colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-            m = pred[k].numpy()
-            out[m] = 0.45 * out[m] + 0.55 * colour
-            g = gt[k].numpy()
-            edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
+
+@dataclass
+class LegendLine:
+    """One line of an overlay tile's legend, in canvas pixels (boxes are ``(x0, y0, x1, y1)``, exclusive ends)."""
+
+    tile: int  # index of the image
+    text: str  # the text as drawn (shortened with "..." to fit the tile)
+    text_box: tuple[int, int, int, int]  # the drawn text's ink box
+    swatch: tuple[int, int, int, int] | None  # the colour swatch (None for the caption line)
+    colour: tuple[int, int, int] | None
+
+
+@dataclass
+class OverlayLayout:
+    """Where :func:`save_overlay` drew what: the canvas size, each tile's box and every legend line."""
+
+    size: tuple[int, int]  # (width, height) of the picture
+    tiles: list[tuple[int, int, int, int]] = field(default_factory=list)
+    legend: list[LegendLine] = field(default_factory=list)
+    legend_top: list[int] = field(default_factory=list)  # per tile: canvas y where its legend starts
+
+
+def _fit(draw, text: str, font, width: float) -> str:
+    """``text`` cut (with "...") so that it is at most ``width`` pixels wide in ``font``."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "..."
+
+
+def _paint_masks(image, masks: torch.Tensor, outline: bool) -> np.ndarray:
+    """``image`` with each mask blended in its `PALETTE` colour (and its outline in white if asked)."""
+    out = np.asarray(image.convert("RGB")).astype(np.float32)
+    for k in range(masks.shape[0]):
+        colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+        m = masks[k].numpy().astype(bool)
+        out[m] = 0.45 * out[m] + 0.55 * colour
+        if outline:
+            edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
             out[edge] = 255
-        tile = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def save_overlay(
+    images: Sequence[Any],
+    predictions: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    texts: Sequence[str] | None = None,
+    columns: int = 4,
+    phrases: Sequence[Sequence[str]] | None = None,
+) -> OverlayLayout | None:
+    """Draw predictions beside their ground truth, one tile per image, ``columns`` tiles per row.
+
+    Each tile holds the predicted masks (``[K, H, W]`` bool per image) blended over the image on the
+    left and the ground-truth masks (same colours, white outlines) on the right, each titled, and
+    below them a legend: the text (if given) on its own line, then one line per phrase with its
+    `PALETTE` colour swatch and the phrase (``phrases``, else ``phrase k``). Legend lines are
+    stacked, never overlap and are shortened with "..." to stay inside the tile.
+
+    Returns:
+        The :class:`OverlayLayout` (what was drawn where), or None when there is no image (nothing
+        is written then).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(images) == 0:
+        return None
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    ascent = probe.textbbox((0, 0), "Ag|", font=font)
+    line_height = ascent[3] - min(ascent[1], 0) + 4  # ink height plus a gap: lines never touch
+    margin, gap = 4, 4
+    panel_w = max(image.width for image in images)
+    panel_h = max(image.height for image in images)
+    tile_w = max(2 * panel_w + 3 * gap, MIN_TILE_WIDTH)  # a gap left of, between and right of the panels
+    title_h = line_height
+    counts = [int(pred.shape[0]) for pred in predictions]
+    legend_lines = max(c + (texts is not None) for c in counts)
+    tile_h = title_h + panel_h + margin + legend_lines * line_height + margin
+    rows = math.ceil(len(images) / columns)
+    canvas = Image.new("RGB", (tile_w * min(columns, len(images)), tile_h * rows), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    layout = OverlayLayout(size=canvas.size)
+    for i, (image, pred, gt) in enumerate(zip(images, predictions, targets)):
+        x0, y0 = (i % columns) * tile_w, (i // columns) * tile_h
+        layout.tiles.append((x0, y0, x0 + tile_w, y0 + tile_h))
+        pred_x, gt_x = x0 + gap, x0 + panel_w + 2 * gap
+        for label, x in (("prediction", pred_x), ("ground truth", gt_x)):
+            draw.text((x + 2, y0 + 1), _fit(draw, label, font, panel_w - 4), fill=(255, 255, 255), font=font)
+        canvas.paste(Image.fromarray(_paint_masks(image, pred, outline=False)), (pred_x, y0 + title_h))
+        canvas.paste(Image.fromarray(_paint_masks(image, gt, outline=True)), (gt_x, y0 + title_h))
+        y = y0 + title_h + panel_h + margin
+        layout.legend_top.append(y)
+        entries: list[tuple[str, tuple[int, int, int] | None]] = []
         if texts is not None:
-            ImageDraw.Draw(tile).text((3, 3), texts[i][:60], fill=(255, 255, 255))
-        tiles.append(tile)
-    if not tiles:
-        return
-    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
-    rows = math.ceil(len(tiles) / columns)
-    canvas = Image.new("RGB", (w * min(columns, len(tiles)), h * rows), (0, 0, 0))
-    for i, tile in enumerate(tiles):
-        canvas.paste(tile, ((i % columns) * w, (i // columns) * h))
+            entries.append((texts[i], None))
+        names = list(phrases[i]) if phrases is not None else []
+        for k in range(pred.shape[0]):
+            entries.append((names[k] if k < len(names) else f"phrase {k}", PALETTE[k % len(PALETTE)]))
+        for text, colour in entries:
+            swatch = None
+            text_x = x0 + margin
+            if colour is not None:
+                side = line_height - 6
+                swatch = (x0 + margin, y + 2, x0 + margin + side, y + 2 + side)
+                draw.rectangle([swatch[0], swatch[1], swatch[2] - 1, swatch[3] - 1], fill=colour)
+                text_x = swatch[2] + margin
+            shown = _fit(draw, " ".join(text.split()), font, x0 + tile_w - margin - text_x)
+            draw.text((text_x, y), shown, fill=(255, 255, 255), font=font)
+            box = tuple(int(v) for v in draw.textbbox((text_x, y), shown, font=font))
+            layout.legend.append(LegendLine(i, shown, box, swatch, colour))
+            y += line_height
     canvas.save(path)
+    return layout
 
 
 def save_prediction_overlay(dataset, predictions: Sequence[MaskPrediction], path: str | os.PathLike,
-                            sentence_field: str = "raw_sentences") -> None:
+                            sentence_field: str = "raw_sentences") -> OverlayLayout | None:
     """:func:`save_overlay` of evaluation predictions (``flmm_hf.evaluation.MaskPrediction``, as
-    ``FLMMTrainer.evaluate_with_predictions`` keeps them) over their rows of `dataset`."""
+    ``FLMMTrainer.evaluate_with_predictions`` keeps them) over their rows of `dataset`, each phrase
+    named in the legend."""
     from .data import FLMMTransform
 
     transform = FLMMTransform(train=False, sentence_field=sentence_field)
     examples = [transform.example(dataset[p.index]) for p in predictions]
-    save_overlay([e["image"] for e in examples], [p.masks for p in predictions], [p.targets for p in predictions],
-                 path, texts=[e["text"] for e in examples])
+    return save_overlay(
+        [e["image"] for e in examples], [p.masks for p in predictions], [p.targets for p in predictions], path,
+        phrases=[[e["text"][start:end] for start, end in e["phrases"]] for e in examples],
+    )

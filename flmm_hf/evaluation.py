@@ -14,6 +14,13 @@
 - Panoptic narrative grounding (PNG, val2017): per-phrase IoU -> average recall overall, things,
   stuff, singulars, plurals, accuracy at IoU 0.5 and pixel accuracy, plus a recall-curve plot.
 
+Datasets are checked before any model is loaded: an unknown ``--splits`` entry, a given dataset
+left with no split to evaluate and a missing dataset folder are refused with the fix in the
+message (:func:`load_dataset_source`). A dataset whose card names another dataset than the
+benchmark it was passed as (e.g. the synthetic shapes set as ``--refcoco``) is evaluated but
+reported under its own name in the table, the JSON (``dataset_labels``) and the model-index
+(:func:`dataset_label`); results stay keyed by the flag it was passed with.
+
 Coarse (U-Net) and refined (SAM) masks are both scored. A prediction is
 ``sigmoid(logits)`` resized bilinearly to the original image size, ``> 0.5``
 (:meth:`FLMMProcessor.post_process_masks`).
@@ -41,11 +48,13 @@ Library-only: nothing here is needed by the Hub custom code. This module must no
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -63,6 +72,21 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "refcoco+": ("RefCOCO+", "res", ("val", "testA", "testB")),
     "refcocog": ("RefCOCOg", "res", ("val", "test")),
     "png": ("PNG", "png", ("val",)),
+}
+#: Benchmark key -> the evaluate.py flag that names its dataset.
+DATASET_FLAGS = {"refcoco": "--refcoco", "refcoco+": "--refcoco_plus", "refcocog": "--refcocog", "png": "--png"}
+#: Benchmark key -> the dataset name the builders write as the card's ``pretty_name`` (before any " (...)").
+CARD_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "png": "Panoptic Narrative Grounding"}
+#: Benchmark key -> the builder command that makes its dataset folder (``{out}``: the folder).
+BUILD_COMMANDS = {
+    "refcoco": "python dataset_scripts/build_refcoco.py --dataset refcoco --instances refcoco/instances.json "
+    "--refs 'refcoco/refs(unc).p' --image-dir coco/train2014 --output-dir {out}",
+    "refcoco+": "python dataset_scripts/build_refcoco.py --dataset refcoco+ --instances refcoco+/instances.json "
+    "--refs 'refcoco+/refs(unc).p' --image-dir coco/train2014 --output-dir {out}",
+    "refcocog": "python dataset_scripts/build_refcoco.py --dataset refcocog --instances refcocog/instances.json "
+    "--refs 'refcocog/refs(umd).p' --image-dir coco/train2014 --output-dir {out}",
+    "png": "python dataset_scripts/build_png.py --png-json png_coco_val2017.json --panoptic-json "
+    "panoptic_val2017.json --panoptic-dir panoptic_val2017 --image-dir coco/val2017 --output-dir {out} --split val",
 }
 #: RES protocols: the paper's (first sentence per ref, refs of an image together), the original's
 #: other one (first sentence, one ref per sequence) and the common one (every sentence alone).
@@ -148,11 +172,170 @@ class EvaluationArguments:
             raise ValueError(f"lmm_dtype must be one of {sorted(LMM_DTYPES)}, got {self.lmm_dtype!r}")
         if self.sentence_field not in ("raw_sentences", "sentences"):
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
+        if not self.protocols:
+            raise ValueError(f"protocols is empty: RES would evaluate nothing; choose from {PROTOCOLS}")
+        if self.datasets():
+            self.selected_splits()  # refuse a bad --splits at parse time, before any model is loaded
 
     def datasets(self) -> dict[str, str]:
         """Benchmark key -> dataset folder / Hub id, for the benchmarks given."""
         given = {"refcoco": self.refcoco, "refcoco+": self.refcoco_plus, "refcocog": self.refcocog, "png": self.png}
         return {key: value for key, value in given.items() if value}
+
+    def selected_splits(self) -> dict[str, list[str]]:
+        """Benchmark key -> the splits to evaluate, for every benchmark given.
+
+        Raises:
+            ValueError: when no dataset is given, when ``splits`` names a split that none of the
+                given benchmarks has (the valid ones are listed per benchmark), or when ``splits``
+                leaves a given benchmark with nothing to evaluate.
+        """
+        sources = self.datasets()
+        if not sources:
+            raise ValueError("no dataset given: pass --refcoco, --refcoco_plus, --refcocog and/or --png")
+        if self.splits is None:
+            return {benchmark: list(BENCHMARKS[benchmark][2]) for benchmark in sources}
+        valid = {benchmark: BENCHMARKS[benchmark][2] for benchmark in sources}
+        listing = "; ".join(f"{BENCHMARKS[b][0]} ({DATASET_FLAGS[b]}): {', '.join(s)}" for b, s in valid.items())
+        if not self.splits:
+            raise ValueError(f"splits is empty: nothing would be evaluated; valid splits are {listing}")
+        known = {split for splits in valid.values() for split in splits}
+        unknown = [split for split in self.splits if split not in known]
+        if unknown:
+            hints = [f"{split!r} -> did you mean {_closest(split, known)!r}?" for split in unknown if _closest(split, known)]
+            raise ValueError(
+                f"unknown split(s) {unknown} for the datasets given; valid splits are {listing}"
+                + (f" ({'; '.join(hints)})" if hints else "")
+            )
+        selected = {benchmark: [s for s in splits if s in self.splits] for benchmark, splits in valid.items()}
+        empty = [benchmark for benchmark, splits in selected.items() if not splits]
+        if empty:
+            # a dataset that was passed but would be silently skipped is a mistake either way
+            raise ValueError(
+                f"--splits {' '.join(self.splits)} selects no split of "
+                + ", ".join(f"{BENCHMARKS[b][0]} (has {', '.join(valid[b])})" for b in empty)
+                + ": add one of its splits to --splits or drop "
+                + ", ".join(DATASET_FLAGS[b] for b in empty)
+            )
+        return selected
+
+
+def build_hint(benchmark: str | None, folder: str) -> str:
+    """How to make the dataset folder ``folder``: the builder command of ``benchmark`` (all builders if None)."""
+    if benchmark is not None:
+        return f"build it with `{BUILD_COMMANDS[benchmark].format(out=folder)}`"
+    commands = [BUILD_COMMANDS[key].format(out=folder) for key in ("refcoco", "png")]
+    commands.append(f"python dataset_scripts/build_shapes.py --output-dir {folder}")
+    return "build it with one of `" + "`, `".join(commands) + "` (RefCOCO/+/g, PNG, the demo's shapes)"
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source`` is meant as a local folder rather than a Hub dataset id.
+
+    Hub ids are ``name`` or ``org/name`` with no leading ``.``, ``/`` or ``~``; anything with more
+    parts, a backslash, an absolute form, a parent folder that exists here, or characters the Hub
+    does not allow is a path.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if source.startswith((".", "~", "/")) or os.path.isabs(source) or "\\" in source:
+        return True
+    parts = source.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
+def load_dataset_source(source: str, benchmark: str | None = None, **kwargs: Any):
+    """``datasets.load_dataset(source, **kwargs)`` for a built dataset folder or Hub id, with errors that
+    say which it was taken for and how to make a missing folder.
+
+    Args:
+        source: a folder written by ``dataset_scripts/build_*.py`` or a Hub dataset id.
+        benchmark: key of :data:`BENCHMARKS` the dataset is for (names the builder in errors).
+        **kwargs: passed on to ``load_dataset`` (``split``, ``cache_dir``, ...).
+
+    Raises:
+        FileNotFoundError: ``source`` is a missing folder, a folder without data files, or neither a
+            folder nor a dataset the Hub could give; the message names the builder command.
+    """
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    path = Path(source).expanduser()
+    where = "" if path.is_absolute() else " (relative to the working directory)"
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{source!r} is a file, not a dataset folder; {build_hint(benchmark, source)}")
+        try:
+            return load_dataset(str(path), **kwargs)
+        except FileNotFoundError as error:  # EmptyDatasetError / DataFilesNotFoundError: no data files
+            raise FileNotFoundError(
+                f"dataset folder {source!r} holds no data files ({error}); {build_hint(benchmark, source)}"
+            ) from error
+    if looks_like_local_path(source):
+        # checked before load_dataset, which would report "Couldn't reach ... on the Hub" (or,
+        # offline, silently reuse a cached dataset of the same name)
+        raise FileNotFoundError(
+            f"dataset folder {source!r} does not exist{where}; {build_hint(benchmark, source)}, "
+            "or pass a Hub dataset id (org/name)"
+        )
+    try:
+        return load_dataset(source, **kwargs)
+    except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as error:
+        raise FileNotFoundError(
+            f"dataset folder {source!r} does not exist{where}, and the Hub could not give a dataset of that "
+            f"id either ({error}). "
+            f"If it is meant to be a local folder, {build_hint(benchmark, source)}"
+        ) from error
+
+
+def dataset_card_name(source: str) -> str | None:
+    """The ``pretty_name`` in the dataset card (``README.md``) of a dataset folder or Hub dataset, or
+    None when there is no card, it has no name, or it cannot be read (e.g. offline)."""
+    from huggingface_hub import DatasetCard
+
+    readme = Path(source).expanduser() / "README.md"
+    try:
+        card = DatasetCard.load(readme if readme.is_file() else source, repo_type="dataset")
+    except Exception as error:  # no card, no network, a card that does not parse: the name is unknown
+        logger.debug("no dataset card for %r: %s", source, error)
+        return None
+    name = getattr(card.data, "pretty_name", None)
+    return str(name).strip() if name else None
+
+
+def dataset_label(benchmark: str, source: str) -> str:
+    """The name results of ``source`` are reported under when it was passed as ``benchmark``.
+
+    The benchmark's name (``RefCOCO``, ...) when the dataset card says the dataset is that benchmark
+    (or the dataset has no readable card, with a warning); otherwise the card's own name, so that
+    e.g. the synthetic shapes set passed as ``--refcoco`` is never reported as RefCOCO.
+    """
+    pretty = BENCHMARKS[benchmark][0]
+    name = dataset_card_name(source)
+    if name is None:
+        logger.warning("%s: no dataset card with a pretty_name in %r; its results are labelled %s unchecked",
+                       pretty, source, pretty)
+        return pretty
+    if name.split(" (")[0].strip().lower() == CARD_NAMES[benchmark].lower():
+        return pretty
+    logger.warning("%r, passed as %s, is %r according to its dataset card: its results are labelled %r, not %s",
+                   source, DATASET_FLAGS[benchmark], name, name, pretty)
+    return name
+
+
+def _closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice ``name`` most likely meant (a case slip first, then the nearest spelling), if any."""
+    choices = sorted(choices)
+    by_case = [c for c in choices if c.lower() == name.lower()]
+    close = by_case or difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +350,7 @@ class EvalTask:
     protocol: str | None  # "concat" / "per_sentence" for RES, None for PNG
     dataset: Any  # datasets.Dataset, rows in the layout FLMMTransform reads
     source: str = ""  # dataset folder / Hub id
+    label: str = ""  # the name reported (dataset_label: the benchmark's, or the card's for another dataset)
 
     @property
     def name(self) -> str:
@@ -215,18 +399,23 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
     Dataset preparation (grouping, exploding, filtering) runs on the main process first, so that
     the other processes reuse its ``datasets`` cache instead of racing to write it.
     """
-    from datasets import load_dataset
-
     state = state if state is not None else process_state()
     tasks: list[EvalTask] = []
+    selected = args.selected_splits()
     sources = args.datasets()
-    if not sources:
-        raise ValueError("no dataset given: pass --refcoco, --refcoco_plus, --refcocog and/or --png")
     for benchmark, source in sources.items():
-        pretty, task_type, default_splits = BENCHMARKS[benchmark]
-        splits = [s for s in default_splits if args.splits is None or s in args.splits]
+        pretty, task_type, _ = BENCHMARKS[benchmark]
+        splits = selected[benchmark]
         with state.main_process_first():
-            available = load_dataset(source, cache_dir=args.cache_dir)
+            available = load_dataset_source(source, benchmark, cache_dir=args.cache_dir)
+        label = dataset_label(benchmark, source)
+        present = [split for split in splits if split in available]
+        if not present:
+            raise ValueError(
+                f"{pretty} dataset {source!r} has none of the splits to evaluate ({', '.join(splits)}); "
+                f"it has {', '.join(sorted(available)) or 'no splits'}. Pass a {pretty} dataset to {DATASET_FLAGS[benchmark]} "
+                f"(built with `{BUILD_COMMANDS[benchmark].format(out='<folder>')}`), or choose its splits with --splits"
+            )
         for split in splits:
             if split not in available:
                 logger.warning("%s (%s) has no split %r; skipped (has: %s)", pretty, source, split, sorted(available))
@@ -234,11 +423,16 @@ def build_tasks(args: EvaluationArguments, state: Any = None) -> list[EvalTask]:
             with state.main_process_first():
                 if task_type == "png":
                     rows = prepare_png_split(available[split], args.max_samples)
-                    tasks.append(EvalTask(benchmark, split, None, rows, source))
+                    tasks.append(EvalTask(benchmark, split, None, rows, source, label))
                     continue
                 for protocol in args.protocols:
                     rows = prepare_res_split(available[split], protocol, args.max_samples, args.cache_dir)
-                    tasks.append(EvalTask(benchmark, split, protocol, rows, source))
+                    tasks.append(EvalTask(benchmark, split, protocol, rows, source, label))
+    if not any(len(task.dataset) for task in tasks):
+        raise ValueError(
+            "nothing to evaluate: every selected split is empty ("
+            + ", ".join(f"{task.name}: 0 examples" for task in tasks) + ")"
+        )
     return tasks
 
 
@@ -607,15 +801,14 @@ def run_evaluation(
         empty PNG subgroup is ``None``).
     """
     state = state if state is not None else process_state()
+    if model is not None and processor is None:
+        raise ValueError("pass the processor together with an in-memory model")
+    tasks = build_tasks(args, state)  # data errors (a missing folder, no split) before the slow model load
     if model is None:
         model, loaded_processor = load_model_and_processor(args)
         processor = processor if processor is not None else loaded_processor
-    elif processor is None:
-        raise ValueError("pass the processor together with an in-memory model")
     model.to(state.device)
     model.eval()
-
-    tasks = build_tasks(args, state)
     results: dict[str, Any] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
     for task in tasks:
@@ -636,6 +829,8 @@ def run_evaluation(
     output = {
         "model": args.model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None),
         "datasets": args.datasets(),
+        # what each dataset is (results are keyed by the flag it was passed with)
+        "dataset_labels": {task.benchmark: task.label for task in tasks},
         "num_processes": state.num_processes,
         "settings": {
             "protocols": list(args.protocols),
@@ -656,7 +851,7 @@ def run_evaluation(
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, variant_ious in curves.items():
             path = out_dir / f"{name.replace('/', '_')}_recall_curve.png"
-            title = f"{BENCHMARKS[name.split('/')[0]][0]} {name.split('/')[1]}: recall at IoU >= t"
+            title = f"{_label(output, name.split('/')[0])} {name.split('/')[1]}: recall at IoU >= t"
             plot_recall_curves(variant_ious, path, title=title)
             output["plots"][name] = path.name
         (out_dir / RESULTS_FILE).write_text(json.dumps(output, indent=2) + "\n")
@@ -699,6 +894,11 @@ def iter_results(results: dict[str, Any]) -> Iterable[tuple[str, str, str | None
                     yield benchmark, split, protocol, entry
 
 
+def _label(output: dict[str, Any], benchmark: str) -> str:
+    """The name of the dataset evaluated as ``benchmark`` (results written before labels: the benchmark's)."""
+    return (output.get("dataset_labels") or {}).get(benchmark) or BENCHMARKS[benchmark][0]
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
@@ -717,7 +917,7 @@ def results_table(output: dict[str, Any]) -> str:
         body = []
         for benchmark, split, protocol, entry in group:
             body.append(
-                [BENCHMARKS[benchmark][0], split, protocol or "-", str(entry["num_masks"])]
+                [_label(output, benchmark), split, protocol or "-", str(entry["num_masks"])]
                 + [_fmt(entry.get(v, {}).get(key)) for v in variants for key, _ in columns]
             )
         widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
@@ -746,9 +946,12 @@ def model_index_results(output: dict[str, Any]) -> list[dict[str, Any]]:
             if entry[variant].get(key) is not None and math.isfinite(entry[variant][key])
         ]
         source = output.get("datasets", {}).get(benchmark)
-        # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine paths)
-        dataset_type = source if source and not os.path.exists(source) else benchmark
-        dataset = {"name": pretty, "type": dataset_type, "split": split}
+        name = _label(output, benchmark)
+        # the Hub dataset id when evaluated from the Hub; a local folder is not named (no machine
+        # paths): the benchmark key, or a slug of its own name for a dataset that is not the benchmark
+        local_type = benchmark if name == pretty else re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
+        dataset_type = source if source and not os.path.exists(source) else local_type
+        dataset = {"name": name, "type": dataset_type, "split": split}
         entries.append({"task": task, "dataset": dataset, "metrics": metrics})
     return entries
 

@@ -601,11 +601,10 @@ class FLMMTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------
 def load_split(name: str, split: str, concat_refs: bool, max_samples: int | None = None):
     """One dataset split (folder or Hub id); per-ref RefCOCO rows grouped per image in concat mode."""
-    from datasets import load_dataset
-
     from .data import check_columns, group_refs_by_image
+    from .evaluation import load_dataset_source
 
-    dataset = load_dataset(name, split=split)
+    dataset = load_dataset_source(name, split=split)  # a missing folder is named as such, with its builder
     check_columns(dataset.column_names, where=f"dataset {name!r} (split {split!r})")
     if concat_refs and "ref_id" in dataset.column_names:
         dataset = group_refs_by_image(dataset)

@@ -104,11 +104,14 @@ def test_demo_trains_and_reports_the_held_out_metrics_of_its_saved_model(tmp_pat
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "loss" in h]
     assert logged and all("loss_bce" in h and "loss_dice" in h for h in logged)
-    # the overlay: the first 2 held-out scenes (64 px each) side by side
+    # the overlay: the first 2 held-out scenes (64 px each) side by side, each a tile of prediction
+    # and ground truth with a legend below
     from PIL import Image
 
+    from flmm_hf.demo import MIN_TILE_WIDTH
+
     with Image.open(out / "predictions.png") as picture:
-        assert picture.size == (2 * 64, 64)
+        assert picture.width == 2 * max(2 * 64, MIN_TILE_WIDTH) and picture.height > 64
 
     # Load the saved folder: the folder records its backbone relative to itself, so a moved copy loads too.
     from flmm_hf import FLMMForGrounding, FLMMProcessor
