@@ -87,12 +87,13 @@ def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, i
 
     The image is resized so its longer side is `side` (the shorter one truncated to an int), then
     padded to a `side` x `side` square, the padding split evenly with the odd pixel after
-    (bottom/right). Returns `((side, side), (top, left, bottom, right))`.
+    (bottom/right); the shorter side is at least 1 pixel. Returns `((side, side), (top, left, bottom, right))`.
     """
+    # The shorter side keeps at least one pixel (an image thinner than `side`:1 would otherwise vanish).
     if height > width:
-        resized = (side, int(width * side / height))
+        resized = (side, max(1, int(width * side / height)))
     else:
-        resized = (int(height * side / width), side)
+        resized = (max(1, int(height * side / width)), side)
     top, left = (side - resized[0]) // 2, (side - resized[1]) // 2
     return (side, side), (top, left, top + resized[0], left + resized[1])
 
@@ -158,7 +159,8 @@ def sam_preprocess(image: Image.Image, image_size: int = SAM_IMAGE_SIZE) -> torc
     """
     width, height = image.size
     scale = image_size / max(height, width)
-    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    # At least one pixel per side, as `sam_refiner.sam_input_size` (very thin images).
+    new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR), dtype=np.float32)
     resized = (resized - np.array(SAM_PIXEL_MEAN, dtype=np.float32)) / np.array(SAM_PIXEL_STD, dtype=np.float32)
     out = torch.zeros(3, image_size, image_size, dtype=torch.float32)
