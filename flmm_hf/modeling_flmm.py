@@ -203,11 +203,18 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         self, attentions: torch.Tensor, input_ids: torch.Tensor, phrase_ids: torch.Tensor, layout_inputs: dict
     ) -> torch.Tensor:
         query_phrase = phrase_ids[phrase_ids >= 0]  # phrase id of each captured row
-        rows_per_phrase = [attentions[:, :, query_phrase == k] for k in range(int(query_phrase.max()) + 1)]
+        # An example without phrases gives K = 0 maps (and later [0, H, W] masks), not an error.
+        num_phrases = int(query_phrase.max()) + 1 if query_phrase.numel() else 0
+        rows_per_phrase = [attentions[:, :, query_phrase == k] for k in range(num_phrases)]
         if any(rows.shape[2] == 0 for rows in rows_per_phrase):
             raise ValueError("a phrase has no tokens; phrase ids must be 0..K-1 without gaps")
         pool = (lambda rows: rows.mean(2)) if self.config.merge == "mean" else (lambda rows: rows.amax(2))
-        merged = torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2)  # [K, layers*heads, n_image]
+        layers, heads, _, n_image = attentions.shape
+        merged = (
+            torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2)
+            if rows_per_phrase
+            else attentions.new_zeros(0, layers * heads, n_image)
+        )  # [K, layers*heads, n_image]
         # Column j of the captured rows is the j-th image token; the layout's grids hold sequence positions.
         image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)

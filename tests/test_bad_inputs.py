@@ -50,3 +50,26 @@ def test_extreme_aspect_ratio_images_are_grounded(model, processor, size, use_re
     image = Image.new("RGB", size, (120, 60, 30))
     masks = model.ground(image, "a thin line.", ["a thin line"], processor=processor, use_refiner=use_refiner)
     assert masks.dtype == torch.bool and tuple(masks.shape) == (1, size[1], size[0])
+
+
+# ---- 2. no phrases --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_refiner", [True, False])
+def test_ground_without_phrases_gives_zero_masks(model, processor, cats, use_refiner):
+    masks = model.ground(cats, "two cats on a couch.", [], processor=processor, use_refiner=use_refiner)
+    assert masks.dtype == torch.bool and tuple(masks.shape) == (0, 480, 640)
+
+
+def test_an_example_without_phrases_in_a_batch(model, processor, cats):
+    """Its outputs are empty; the other example's equal those of its own batch of one; losses stay finite."""
+    text, phrases = "two cats lying on a pink blanket.", ["two cats", "a pink blanket"]
+    masks = torch.zeros(2, 480, 640, dtype=torch.bool)
+    masks[:, 100:300, 100:400] = True
+    empty = torch.zeros(0, 480, 640, dtype=torch.bool)
+    batch = processor(images=[cats, cats], texts=[text, "a couch."], phrases=[phrases, []], masks=[masks, empty])
+    output = model(**batch)
+    assert tuple(output.coarse_logits[1].shape[:1]) == (0,) and tuple(output.refined_logits[1].shape) == (0, 480, 640)
+    alone = model(**processor(images=[cats], texts=[text], phrases=[phrases], masks=[masks]))
+    torch.testing.assert_close(output.coarse_logits[0], alone.coarse_logits[0])
+    torch.testing.assert_close(output.loss, alone.loss)
+    nothing = model(**processor(images=[cats], texts=["a couch."], phrases=[[]], masks=[empty]))
+    assert float(nothing.loss.detach()) == 0.0 and nothing.refined_logits[0].shape == (0, 480, 640)
