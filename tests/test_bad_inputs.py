@@ -5,12 +5,15 @@ Each case either works (with the documented result) or fails with an error that 
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from flmm_hf import FLMMForGrounding, FLMMProcessor
+from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
 from flmm_hf.mask_head import crop_to_content
 from flmm_hf.sam_refiner import sam_input_size
 from tiny_models import tiny_llava, tiny_sam_config
@@ -73,3 +76,58 @@ def test_an_example_without_phrases_in_a_batch(model, processor, cats):
     torch.testing.assert_close(output.loss, alone.loss)
     nothing = model(**processor(images=[cats], texts=["a couch."], phrases=[[]], masks=[empty]))
     assert float(nothing.loss.detach()) == 0.0 and nothing.refined_logits[0].shape == (0, 480, 640)
+
+
+# ---- 3. loading errors name the path, the file or the field, and the fix ------------------------------
+@pytest.fixture(scope="module")
+def saves(tmp_path_factory, fixtures_dir):
+    """A saved base LMM, and an adapter-sized and a full save of a tiny F-LMM (no SAM) over it."""
+    root = tmp_path_factory.mktemp("saves")
+    tiny_llava(fixtures_dir).save_pretrained(root / "lmm")
+    torch.manual_seed(0)
+    model = FLMMForGrounding.from_lmm(str(root / "lmm"), use_sam=False, mask_head_channels=8)
+    model.save_pretrained(root / "adapter")
+    model.save_pretrained(root / "full", save_mode="full")
+    return root
+
+
+def test_missing_or_empty_folder_says_so(saves, tmp_path, monkeypatch):
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(OSError, match=f"(?s)no folder {str(missing)!r}.*Fix"):
+        FLMMForGrounding.from_pretrained(missing)
+    monkeypatch.chdir(tmp_path)  # a relative name that could be a Hub id: neither exists
+    with pytest.raises(OSError, match="(?s)'outputs/model' is no local folder.*Fix"):
+        FLMMForGrounding.from_pretrained("outputs/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="(?s)empty.*has no config.json.*is empty.*save_pretrained"):
+        FLMMForGrounding.from_pretrained(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(OSError, match="(?s)has no config.json.*notes.txt"):
+        FLMMForGrounding.from_pretrained(tmp_path / "other")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("where", ["adapter/model.safetensors", "full/lmm/model.safetensors"])
+def test_damaged_weight_file_is_named(saves, tmp_path, where, damage):
+    save = where.split("/")[0]
+    folder = shutil.copytree(saves / save, tmp_path / save)
+    target = tmp_path / where
+    data = target.read_bytes()
+    target.write_bytes(b"not a safetensors file" * 4 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(OSError) as error:
+        FLMMForGrounding.from_pretrained(folder)
+    message = str(error.value)
+    assert str(target) in message and "damaged or incomplete" in message and "Fix" in message
+
+
+def test_misspelt_config_field_is_named_with_the_valid_one(saves, tmp_path):
+    folder = shutil.copytree(saves / "adapter", tmp_path / "typo")
+    config = json.loads((folder / "config.json").read_text())
+    config["mask_head_channel"] = config.pop("mask_head_channels")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'mask_head_channel'.*did you mean 'mask_head_channels'"):
+        FLMMForGrounding.from_pretrained(folder)
+    with pytest.raises(ValueError, match="'atention_layers'.*'attention_layers'"):
+        FLMMConfig(atention_layers=[0])
+    FLMMConfig(transformers_version="5.0.0", dtype="float32")  # what save_pretrained writes stays accepted
