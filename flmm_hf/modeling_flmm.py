@@ -236,10 +236,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        phrase_ids: torch.Tensor,
-        original_sizes: torch.Tensor,
-        canvas_sizes: torch.Tensor,
-        content_boxes: torch.Tensor,
+        phrase_ids: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        canvas_sizes: torch.Tensor | None = None,
+        content_boxes: torch.Tensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
         refine: bool = True,
@@ -249,7 +249,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `[B, L]`): prompt + answer, padded.
             attention_mask (`torch.LongTensor` of shape `[B, L]`).
-            phrase_ids (`torch.LongTensor` of shape `[B, L]`): -1, or k for the tokens of phrase k.
+            phrase_ids (`torch.LongTensor` of shape `[B, L]`): -1, or k for the tokens of phrase k. This and the
+                three geometry tensors below are required (FLMMProcessor makes them); a ValueError names any missing.
             original_sizes (`torch.LongTensor` of shape `[B, 2]`): (H, W) of each original image.
             canvas_sizes (`torch.LongTensor` of shape `[B, 2]`): the canvas the LMM saw, in its pixel units.
             content_boxes (`torch.LongTensor` of shape `[B, 4]`): (top, left, bottom, right) of the image in the canvas.
@@ -258,6 +259,16 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             refine (`bool`, *optional*, defaults to `True`): run the SAM refiner (when the model has one).
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
+        given = {"phrase_ids": phrase_ids, "original_sizes": original_sizes, "canvas_sizes": canvas_sizes,
+                 "content_boxes": content_boxes}
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            # Optional in the signature only to say this instead of "missing 4 required positional arguments".
+            raise ValueError(
+                f"the inputs lack {', '.join(missing)}: they come from FLMMProcessor, not from the backbone's own "
+                "processor. Fix: load the processor with FLMMProcessor.from_pretrained(folder) or "
+                "AutoProcessor.from_pretrained(folder, trust_remote_code=True)."
+            )
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         refine = refine and self.head.has_refiner
         attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine, **image_inputs)
@@ -276,6 +287,14 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         processor = processor if processor is not None else getattr(self, "processor", None)
         if processor is None:
             raise ValueError("pass processor=FLMMProcessor.from_pretrained(...) or set model.processor")
+        # Duck-typed: with remote code the FLMMProcessor class comes from another module than flmm_hf's.
+        if not (callable(getattr(processor, "post_process_masks", None)) and callable(getattr(processor, "build_prompt", None))):
+            raise TypeError(
+                f"the processor is a {type(processor).__name__}, not an FLMMProcessor: its outputs have no phrase_ids. "
+                "A saved F-LMM folder loads as the backbone's plain processor unless remote code is allowed. Fix: load "
+                "the processor with FLMMProcessor.from_pretrained(folder) or AutoProcessor.from_pretrained(folder, "
+                "trust_remote_code=True), or wrap a backbone processor as FLMMProcessor(processor)."
+            )
         return processor
 
     @torch.no_grad()

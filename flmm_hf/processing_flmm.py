@@ -900,7 +900,7 @@ class FLMMProcessor:
         if config_file is not None:
             with open(config_file, encoding="utf-8") as f:
                 settings = json.load(f)
-            backbone_class = _library_processor_class(settings.get("backbone_processor_class"))
+            backbone_class = _library_processor_class(settings.get("backbone_processor_class"), config_file)
         if backbone_class is not None:
             # A library class needs no remote code; without this, our own auto_map in the folder
             # makes transformers ask interactively whether to run custom code.
@@ -1090,13 +1090,27 @@ def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any])
     )
 
 
-def _library_processor_class(name: str | None):
-    """The transformers processor class called `name`, or None (remote-code or unknown processor)."""
-    if not name:
+def _library_processor_class(name: str | None, config_file: str | None = None):
+    """The transformers processor class called `name`, or None (remote-code or unknown processor, or AutoProcessor).
+
+    Only `ProcessorMixin` subclasses: the name comes from a (possibly downloaded) file, and any other transformers
+    class (`AutoModel`, a model class) would have its `from_pretrained` run on the folder.
+    """
+    if not name or name == "AutoProcessor":
         return None
     import transformers
+    from transformers import ProcessorMixin
 
-    return getattr(transformers, name, None)
+    found = getattr(transformers, name, None)
+    if found is None:
+        return None
+    if not (isinstance(found, type) and issubclass(found, ProcessorMixin)):
+        raise ValueError(
+            f"{config_file or CONFIG_NAME} names backbone_processor_class {name!r}, which is not a transformers "
+            "processor class (a ProcessorMixin subclass such as 'LlavaProcessor'). Fix: set it to the backbone's "
+            "processor class, or remove the field to let AutoProcessor choose."
+        )
+    return found
 
 
 def _config_model_type(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:

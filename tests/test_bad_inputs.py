@@ -131,3 +131,26 @@ def test_misspelt_config_field_is_named_with_the_valid_one(saves, tmp_path):
     with pytest.raises(ValueError, match="'atention_layers'.*'attention_layers'"):
         FLMMConfig(atention_layers=[0])
     FLMMConfig(transformers_version="5.0.0", dtype="float32")  # what save_pretrained writes stays accepted
+
+
+# ---- 4. processors that are not FLMMProcessor ----------------------------------------------------------
+def test_backbone_processor_class_must_be_a_processor(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "flmm_processor_config.json").read_text())
+    for name in ("AutoModel", "LlavaForConditionalGeneration", "LlamaTokenizer"):
+        (tmp_path / "flmm_processor_config.json").write_text(json.dumps(dict(settings, backbone_processor_class=name)))
+        with pytest.raises(ValueError, match=f"(?s)flmm_processor_config.json.*{name}.*not a transformers processor"):
+            FLMMProcessor.from_pretrained(tmp_path)
+    (tmp_path / "flmm_processor_config.json").write_text(json.dumps(dict(settings, backbone_processor_class="AutoProcessor")))
+    assert type(FLMMProcessor.from_pretrained(tmp_path).processor).__name__ == "LlavaProcessor"
+
+
+def test_a_plain_backbone_processor_is_refused_with_the_fix(model, processor, cats, tmp_path):
+    processor.save_pretrained(tmp_path)
+    plain = AutoProcessor.from_pretrained(tmp_path)  # no trust_remote_code: the backbone's own processor
+    assert not isinstance(plain, FLMMProcessor)
+    with pytest.raises(TypeError, match="(?s)LlavaProcessor, not an FLMMProcessor.*FLMMProcessor.from_pretrained.*trust_remote_code=True"):
+        model.ground(cats, "two cats.", ["two cats"], processor=plain)
+    inputs = plain(images=[cats], text=["USER: <image>\nhi ASSISTANT: two cats."], return_tensors="pt")
+    with pytest.raises(ValueError, match="(?s)lack phrase_ids, original_sizes.*FLMMProcessor.from_pretrained"):
+        model(**inputs)
