@@ -316,7 +316,16 @@ def new_config(
     if config_overrides.get("use_sam", True):
         sam = DEFAULT_SAM if sam is None else sam
         if isinstance(sam, str):
-            sam_name, sam_model = sam, SamModel.from_pretrained(sam, revision=sam_revision)
+            try:
+                sam_model = SamModel.from_pretrained(sam, revision=sam_revision)
+            except OSError as error:
+                default = " (the default SAM)" if sam == DEFAULT_SAM else ""
+                raise OSError(
+                    f"SAM {sam!r}{default} could not be loaded: {error}\nFix: pass sam=<local SAM folder or SamModel>, "
+                    "use_sam=False to build without the SAM refiner, or make it reachable (offline mode needs it in "
+                    "the local cache)."
+                ) from error
+            sam_name = sam
         elif isinstance(sam, (SamConfig, SamModel)):
             sam_model = SamModel(sam) if isinstance(sam, SamConfig) else sam
         else:

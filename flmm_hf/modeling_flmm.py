@@ -13,6 +13,7 @@ Building a new model (`from_lmm`), saving and loading live in `frozen_parts.Froz
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,10 @@ from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
 from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
 from .image_layout import example_image_inputs, get_image_layout
-from .processing_flmm import backbone_image_inputs
+from .processing_flmm import backbone_image_inputs, check_threshold
 from .sam_refiner import TextProjection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,6 +157,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        self._check_length(attention_mask)
         image_mask = input_ids == self.image_token_id
         if not image_mask.any(dim=1).all():
             raise ValueError("every example needs image tokens in input_ids; found an example without any")
@@ -173,6 +177,18 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         hidden_states = outputs.hidden_states[-self.num_text_layers :] if with_hidden_states else None
         return capture.attentions, hidden_states  # hidden states: decoder layer outputs, embeddings excluded
+
+    def _check_length(self, attention_mask: torch.Tensor) -> None:
+        """Warn when a sequence is longer than the LMM's position limit: it runs (RoPE extrapolates), but the LMM
+        never saw such positions, so its attention there, and the masks made from it, are unreliable."""
+        limit = getattr(self.lmm.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        longest = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+        if limit is not None and longest > limit:
+            logger.warning(
+                "a sequence has %d tokens, more than the LMM's position limit of %d (max_position_embeddings): its "
+                "attention, and the masks, are unreliable past it. Shorten the text or the question, or pass "
+                "max_length=%d to the processor (it refuses to cut phrases).", longest, limit, limit,
+            )
 
     # ---- 2. per-phrase maps on the image grid -------------------------------------------------------
     def phrase_maps(
@@ -314,6 +330,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             `torch.BoolTensor` of shape `[len(phrases), H, W]` at the original image size.
         """
         processor = self.resolve_processor(processor)
+        check_threshold(threshold)  # before the forward, not after it
         refine = use_refiner and self.head.has_refiner
         inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}

@@ -398,6 +398,10 @@ class FLMMProcessor:
             A backbone of no registered family is treated as fixed-size (letterboxed), with a warning.
     """
 
+    max_image_pixels: int | None = 40_000_000
+    """Largest image accepted (width x height; `None`: no limit). Masks are returned at the original size, so a
+    64-megapixel image costs several GB per phrase set; larger images are refused, not silently downscaled."""
+
     def __init__(
         self,
         processor: Any,
@@ -413,6 +417,8 @@ class FLMMProcessor:
             raise ValueError(
                 f"processor must be a multimodal processor with a tokenizer and an image processor, got {type(processor).__name__}"
             )
+        if letterbox is not None and not isinstance(letterbox, bool):
+            raise TypeError(f"letterbox must be True, False or None (decide from mode), got {letterbox!r}")
         self.processor = processor
         self.mode = mode
         self.question = question
@@ -691,7 +697,8 @@ class FLMMProcessor:
         """RGB images, the images the LMM sees (letterboxed or not), and the geometry tensors."""
         rgb_images, lmm_images = [], []
         geometry: dict[str, list] = {"original_sizes": [], "canvas_sizes": [], "content_boxes": []}
-        for image in images:
+        for b, image in enumerate(images):
+            self._check_image_size(image, b)
             image = to_rgb(image, background=self.pad_color)
             lmm_image, canvas, box = self.lmm_image(image)
             rgb_images.append(image)
@@ -700,6 +707,18 @@ class FLMMProcessor:
             geometry["canvas_sizes"].append(canvas)
             geometry["content_boxes"].append(box)
         return rgb_images, lmm_images, {key: torch.tensor(value, dtype=torch.long) for key, value in geometry.items()}
+
+    def _check_image_size(self, image: Any, index: int) -> None:
+        """Refuse images above `max_image_pixels` before any copy is made (masks come back at this size)."""
+        size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", (0, 0))[:2][::-1]
+        width, height = (int(v) for v in size)
+        if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+            raise ValueError(
+                f"image {index} is {width}x{height} ({width * height / 1e6:.1f} megapixels), above the limit of "
+                f"{self.max_image_pixels / 1e6:.0f} megapixels (FLMMProcessor.max_image_pixels): its masks and SAM "
+                "inputs would take gigabytes. Fix: downscale it first (e.g. image.thumbnail((4096, 4096))), or raise "
+                "processor.max_image_pixels (None: no limit)."
+            )
 
     def _backbone_encode(self, lmm_images: list[Image.Image], texts: list[str]) -> dict[str, Any]:
         """The backbone processor on (image, text) pairs: image-token expansion, image tensors, padding."""
@@ -815,6 +834,7 @@ class FLMMProcessor:
             list of `[K, H, W]` BoolTensors (or float probabilities): bilinear resize of the
             logits (align_corners=False), sigmoid, `> threshold`.
         """
+        check_threshold(threshold)
         if torch.is_tensor(logits) and logits.dim() == 3:
             logits = [logits]
         if len(logits) != len(original_sizes):
@@ -924,6 +944,12 @@ class FLMMProcessor:
 
 
 # ---------------------------------------------------------------------- helpers
+def check_threshold(threshold: Any) -> None:
+    """ValueError unless `threshold` is a probability in [0, 1] (NaN, 2.0 or a string would give empty masks)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a probability between 0 and 1 (default 0.5), got {threshold!r}")
+
+
 def _height_width(size: Any) -> tuple[int, int] | None:
     """(height, width) of an image processor's size (dict or SizeDict: height/width or shortest_edge), or None."""
     if size is None:
@@ -992,6 +1018,11 @@ def _per_example_questions(question: Any, batch: int) -> list[str | None]:
     """`question` (None, one str, or one str/None per image) as one entry per example."""
     if question is None or isinstance(question, str):
         return [question] * batch
+    if not isinstance(question, (list, tuple)):
+        raise TypeError(
+            f"question must be a str, None (the processor's question) or one str/None per image, "
+            f"got {type(question).__name__}"
+        )
     questions = _per_image("question", question, batch)
     for b, q in enumerate(questions):
         if q is not None and not isinstance(q, str):
@@ -1070,7 +1101,17 @@ def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example
             f"example {example}: masks must be [K={num_phrases}, H={size[0]}, W={size[1]}] "
             f"(one per phrase, at the original image size), got {tuple(masks.shape)}"
         )
-    return masks.bool() if masks.dtype == torch.bool else masks > 0
+    if masks.dtype != torch.bool:
+        # Binarising with `> 0` would turn soft masks (0.3 everywhere) into all-True ground truth; the metrics
+        # refuse such masks too. Only 0/1 values are read as masks.
+        if not ((masks == 0) | (masks == 1)).all():  # NaN fails both comparisons
+            values = masks.flatten().unique()[:5].tolist()
+            raise ValueError(
+                f"example {example}: masks must be boolean or hold only 0 and 1, got dtype {masks.dtype} with values "
+                f"such as {values}. Fix: threshold them yourself (e.g. masks > 0.5) before passing them."
+            )
+        masks = masks != 0
+    return masks
 
 
 def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any]) -> str | None:

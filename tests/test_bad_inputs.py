@@ -5,8 +5,11 @@ Each case either works (with the documented result) or fails with an error that 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
 from flmm_hf.mask_head import crop_to_content
 from flmm_hf.sam_refiner import sam_input_size
 from tiny_models import tiny_llava, tiny_sam_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,83 @@ def test_a_plain_backbone_processor_is_refused_with_the_fix(model, processor, ca
     inputs = plain(images=[cats], text=["USER: <image>\nhi ASSISTANT: two cats."], return_tensors="pt")
     with pytest.raises(ValueError, match="(?s)lack phrase_ids, original_sizes.*FLMMProcessor.from_pretrained"):
         model(**inputs)
+
+
+# ---- 5. input checks --------------------------------------------------------------------------------
+def test_text_beyond_the_position_limit_warns_with_the_counts(model, processor, cats, caplog):
+    text = "two cats " + "and a very long story " * 120 + "end."
+    with caplog.at_level(logging.WARNING, logger="flmm_hf.modeling_flmm"):
+        model.ground(cats, text, ["two cats"], processor=processor, use_refiner=False)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "position limit of 1024" in warning and "max_position_embeddings" in warning
+    assert int(warning.split("sequence has ")[1].split()[0]) > 1024
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flmm_hf.modeling_flmm"):
+        model.ground(cats, "two cats.", ["two cats"], processor=processor, use_refiner=False)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("masks", [torch.full((1, 480, 640), 0.3), torch.full((1, 480, 640), 2), torch.full((1, 480, 640), float("nan"))])
+def test_soft_masks_are_refused(processor, cats, masks):
+    with pytest.raises(ValueError, match="(?s)masks must be boolean or hold only 0 and 1.*masks > 0.5"):
+        processor(images=cats, texts="two cats.", phrases=["two cats"], masks=masks)
+
+
+def test_zero_one_masks_are_read_as_masks(processor, cats):
+    masks = torch.zeros(1, 480, 640)
+    masks[0, :10] = 1
+    out = processor(images=cats, texts="two cats.", phrases=["two cats"], masks=masks.numpy().astype("uint8"))
+    assert out["masks"][0].dtype == torch.bool and int(out["masks"][0].sum()) == 6400
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 2.0, -0.1, "0.5"])
+def test_threshold_must_be_a_probability(model, processor, cats, threshold):
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        model.ground(cats, "two cats.", ["two cats"], processor=processor, threshold=threshold)
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        processor.post_process_masks([torch.zeros(1, 4, 4)], [(8, 8)], threshold=threshold)
+
+
+def test_letterbox_and_question_types_are_checked(processor, cats):
+    with pytest.raises(TypeError, match="letterbox must be True, False or None"):
+        FLMMProcessor(processor.processor, letterbox="no")
+    with pytest.raises(TypeError, match="question must be a str, None"):
+        processor(images=cats, question=5)
+    # None means the processor's own question, for one image and per image.
+    assert torch.equal(processor(images=cats, question=None)["input_ids"], processor(images=cats)["input_ids"])
+
+
+def test_images_above_the_pixel_limit_are_refused(processor, cats, monkeypatch):
+    huge = Image.new("RGB", (8000, 8000))  # 64 megapixels
+    with pytest.raises(ValueError, match="(?s)8000x8000 \\(64.0 megapixels\\).*limit of 40 megapixels.*thumbnail"):
+        processor(images=[huge], texts=["x."], phrases=[["x"]])
+    monkeypatch.setattr(processor, "max_image_pixels", 1000)
+    with pytest.raises(ValueError, match="limit"):
+        processor(images=cats)
+    monkeypatch.setattr(processor, "max_image_pixels", None)
+    processor(images=cats, return_sam_inputs=False)
+
+
+def test_from_lmm_names_the_default_sam_and_the_fix(fixtures_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: SAM cannot be found offline
+    with pytest.raises(OSError, match="(?s)facebook/sam-vit-large.*default SAM.*use_sam=False"):
+        FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir))
+
+
+def test_demo_shows_errors_as_a_message(cats):
+    spec = importlib.util.spec_from_file_location("flmm_demo_app_errors", REPO_ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def chat(self, *args, **kwargs):
+            raise self.error
+
+    for error in (ValueError("bad threshold"), RuntimeError("out of memory"), TypeError("not an FLMMProcessor")):
+        messages, segments, colours, picture, status = app.respond(
+            Failing(error), None, cats, "what is it?", "", False, "auto", 8
+        )
+        assert status == f"Error: {error}" and picture is cats and messages[0]["content"] == "what is it?"
