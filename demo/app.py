@@ -143,7 +143,9 @@ def respond(
             image, question, phrases=explicit, processor=processor, selector=SELECTORS.get(selector_label, "auto"),
             use_refiner=use_refiner, on_missing="skip", max_new_tokens=int(max_new_tokens),
         )
-    except (ImportError, PhraseNotFoundError) as error:
+    except (ImportError, PhraseNotFoundError, ValueError, TypeError, RuntimeError, OSError) as error:
+        # Shown in the status line: an exception escaping a Gradio handler shows only a generic "Error" badge.
+        logger.warning("respond failed: %s", error)
         return [{"role": "user", "content": question}], [], {}, image, f"Error: {error}"
     if state is not None:
         state.last_answer = answer

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import logging
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
 from .attention_capture import ATTENTION_NUMERICS
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SAM = "facebook/sam-vit-large"
+# Keys every transformers config may carry (written by `save_pretrained` or read by `PreTrainedConfig`).
+_GENERIC_KEYS = {
+    "auto_map", "model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
+    "name_or_path", "_commit_hash", "attn_implementation", "_attn_implementation", "output_attentions",
+    "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+    "problem_type", "num_labels", "tie_word_embeddings", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+}
+
+
+def _check_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> None:
+    """A misspelt field (e.g. `mask_head_channel`) would be kept as a stray attribute while the real one silently
+    takes its default; name it with the closest valid field instead. Unknown fields no valid name is close to
+    are kept (transformers' rule) with a warning."""
+    fields = [name for name in inspect.signature(config_class.__init__).parameters if name not in ("self", "kwargs")]
+    for key in kwargs:
+        if key in _GENERIC_KEYS:
+            continue
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.75)
+        if close:
+            raise ValueError(
+                f"unknown {config_class.__name__} field {key!r}: did you mean {close[0]!r}? Fix the name in config.json "
+                f"(or the keyword argument); the valid fields are {', '.join(fields)}."
+            )
+        logger.warning("%s: unknown field %r is kept but not read by F-LMM", config_class.__name__, key)
 
 
 def _as_dict(config: PreTrainedConfig | dict | None) -> dict | None:
@@ -97,6 +126,7 @@ class FLMMConfig(PreTrainedConfig):
             raise ValueError(f"mode must be 'reproduction' or 'native', got {mode!r}")
         if save_mode not in ("adapter", "full"):
             raise ValueError(f"save_mode must be 'adapter' or 'full', got {save_mode!r}")
+        _check_unknown_fields(type(self), kwargs)
         self.lmm_name_or_path = lmm_name_or_path
         self.lmm_revision = lmm_revision
         self.lmm_config = _as_dict(lmm_config)

@@ -140,6 +140,10 @@ class FLMMHead(nn.Module):
         image_embeddings = self.sam_refiner.image_embeddings(sam_pixel_values)  # [B, 256, 64, 64], no gradient
         refined = []
         for b, coarse in enumerate(coarse_logits):
+            if coarse.shape[0] == 0:  # no phrases: nothing to prompt SAM with
+                height, width = (int(v) for v in original_sizes[b].tolist())
+                refined.append(coarse.new_zeros(0, height, width))
+                continue
             text_embeds = [self.text_projection(hidden) for hidden in phrase_hidden_states[b]]  # [n_k, 256] each
             original_size = tuple(original_sizes[b].tolist())
             refined.append(self.sam_refiner(image_embeddings[b : b + 1], coarse, text_embeds, original_size))

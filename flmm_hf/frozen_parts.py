@@ -199,7 +199,10 @@ def load_frozen_lmm(
         return lmm
     name, kwargs, found = frozen_source("LMM", lmm, config, source, hub_kwargs, LMM_FIX)
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
-    return AutoModelForImageTextToText.from_pretrained(name, config=found, **kwargs, **load_kwargs)
+    return load_weights_naming_files(
+        AutoModelForImageTextToText.from_pretrained, "the frozen LMM", name, kwargs.get("subfolder"),
+        name, config=found, **kwargs, **load_kwargs,
+    )
 
 
 def load_frozen_sam(config: Any, source: str, sam: str | SamModel | None, hub_kwargs: dict, dtype: Any) -> SamModel:
@@ -208,7 +211,73 @@ def load_frozen_sam(config: Any, source: str, sam: str | SamModel | None, hub_kw
         check_backbone("SAM", config.sam_config, sam.config, "the given SamModel", SAM_FIX)
         return sam
     name, kwargs, found = frozen_source("SAM", sam, config, source, hub_kwargs, SAM_FIX)
-    return SamModel.from_pretrained(name, config=found, dtype=dtype, **kwargs)
+    return load_weights_naming_files(
+        SamModel.from_pretrained, "SAM", name, kwargs.get("subfolder"), name, config=found, dtype=dtype, **kwargs
+    )
+
+
+# ---- the folder itself and its weight files -------------------------------------------------------
+def check_source(source: str, hub_kwargs: dict) -> None:
+    """Refuse, naming the path and the fix, a source that is neither an F-LMM folder nor a possible Hub id.
+
+    transformers would answer a missing folder with "Repo id must be in the form ..." and an empty one with
+    a default config (so that the first error would be about the base LMM).
+    """
+    if os.path.isdir(source):
+        folder = os.path.join(source, hub_kwargs["subfolder"]) if hub_kwargs.get("subfolder") else source
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            what = f"holds only {', '.join(found[:8])}" + (", ..." if len(found) > 8 else "") if found else "is empty"
+            raise OSError(
+                f"{folder!r} has no config.json (it {what}), so it is not a saved F-LMM model. Fix: pass the folder "
+                "that FLMMForGrounding.save_pretrained (or train.py's output_dir) wrote, or a Hub id 'org/name'."
+            )
+        return
+    if os.path.exists(source):
+        raise OSError(f"{source!r} is a file; pass the folder that FLMMForGrounding.save_pretrained wrote")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise OSError(
+            f"no folder {source!r} (looked for {os.path.abspath(source)!r}), and it cannot be a Hub id. Fix: check "
+            "the path (relative paths are read from the working directory), or pass a Hub id 'org/name'."
+        ) from None
+
+
+def _weight_files(source: str, subfolder: str | None) -> str:
+    """The weight files a load reads, for messages: local paths, or the file names in a Hub repo."""
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(folder):
+        files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
+        return ", ".join(repr(os.path.join(folder, f)) for f in files) or f"the weights in {folder!r}"
+    return f"the weight files of the Hub repo {source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+
+
+def _is_unreadable_weights(error: BaseException) -> bool:
+    # safetensors raises its own SafetensorError (named, not imported: the Hub code imports torch/transformers only);
+    # a damaged torch .bin surfaces as an unpickling or zip-reader error. Missing files and network errors are not
+    # matched: transformers' own messages name those.
+    if type(error).__name__ in ("SafetensorError", "UnpicklingError") or isinstance(error, EOFError):
+        return True
+    message = str(error).lower()
+    return any(word in message for word in ("deserializ", "pytorchstreamreader", "invalid load key", "incomplete metadata"))
+
+
+def load_weights_naming_files(load: Callable[..., Any], what: str, source: str, subfolder: str | None,
+                              *args: Any, **kwargs: Any) -> Any:
+    """`load(*args, **kwargs)`; a damaged or incomplete weight file becomes an OSError that names the file."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as error:
+        if not _is_unreadable_weights(error):
+            raise
+        raise OSError(
+            f"could not read {what} from {_weight_files(source, subfolder)}: {type(error).__name__}: {error}. The file "
+            "is damaged or incomplete (an interrupted copy or download?). Fix: save or copy it again; for a Hub repo, "
+            "from_pretrained(..., force_download=True)."
+        ) from error
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -333,7 +402,16 @@ def new_config(
     if config_overrides.get("use_sam", True):
         sam = DEFAULT_SAM if sam is None else sam
         if isinstance(sam, str):
-            sam_name, sam_model = sam, SamModel.from_pretrained(sam, revision=sam_revision)
+            try:
+                sam_model = SamModel.from_pretrained(sam, revision=sam_revision)
+            except OSError as error:
+                default = " (the default SAM)" if sam == DEFAULT_SAM else ""
+                raise OSError(
+                    f"SAM {sam!r}{default} could not be loaded: {error}\nFix: pass sam=<local SAM folder or SamModel>, "
+                    "use_sam=False to build without the SAM refiner, or make it reachable (offline mode needs it in "
+                    "the local cache)."
+                ) from error
+            sam_name = sam
         elif isinstance(sam, (SamConfig, SamModel)):
             sam_model = SamModel(sam) if isinstance(sam, SamConfig) else sam
         else:
@@ -376,16 +454,27 @@ def load_flmm(
     for key in ("trust_remote_code", "_from_auto", "_from_pipeline", "code_revision", "adapter_kwargs"):
         kwargs.pop(key, None)
     hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+    check_source(source, hub_kwargs)
     if not isinstance(config, PreTrainedConfig):
-        config, kwargs = config_class.from_pretrained(
-            config or source, return_unused_kwargs=True, **hub_kwargs, **kwargs
-        )
+        try:
+            config, kwargs = config_class.from_pretrained(
+                config or source, return_unused_kwargs=True, **hub_kwargs, **kwargs
+            )
+        except OSError as error:
+            if os.path.isdir(source):
+                raise
+            raise OSError(
+                f"{source!r} is no local folder (looked for {os.path.abspath(source)!r}) and could not be loaded as a "
+                f"Hub repo: {error}\nFix: check the path (relative paths are read from the working directory), or the "
+                "Hub id and your connection (offline mode needs the repo in the local cache)."
+            ) from error
     if kwargs:
         raise TypeError(f"unexpected arguments to FLMMForGrounding.from_pretrained: {sorted(kwargs)}")
     lmm_load_kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
     lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, **lmm_load_kwargs)
     sam_model = load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
-    model, loading_info = load_weights(
+    model, loading_info = load_weights_naming_files(
+        load_weights, "the trained F-LMM head", source, hub_kwargs.get("subfolder"),
         source, config=config, _defer_frozen=True, dtype=torch.float32, output_loading_info=True,
         key_mapping=EARLIER_KEY_LAYOUT, **hub_kwargs,
     )

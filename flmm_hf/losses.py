@@ -100,12 +100,19 @@ def mask_losses(
     for preds, masks in zip(pred_logits, gt_masks):
         if preds.shape[0] != masks.shape[0]:
             raise ValueError(f"{preds.shape[0]} predicted masks for {masks.shape[0]} ground-truth masks")
+        if preds.shape[0] == 0:  # an example without phrases adds no mask (resizing an empty stack fails)
+            continue
         targets = resize_gt_masks(masks, preds.shape[-2:]).to(preds.device)
         bce.append(bce_per_mask(preds, targets))
         dice.append(dice_per_mask(preds, targets, eps=dice_eps))
         acc, mask_iou = accuracy_and_iou_per_mask(preds, targets)
         accuracy.append(acc)
         iou.append(mask_iou)
+    if sum(int(preds.shape[0]) for preds in pred_logits) == 0:
+        # No masks in the whole batch: zero losses that still backpropagate (to nothing), not NaN means.
+        start = pred_logits[0].new_zeros(()) if len(pred_logits) else torch.zeros(())
+        zero = sum((preds.sum() for preds in pred_logits), start) * 0.0
+        return {"loss_bce": zero, "loss_dice": zero, "accuracy": zero.detach(), "aiou": zero.detach()}
     return {
         "loss_bce": torch.cat(bce).mean(),
         "loss_dice": torch.cat(dice).mean(),

@@ -185,7 +185,8 @@ def crop_to_content(
     The canvas and the box may be in any pixel unit (original image pixels, or the LMM's resized
     pixels as the original code used) as long as both use the same one. With `(Hp, Wp)` the logit
     size, the crop starts at `int(top * Hp / canvas_h)` and is `int((bottom - top) * Hp / canvas_h + 0.5)`
-    rows tall (columns alike): the original truncates the offset and rounds the extent.
+    rows tall (columns alike): the original truncates the offset and rounds the extent. The crop keeps at
+    least one row and one column (very thin images), so that it can always be resized to the image.
 
     Args:
         logits (`torch.Tensor` of shape `(..., Hp, Wp)`): logits on the canvas grid.
@@ -200,6 +201,10 @@ def crop_to_content(
     logit_h, logit_w = logits.shape[-2:]
     start_y = int(top * logit_h / canvas_h)
     start_x = int(left * logit_w / canvas_w)
-    crop_h = int((bottom - top) * logit_h / canvas_h + 0.5)
-    crop_w = int((right - left) * logit_w / canvas_w + 0.5)
+    # At least one row and column: a very thin image (aspect ratio beyond about 112:1) would round to an empty
+    # crop, which no later resize can take; the original fails there, elsewhere the crop is the original's.
+    crop_h = max(1, int((bottom - top) * logit_h / canvas_h + 0.5))
+    crop_w = max(1, int((right - left) * logit_w / canvas_w + 0.5))
+    start_y = min(start_y, logit_h - crop_h)
+    start_x = min(start_x, logit_w - crop_w)
     return logits[..., start_y : start_y + crop_h, start_x : start_x + crop_w]

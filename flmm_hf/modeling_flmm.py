@@ -13,6 +13,7 @@ Building a new model (`from_lmm`), saving and loading live in `frozen_parts.Froz
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,10 @@ from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
 from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
 from .image_layout import example_image_inputs, get_image_layout
-from .processing_flmm import backbone_image_inputs
+from .processing_flmm import backbone_image_inputs, check_threshold
 from .sam_refiner import TextProjection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,6 +162,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        self._check_length(attention_mask)
         image_mask = input_ids == self.image_token_id
         if not image_mask.any(dim=1).all():
             raise ValueError("every example needs image tokens in input_ids; found an example without any")
@@ -179,6 +183,18 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         hidden_states = outputs.hidden_states[-self.num_text_layers :] if with_hidden_states else None
         return capture.attentions, hidden_states  # hidden states: decoder layer outputs, embeddings excluded
+
+    def _check_length(self, attention_mask: torch.Tensor) -> None:
+        """Warn when a sequence is longer than the LMM's position limit: it runs (RoPE extrapolates), but the LMM
+        never saw such positions, so its attention there, and the masks made from it, are unreliable."""
+        limit = getattr(self.lmm.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        longest = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+        if limit is not None and longest > limit:
+            logger.warning(
+                "a sequence has %d tokens, more than the LMM's position limit of %d (max_position_embeddings): its "
+                "attention, and the masks, are unreliable past it. Shorten the text or the question, or pass "
+                "max_length=%d to the processor (it refuses to cut phrases).", longest, limit, limit,
+            )
 
     # ---- 2. per-phrase maps on the image grid -------------------------------------------------------
     def phrase_maps(
@@ -212,12 +228,19 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         self, attentions: torch.Tensor, input_ids: torch.Tensor, phrase_ids: torch.Tensor, layout_inputs: dict
     ) -> torch.Tensor:
         query_phrase = phrase_ids[phrase_ids >= 0]  # phrase id of each captured row
-        rows_per_phrase = [attentions[:, :, query_phrase == k] for k in range(int(query_phrase.max()) + 1)]
+        # An example without phrases gives K = 0 maps (and later [0, H, W] masks), not an error.
+        num_phrases = int(query_phrase.max()) + 1 if query_phrase.numel() else 0
+        rows_per_phrase = [attentions[:, :, query_phrase == k] for k in range(num_phrases)]
         if any(rows.shape[2] == 0 for rows in rows_per_phrase):
             raise ValueError("a phrase has no tokens; phrase ids must be 0..K-1 without gaps")
         pool = (lambda rows: rows.mean(2)) if self.config.merge == "mean" else (lambda rows: rows.amax(2))
+        layers, heads, _, n_image = attentions.shape
         # Merged in the maps' dtype, then float32: the original averaged its bf16 maps in bf16 and resized in float32.
-        merged = torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2).float()  # [K, layers*heads, n_img]
+        merged = (
+            torch.stack([pool(rows) for rows in rows_per_phrase]).flatten(1, 2).float()
+            if rows_per_phrase
+            else attentions.new_zeros(0, layers * heads, n_image, dtype=torch.float32)
+        )  # [K, layers*heads, n_image]
         # Column j of the captured rows is the j-th image token; the layout's grids hold sequence positions.
         image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)
@@ -239,10 +262,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        phrase_ids: torch.Tensor,
-        original_sizes: torch.Tensor,
-        canvas_sizes: torch.Tensor,
-        content_boxes: torch.Tensor,
+        phrase_ids: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        canvas_sizes: torch.Tensor | None = None,
+        content_boxes: torch.Tensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
         refine: bool = True,
@@ -252,7 +275,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `[B, L]`): prompt + answer, padded.
             attention_mask (`torch.LongTensor` of shape `[B, L]`).
-            phrase_ids (`torch.LongTensor` of shape `[B, L]`): -1, or k for the tokens of phrase k.
+            phrase_ids (`torch.LongTensor` of shape `[B, L]`): -1, or k for the tokens of phrase k. This and the
+                three geometry tensors below are required (FLMMProcessor makes them); a ValueError names any missing.
             original_sizes (`torch.LongTensor` of shape `[B, 2]`): (H, W) of each original image.
             canvas_sizes (`torch.LongTensor` of shape `[B, 2]`): the canvas the LMM saw, in its pixel units.
             content_boxes (`torch.LongTensor` of shape `[B, 4]`): (top, left, bottom, right) of the image in the canvas.
@@ -261,6 +285,16 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             refine (`bool`, *optional*, defaults to `True`): run the SAM refiner (when the model has one).
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
+        given = {"phrase_ids": phrase_ids, "original_sizes": original_sizes, "canvas_sizes": canvas_sizes,
+                 "content_boxes": content_boxes}
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            # Optional in the signature only to say this instead of "missing 4 required positional arguments".
+            raise ValueError(
+                f"the inputs lack {', '.join(missing)}: they come from FLMMProcessor, not from the backbone's own "
+                "processor. Fix: load the processor with FLMMProcessor.from_pretrained(folder) or "
+                "AutoProcessor.from_pretrained(folder, trust_remote_code=True)."
+            )
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         refine = refine and self.head.has_refiner
         attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine, **image_inputs)
@@ -279,6 +313,14 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         processor = processor if processor is not None else getattr(self, "processor", None)
         if processor is None:
             raise ValueError("pass processor=FLMMProcessor.from_pretrained(...) or set model.processor")
+        # Duck-typed: with remote code the FLMMProcessor class comes from another module than flmm_hf's.
+        if not (callable(getattr(processor, "post_process_masks", None)) and callable(getattr(processor, "build_prompt", None))):
+            raise TypeError(
+                f"the processor is a {type(processor).__name__}, not an FLMMProcessor: its outputs have no phrase_ids. "
+                "A saved F-LMM folder loads as the backbone's plain processor unless remote code is allowed. Fix: load "
+                "the processor with FLMMProcessor.from_pretrained(folder) or AutoProcessor.from_pretrained(folder, "
+                "trust_remote_code=True), or wrap a backbone processor as FLMMProcessor(processor)."
+            )
         return processor
 
     @torch.no_grad()
@@ -298,6 +340,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             `torch.BoolTensor` of shape `[len(phrases), H, W]` at the original image size.
         """
         processor = self.resolve_processor(processor)
+        check_threshold(threshold)  # before the forward, not after it
         refine = use_refiner and self.head.has_refiner
         inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}

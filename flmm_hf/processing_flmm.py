@@ -87,12 +87,13 @@ def letterbox_geometry(height: int, width: int, side: int) -> tuple[tuple[int, i
 
     The image is resized so its longer side is `side` (the shorter one truncated to an int), then
     padded to a `side` x `side` square, the padding split evenly with the odd pixel after
-    (bottom/right). Returns `((side, side), (top, left, bottom, right))`.
+    (bottom/right); the shorter side is at least 1 pixel. Returns `((side, side), (top, left, bottom, right))`.
     """
+    # The shorter side keeps at least one pixel (an image thinner than `side`:1 would otherwise vanish).
     if height > width:
-        resized = (side, int(width * side / height))
+        resized = (side, max(1, int(width * side / height)))
     else:
-        resized = (int(height * side / width), side)
+        resized = (max(1, int(height * side / width)), side)
     top, left = (side - resized[0]) // 2, (side - resized[1]) // 2
     return (side, side), (top, left, top + resized[0], left + resized[1])
 
@@ -158,7 +159,8 @@ def sam_preprocess(image: Image.Image, image_size: int = SAM_IMAGE_SIZE) -> torc
     """
     width, height = image.size
     scale = image_size / max(height, width)
-    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    # At least one pixel per side, as `sam_refiner.sam_input_size` (very thin images).
+    new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR), dtype=np.float32)
     resized = (resized - np.array(SAM_PIXEL_MEAN, dtype=np.float32)) / np.array(SAM_PIXEL_STD, dtype=np.float32)
     out = torch.zeros(3, image_size, image_size, dtype=torch.float32)
@@ -396,6 +398,10 @@ class FLMMProcessor:
             A backbone of no registered family is treated as fixed-size (letterboxed), with a warning.
     """
 
+    max_image_pixels: int | None = 40_000_000
+    """Largest image accepted (width x height; `None`: no limit). Masks are returned at the original size, so a
+    64-megapixel image costs several GB per phrase set; larger images are refused, not silently downscaled."""
+
     def __init__(
         self,
         processor: Any,
@@ -411,6 +417,8 @@ class FLMMProcessor:
             raise ValueError(
                 f"processor must be a multimodal processor with a tokenizer and an image processor, got {type(processor).__name__}"
             )
+        if letterbox is not None and not isinstance(letterbox, bool):
+            raise TypeError(f"letterbox must be True, False or None (decide from mode), got {letterbox!r}")
         self.processor = processor
         self.mode = mode
         self.question = question
@@ -695,7 +703,8 @@ class FLMMProcessor:
         """RGB images, the images the LMM sees (letterboxed or not), and the geometry tensors."""
         rgb_images, lmm_images = [], []
         geometry: dict[str, list] = {"original_sizes": [], "canvas_sizes": [], "content_boxes": []}
-        for image in images:
+        for b, image in enumerate(images):
+            self._check_image_size(image, b)
             image = to_rgb(image, background=self.pad_color)
             lmm_image, canvas, box = self.lmm_image(image)
             rgb_images.append(image)
@@ -704,6 +713,18 @@ class FLMMProcessor:
             geometry["canvas_sizes"].append(canvas)
             geometry["content_boxes"].append(box)
         return rgb_images, lmm_images, {key: torch.tensor(value, dtype=torch.long) for key, value in geometry.items()}
+
+    def _check_image_size(self, image: Any, index: int) -> None:
+        """Refuse images above `max_image_pixels` before any copy is made (masks come back at this size)."""
+        size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", (0, 0))[:2][::-1]
+        width, height = (int(v) for v in size)
+        if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+            raise ValueError(
+                f"image {index} is {width}x{height} ({width * height / 1e6:.1f} megapixels), above the limit of "
+                f"{self.max_image_pixels / 1e6:.0f} megapixels (FLMMProcessor.max_image_pixels): its masks and SAM "
+                "inputs would take gigabytes. Fix: downscale it first (e.g. image.thumbnail((4096, 4096))), or raise "
+                "processor.max_image_pixels (None: no limit)."
+            )
 
     def _backbone_encode(self, lmm_images: list[Image.Image], texts: list[str]) -> dict[str, Any]:
         """The backbone processor on (image, text) pairs: image-token expansion, image tensors, padding."""
@@ -819,6 +840,7 @@ class FLMMProcessor:
             list of `[K, H, W]` BoolTensors (or float probabilities): bilinear resize of the
             logits (align_corners=False), sigmoid, `> threshold`.
         """
+        check_threshold(threshold)
         if torch.is_tensor(logits) and logits.dim() == 3:
             logits = [logits]
         if len(logits) != len(original_sizes):
@@ -904,7 +926,7 @@ class FLMMProcessor:
         if config_file is not None:
             with open(config_file, encoding="utf-8") as f:
                 settings = json.load(f)
-            backbone_class = _library_processor_class(settings.get("backbone_processor_class"))
+            backbone_class = _library_processor_class(settings.get("backbone_processor_class"), config_file)
         if backbone_class is not None:
             # A library class needs no remote code; without this, our own auto_map in the folder
             # makes transformers ask interactively whether to run custom code.
@@ -928,6 +950,12 @@ class FLMMProcessor:
 
 
 # ---------------------------------------------------------------------- helpers
+def check_threshold(threshold: Any) -> None:
+    """ValueError unless `threshold` is a probability in [0, 1] (NaN, 2.0 or a string would give empty masks)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a probability between 0 and 1 (default 0.5), got {threshold!r}")
+
+
 def _height_width(size: Any) -> tuple[int, int] | None:
     """(height, width) of an image processor's size (dict or SizeDict: height/width or shortest_edge), or None."""
     if size is None:
@@ -996,6 +1024,11 @@ def _per_example_questions(question: Any, batch: int) -> list[str | None]:
     """`question` (None, one str, or one str/None per image) as one entry per example."""
     if question is None or isinstance(question, str):
         return [question] * batch
+    if not isinstance(question, (list, tuple)):
+        raise TypeError(
+            f"question must be a str, None (the processor's question) or one str/None per image, "
+            f"got {type(question).__name__}"
+        )
     questions = _per_image("question", question, batch)
     for b, q in enumerate(questions):
         if q is not None and not isinstance(q, str):
@@ -1074,7 +1107,17 @@ def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example
             f"example {example}: masks must be [K={num_phrases}, H={size[0]}, W={size[1]}] "
             f"(one per phrase, at the original image size), got {tuple(masks.shape)}"
         )
-    return masks.bool() if masks.dtype == torch.bool else masks > 0
+    if masks.dtype != torch.bool:
+        # Binarising with `> 0` would turn soft masks (0.3 everywhere) into all-True ground truth; the metrics
+        # refuse such masks too. Only 0/1 values are read as masks.
+        if not ((masks == 0) | (masks == 1)).all():  # NaN fails both comparisons
+            values = masks.flatten().unique()[:5].tolist()
+            raise ValueError(
+                f"example {example}: masks must be boolean or hold only 0 and 1, got dtype {masks.dtype} with values "
+                f"such as {values}. Fix: threshold them yourself (e.g. masks > 0.5) before passing them."
+            )
+        masks = masks != 0
+    return masks
 
 
 def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any]) -> str | None:
@@ -1094,13 +1137,27 @@ def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any])
     )
 
 
-def _library_processor_class(name: str | None):
-    """The transformers processor class called `name`, or None (remote-code or unknown processor)."""
-    if not name:
+def _library_processor_class(name: str | None, config_file: str | None = None):
+    """The transformers processor class called `name`, or None (remote-code or unknown processor, or AutoProcessor).
+
+    Only `ProcessorMixin` subclasses: the name comes from a (possibly downloaded) file, and any other transformers
+    class (`AutoModel`, a model class) would have its `from_pretrained` run on the folder.
+    """
+    if not name or name == "AutoProcessor":
         return None
     import transformers
+    from transformers import ProcessorMixin
 
-    return getattr(transformers, name, None)
+    found = getattr(transformers, name, None)
+    if found is None:
+        return None
+    if not (isinstance(found, type) and issubclass(found, ProcessorMixin)):
+        raise ValueError(
+            f"{config_file or CONFIG_NAME} names backbone_processor_class {name!r}, which is not a transformers "
+            "processor class (a ProcessorMixin subclass such as 'LlavaProcessor'). Fix: set it to the backbone's "
+            "processor class, or remove the field to let AutoProcessor choose."
+        )
+    return found
 
 
 def _config_model_type(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:

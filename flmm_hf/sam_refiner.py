@@ -48,10 +48,14 @@ class TextProjection(nn.Module):
 
 
 def sam_input_size(original_size: Sequence[int], longest_side: int = 1024) -> tuple[int, int]:
-    """Size of the image after SAM's `ResizeLongestSide`, i.e. the un-padded part of SAM's 1024 input."""
+    """Size of the image after SAM's `ResizeLongestSide`, i.e. the un-padded part of SAM's 1024 input.
+
+    Each side is at least 1 pixel: `ResizeLongestSide` rounds the short side of an image thinner than
+    2048:1 to 0, which leaves nothing to prompt or crop; elsewhere the sizes are the original's.
+    """
     height, width = (int(v) for v in original_size)
     scale = longest_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 # SAM parameters that F-LMM's prompts never reach (no point prompts, a mask prompt is always given, the IoU
@@ -142,6 +146,14 @@ class SamRefiner(nn.Module):
         Returns:
             `torch.Tensor` of shape `(K, 1, 256, 256)`.
         """
+        if coarse_logits.shape[-2] == 0 or coarse_logits.shape[-1] == 0:
+            raise ValueError(
+                f"coarse logits of shape {tuple(coarse_logits.shape)} have no pixels; crop them with "
+                "mask_head.crop_to_content, which keeps at least one row and column"
+            )
+        if coarse_logits.shape[0] == 0:  # no phrases: no prompts
+            size = (self.mask_prompt_size, self.mask_prompt_size)
+            return coarse_logits.new_zeros((0, 1) + size)
         pad_value = min(-1.0, coarse_logits.min().item())
         masks = F.interpolate(coarse_logits[:, None].float(), size=tuple(input_size), mode="bilinear")
         masks = masks.to(coarse_logits.dtype)
