@@ -920,6 +920,7 @@ class FLMMProcessor:
         """
         overrides = {key: kwargs.pop(key) for key in SETTINGS if key in kwargs}
         kwargs.pop("_from_auto", None)
+        _check_processor_source(str(pretrained_model_name_or_path))
         settings: dict[str, Any] = {}
         config_file = _cached_file(pretrained_model_name_or_path, CONFIG_NAME, kwargs)
         backbone_class = None
@@ -1118,6 +1119,26 @@ def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example
             )
         masks = masks != 0
     return masks
+
+
+def _check_processor_source(source: str) -> None:
+    """Refuse, naming the path and the fix, what is neither a folder nor a possible Hub id.
+
+    (transformers answers a missing folder with "Repo id must be in the form ...".)
+    """
+    if os.path.isdir(source):
+        return
+    if os.path.exists(source):
+        raise OSError(f"{source!r} is a file; pass the folder that FLMMProcessor.save_pretrained (or a model save) wrote")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise OSError(
+            f"no folder {source!r} (looked for {os.path.abspath(source)!r}), and it cannot be a Hub id. Fix: check "
+            "the path (relative paths are read from the working directory), or pass a Hub id 'org/name'."
+        ) from None
 
 
 def _cached_file(path: str | os.PathLike, filename: str, kwargs: dict[str, Any]) -> str | None:

@@ -112,6 +112,17 @@ def test_missing_or_empty_folder_says_so(saves, tmp_path, monkeypatch):
         FLMMForGrounding.from_pretrained(tmp_path / "other")
 
 
+def test_processor_from_a_missing_folder_says_so(tmp_path):
+    from flmm_hf.processing_flmm import FLMMProcessor
+
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(OSError, match=f"(?s)no folder {str(missing)!r}.*Fix"):
+        FLMMProcessor.from_pretrained(missing)
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(OSError, match="is a file; pass the folder"):
+        FLMMProcessor.from_pretrained(tmp_path / "file.json")
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 @pytest.mark.parametrize("where", ["adapter/model.safetensors", "full/lmm/model.safetensors"])
 def test_damaged_weight_file_is_named(saves, tmp_path, where, damage):
