@@ -929,9 +929,12 @@ class FLMMProcessor:
                 settings = json.load(f)
             backbone_class = _library_processor_class(settings.get("backbone_processor_class"), config_file)
         if backbone_class is not None:
-            # A library class needs no remote code; without this, our own auto_map in the folder
-            # makes transformers ask interactively whether to run custom code.
-            kwargs["trust_remote_code"] = False
+            # A library class needs no remote code. Unset, our own auto_map in the folder would make
+            # transformers ask interactively whether to run custom code; a user who already allowed it
+            # (AutoProcessor(..., trust_remote_code=True)) keeps it, so that the tokenizer loader reads
+            # the folder's config.json with our remote FLMMConfig instead of falling back to a bare
+            # PreTrainedConfig ("You are using a model of type `flmm` to instantiate a model of type ``").
+            kwargs["trust_remote_code"] = bool(kwargs.get("trust_remote_code"))
             processor = backbone_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         else:
             # Our auto_map in processor_config.json would send AutoProcessor back here with remote code on.

@@ -186,6 +186,9 @@ def test_fresh_process_without_flmm_hf_gives_identical_outputs(trained, processo
     module, model_class, processor_class = result.stdout.split()[-3:]
     assert module.startswith("transformers_modules.") and model_class == "FLMMForGrounding"
     assert processor_class == "FLMMProcessor"
+    # transformers' "You are using a model of type flmm to instantiate a model of type ..." would mean that
+    # some loader read our config.json as a config of another class.
+    assert "to instantiate a model of type" not in result.stdout + result.stderr, result.stderr[-3000:]
 
     child = load_file(out)
     inputs = _inputs(processor, image)
