@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from .attention_capture import enable_capture
 from .configuration_flmm import DEFAULT_SAM, FLMMConfig
 from .image_layout import get_image_layout
+from .processing_flmm import check_folder_or_hub_id
 
 # Subfolders of a `full` save holding the frozen LMM and SAM.
 LMM_SUBFOLDER = "lmm"
@@ -233,17 +234,7 @@ def check_source(source: str, hub_kwargs: dict) -> None:
                 "that FLMMForGrounding.save_pretrained (or train.py's output_dir) wrote, or a Hub id 'org/name'."
             )
         return
-    if os.path.exists(source):
-        raise OSError(f"{source!r} is a file; pass the folder that FLMMForGrounding.save_pretrained wrote")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise OSError(
-            f"no folder {source!r} (looked for {os.path.abspath(source)!r}), and it cannot be a Hub id. Fix: check "
-            "the path (relative paths are read from the working directory), or pass a Hub id 'org/name'."
-        ) from None
+    check_folder_or_hub_id(source, saved_by="FLMMForGrounding.save_pretrained")
 
 
 def _weight_files(source: str, subfolder: str | None) -> str:

@@ -920,7 +920,7 @@ class FLMMProcessor:
         """
         overrides = {key: kwargs.pop(key) for key in SETTINGS if key in kwargs}
         kwargs.pop("_from_auto", None)
-        _check_processor_source(str(pretrained_model_name_or_path))
+        check_folder_or_hub_id(str(pretrained_model_name_or_path))
         settings: dict[str, Any] = {}
         config_file = _cached_file(pretrained_model_name_or_path, CONFIG_NAME, kwargs)
         backbone_class = None
@@ -1124,15 +1124,16 @@ def _to_mask_tensor(masks: Any, size: tuple[int, int], num_phrases: int, example
     return masks
 
 
-def _check_processor_source(source: str) -> None:
-    """Refuse, naming the path and the fix, what is neither a folder nor a possible Hub id.
+def check_folder_or_hub_id(source: str, saved_by: str = "FLMMProcessor.save_pretrained") -> None:
+    """Refuse, naming the path and the fix, a `source` that is a file or neither a folder nor a possible Hub id.
 
-    (transformers answers a missing folder with "Repo id must be in the form ...".)
+    (transformers answers a missing folder with "Repo id must be in the form ...".) `saved_by` names
+    what writes the folder that was expected, for the message.
     """
     if os.path.isdir(source):
         return
     if os.path.exists(source):
-        raise OSError(f"{source!r} is a file; pass the folder that FLMMProcessor.save_pretrained (or a model save) wrote")
+        raise OSError(f"{source!r} is a file; pass the folder that {saved_by} wrote")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -1216,6 +1217,7 @@ __all__ = [
     "backbone_family",
     "backbone_image_inputs",
     "backbone_inputs",
+    "check_folder_or_hub_id",
     "deepseek_letterbox_geometry",
     "letterbox_geometry",
     "match_phrases",
