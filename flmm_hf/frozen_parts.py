@@ -410,15 +410,21 @@ def new_config(
         sam_name = sam_name or getattr(sam_model, "name_or_path", None) or None
     config_overrides.setdefault("num_grids", get_image_layout(lmm.config).num_grids)
     config = FLMMConfig(
-        lmm_name_or_path=lmm_name or getattr(lmm, "name_or_path", None) or None,
+        lmm_name_or_path=_absolute_if_folder(lmm_name or getattr(lmm, "name_or_path", None) or None),
         lmm_revision=lmm_revision,
         lmm_config=recorded_lmm_config(lmm),
-        sam_name_or_path=sam_name,
+        sam_name_or_path=_absolute_if_folder(sam_name),
         sam_revision=sam_revision,
         sam_config=sam_model.config if sam_model is not None else None,
         **config_overrides,
     )
     return config, lmm, sam_model
+
+
+def _absolute_if_folder(name: str | None) -> str | None:
+    """A local folder as its absolute path (a saved model is loaded from anywhere and relative names are read
+    against the model folder, see `frozen_source`); a Hub id or None as is."""
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -250,3 +250,18 @@ def test_demo_shows_errors_as_a_message(cats):
             Failing(error), None, cats, "what is it?", "", False, "auto", 8
         )
         assert status == f"Error: {error}" and picture is cats and messages[0]["content"] == "what is it?"
+
+
+def test_a_relative_local_backbone_is_recorded_absolute(fixtures_dir, tmp_path, monkeypatch):
+    """from_lmm('models/llava') from one working directory; the save loads from any other (and a folder of
+    that name in the new working directory is never mistaken for it)."""
+    tiny_llava(fixtures_dir).save_pretrained(tmp_path / "models" / "llava")
+    monkeypatch.chdir(tmp_path)
+    model = FLMMForGrounding.from_lmm("models/llava", use_sam=False, mask_head_channels=8)
+    assert model.config.lmm_name_or_path == str(tmp_path / "models" / "llava")
+    model.save_pretrained(tmp_path / "out")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "models" / "llava").mkdir(parents=True)  # same relative name, no model in it
+    monkeypatch.chdir(elsewhere)
+    loaded = FLMMForGrounding.from_pretrained(tmp_path / "out")
+    assert loaded.lmm.name_or_path == str(tmp_path / "models" / "llava")
