@@ -1,6 +1,7 @@
 """flmm-hf: F-LMM (Grounding Frozen Large Multimodal Models) as a Hugging Face-native package."""
 
 from .configuration_flmm import FLMMConfig
+from .image_layout import BackboneSupport, backbone_support
 from .modeling_flmm import FLMMForGrounding, FLMMOutput
 from .processing_flmm import FLMMProcessor
 
@@ -23,4 +24,12 @@ def __getattr__(name: str):
         return convert_original_checkpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["FLMMConfig", "convert_original_checkpoint", "FLMMForGrounding", "FLMMOutput", "FLMMProcessor"]
+__all__ = [
+    "BackboneSupport",
+    "backbone_support",
+    "FLMMConfig",
+    "convert_original_checkpoint",
+    "FLMMForGrounding",
+    "FLMMOutput",
+    "FLMMProcessor",
+]

@@ -35,6 +35,13 @@ of its processor that ``FLMMProcessor`` needs (``dynamic_resolution``: the proce
 tiles images itself, so they are not letterboxed and the canvas is the original image). To
 support a new family: subclass :class:`ImageLayout`, implement ``grids`` and call
 :func:`register_family` (or :func:`register_image_layout` for the layout alone).
+
+Support. :data:`REFUSED` gives the one-line reason for each model type F-LMM does not support
+(Q-Former, encoder-decoder, cross-attention, discrete image tokens, or no adapter yet), and
+:func:`backbone_support` answers every model type of the installed transformers'
+``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` from the two registries (``docs/backbones.md``
+is its table). :func:`get_image_layout` refuses a model type of that mapping without a layout;
+its square-grid fallback is only for model types outside it.
 """
 from __future__ import annotations
 
@@ -445,7 +452,7 @@ class InternVLLayout(TiledLayout):
         return super().grids(input_ids, image_inputs)
 
 
-def _square_patch_grid(config) -> ImageLayout:
+def _square_patch_grid(config) -> SquareLayout:
     """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS.
 
     DeepSeek-VL-7B (``deepseek_vl_hybrid``) too: ``vision_config`` is its SigLIP branch (384 px,
@@ -455,7 +462,7 @@ def _square_patch_grid(config) -> ImageLayout:
     return SquareLayout(config, _llava_side(config))
 
 
-def _gemma3(config) -> ImageLayout:
+def _gemma3(config) -> SquareLayout:
     # the projector average-pools the patch grid to sqrt(mm_tokens_per_image) per side
     side = math.isqrt(config.mm_tokens_per_image)
     if side * side != config.mm_tokens_per_image:
@@ -520,6 +527,8 @@ def get_family(model_type: str | None) -> Family | None:
 def register_family(model_type: str, layout: LayoutFactory | None = None, dynamic_resolution: bool = False) -> None:
     """Register (or replace) the :class:`Family` of configs of ``model_type``.
 
+    A layout registered for a model type of :data:`REFUSED` wins over the refusal.
+
     Args:
         model_type: the backbone config's ``model_type``.
         layout: ``config -> ImageLayout`` (e.g. an :class:`ImageLayout` subclass).
@@ -535,6 +544,237 @@ def register_image_layout(model_type: str, factory: LayoutFactory) -> None:
     """
     previous = FAMILIES.get(model_type, Family())
     FAMILIES[model_type] = Family(layout=factory, dynamic_resolution=previous.dynamic_resolution)
+
+
+# --------------------------------------------------------------------------------------------
+# refused families and the support table
+# --------------------------------------------------------------------------------------------
+_BEING_ADDED = "layout being added"
+_QFORMER = (
+    "Q-Former: the LM sees a fixed set of learned query tokens with no spatial position, so text-to-image "
+    "attention has no grid to lay out"
+)
+_ENCODER_DECODER = (
+    "encoder-decoder: the image is read by the encoder and the generating decoder reaches it only through "
+    "cross-attention, while F-LMM reads the decoder's self-attention over image tokens"
+)
+_VQ = (
+    "discrete image tokens: a VQ tokenizer turns the image into codebook ids embedded like words; no layout "
+    "written for its latent grid"
+)
+
+
+def _no_layout(geometry: str) -> str:
+    """Reason for a decoder-only family whose image tokens do lie on a grid but that has no adapter yet."""
+    return f"no layout yet ({geometry})"
+
+
+REFUSED: dict[str, str] = {
+    # layouts written on other branches of issue #15 (replaced when those land)
+    **{mt: _BEING_ADDED for mt in (
+        "llava_onevision", "llava_next_video", "video_llava", "vipllava", "aya_vision", "cohere2_vision",
+        "fast_vlm", "perception_lm", "lfm2_vl", "got_ocr2", "idefics2", "gemma3n", "shieldgemma2", "qwen3_vl",
+        "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe",
+        "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2",
+    )},
+    # no spatial grid reaches the LM
+    "blip-2": _QFORMER,
+    "instructblip": _QFORMER,
+    "instructblipvideo": _QFORMER,
+    "aria": "its projector cross-attends learned queries to the patches, so the LM's image tokens are queries "
+            "with no spatial grid",
+    "kosmos-2": "a resampler turns the patches into 64 learned latent queries, which have no spatial grid",
+    "kosmos-2.5": "a resampler turns the patches into learned latent queries (latent_query_num), which have no "
+                  "spatial grid",
+    "deepseek_ocr2": "its encoder appends learned queries (12x12 or 16x16) read out causally from the patches and "
+                     "only the queries reach the LM, in the encoder's causal-flow order, not image geometry",
+    # the generating model never self-attends to image tokens
+    "florence2": _ENCODER_DECODER,
+    "pix2struct": _ENCODER_DECODER,
+    "udop": _ENCODER_DECODER,
+    "vision-encoder-decoder": _ENCODER_DECODER,
+    "t5gemma2": _ENCODER_DECODER,
+    "pp_formulanet": _ENCODER_DECODER,
+    "blip": "BLIP's text decoder reaches the ViT patches only through cross-attention; no image tokens are in "
+            "its sequence (cross-attention capture is not written)",
+    "idefics": "gated cross-attention layers: the LM reaches the image (its patch features, or 64 Perceiver "
+               "latents) only through cross-attention; no image tokens are in its sequence",
+    "mllama": "cross-attention: text reaches the vision tiles only in the cross-attention layers (every few "
+              "decoder layers), never in self-attention over image tokens, which is what the attention capture "
+              "reads; a cross-attention capture over the tiles' patch grids (each with a CLS, tiles padded to "
+              "max_num_tiles) is not written",
+    "git": "no image placeholder tokens: GIT prepends the image features to the text embeddings, so input_ids "
+           "do not say where they are",
+    # discrete image tokens
+    "chameleon": _VQ,
+    "emu3": _VQ,
+    "apertus1p5": _VQ,
+    # not an image-to-text decoder F-LMM can ground
+    "evolla": "a protein-sequence-to-text model: no images",
+    "mistral4": "a text-only causal LM (no vision tower, no image tokens)",
+    "pi0": "a vision-language-action policy: a flow-matching action expert outputs robot actions, not text "
+           "whose words could be grounded",
+    "diffusion_gemma": "a block-diffusion generator: text is denoised in blocks, not generated word by word "
+                       "with a causal attention to the image that F-LMM reads",
+    # decoder-only families whose image tokens lie on a grid, without an adapter yet
+    **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw") for mt in (
+        "cohere_compass", "cosmos3_edge", "cosmos3_omni", "dots3_note", "exaone4_5", "glm5_next", "glm_ocr",
+        "glmga", "hyperclovax_vision_v2", "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
+        "qwen3_5", "qwen3_5_moe", "qwen4_exp", "inkling2", "inkling2_loop",
+    )},
+    "hunyuan_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
+    "hy_v4_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
+    "lighton_ocr": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
+    "mistral_large4": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
+    "granite4_vision": _no_layout("LLaVA-NeXT-style any-res grids with newline tokens, downsampled by a window "
+                                  "Q-Former that keeps the windows in place"),
+    "granite_docling": _no_layout("Idefics3-style tiles and a global view, pixel-shuffled"),
+    "llama4": _no_layout("tiles and a global view, each pixel-shuffled to a square grid"),
+    "nemotron_h_omni": _no_layout("InternVL-style tiles and a thumbnail, pixel-shuffled"),
+    "qianfan_ocr": _no_layout("InternVL-style tiles and a thumbnail, pixel-shuffled"),
+    "minicpm_ocr": _no_layout("MiniCPM-V slices and a thumbnail"),
+    "minicpmv4_6": _no_layout("MiniCPM-V slices and a thumbnail"),
+    "minicpmv4_7": _no_layout("MiniCPM-V slices and a thumbnail"),
+    "molmo2": _no_layout("overlapping crops and a global view, pooled to grids"),
+    "step3p7": _no_layout("crops and a global view"),
+    "unlimited_ocr": _no_layout("DeepSeek-OCR-style local tiles and a global view, each row ended by a newline "
+                                "token"),
+    "gemma4": _no_layout("variable-resolution patches pooled to soft tokens placed by image_position_ids"),
+    "gemma4_unified": _no_layout("variable-resolution patches pooled to soft tokens placed by "
+                                 "image_position_ids"),
+    "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"),
+    "janus": _no_layout("one SigLIP square grid of image_size / patch_size per side"),
+    "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration: one SAM-encoder grid per tile, as got_ocr2"),
+    "fuyu": _no_layout("patches embedded directly, one row of image tokens per patch row, each ended by an "
+                       "image-newline token"),
+}
+"""Model types F-LMM refuses, with a one-line reason each (read by :func:`backbone_support`).
+
+A registered layout wins over a refusal (see :func:`register_family`); a reason starting with
+"no layout yet" marks a family whose image tokens do lie on a grid, so an adapter can be written.
+"""
+
+SUPPORTED = "supported"
+REFUSED_STATUS = "refused"
+UNCLASSIFIED = "unclassified"
+
+
+@dataclass(frozen=True)
+class BackboneSupport:
+    """Whether F-LMM supports one backbone ``model_type``, and why not.
+
+    Attributes:
+        model_type: the config's ``model_type``.
+        status: ``"supported"`` (a layout is registered), ``"refused"`` (listed in :data:`REFUSED`)
+            or ``"unclassified"`` (in the installed transformers' image-text-to-text mapping but
+            in neither registry: a family newer than flmm_hf's table).
+        layout: the layout's name when supported, else None.
+        reason: the refusal's one-line reason (or why it is unclassified), else None.
+        dynamic_resolution: the registered family's processor trait (False when not registered).
+    """
+
+    model_type: str
+    status: str
+    layout: str | None = None
+    reason: str | None = None
+    dynamic_resolution: bool = False
+
+
+def image_text_to_text_model_types() -> list[str]:
+    """The model types of the installed transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def _layout_name(factory: LayoutFactory) -> str:
+    """A layout factory's name for the table: the class, or the layout class a factory function returns."""
+    if isinstance(factory, type):
+        return factory.__name__
+    returned = getattr(factory, "__annotations__", {}).get("return")
+    returned = returned if isinstance(returned, str) else getattr(returned, "__name__", None)
+    name = getattr(factory, "__name__", type(factory).__name__)
+    # a factory annotated with the base class says nothing more than its own name
+    return f"{returned} ({name})" if returned and returned != "ImageLayout" else name
+
+
+def backbone_support(model_types: Sequence[str] | None = None) -> dict[str, BackboneSupport]:
+    """What F-LMM says about each backbone model type: its layout, or the reason it is refused.
+
+    Args:
+        model_types: the model types to answer; None: every model type of the installed
+            transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``.
+
+    Returns:
+        ``model_type -> BackboneSupport``, in the order asked (sorted for the default).
+        A model type outside both registries is ``"unclassified"`` when it is in the mapping
+        and ``"refused"`` otherwise (the square-grid fallback of :func:`get_image_layout` is a
+        guess, not support).
+    """
+    in_mapping = set(image_text_to_text_model_types())
+    answer = {}
+    for model_type in image_text_to_text_model_types() if model_types is None else model_types:
+        family = FAMILIES.get(model_type)
+        dynamic = family.dynamic_resolution if family is not None else False
+        if family is not None and family.layout is not None:
+            support = BackboneSupport(model_type, SUPPORTED, layout=_layout_name(family.layout),
+                                      dynamic_resolution=dynamic)
+        elif model_type in REFUSED:
+            support = BackboneSupport(model_type, REFUSED_STATUS, reason=REFUSED[model_type],
+                                      dynamic_resolution=dynamic)
+        elif model_type in in_mapping:
+            support = BackboneSupport(
+                model_type, UNCLASSIFIED, dynamic_resolution=dynamic,
+                reason="an image-text-to-text family of the installed transformers that flmm_hf has not classified "
+                       "yet (newer than its table in flmm_hf/image_layout.py)",
+            )
+        else:
+            support = BackboneSupport(
+                model_type, REFUSED_STATUS, dynamic_resolution=dynamic,
+                reason="not an image-text-to-text model type of the installed transformers and no layout registered",
+            )
+        answer[model_type] = support
+    return answer
+
+
+def _table_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def backbone_table() -> str:
+    """The Markdown document ``docs/backbones.md``: :func:`backbone_support` of the installed transformers.
+
+    Regenerate it with ``python -m flmm_hf.backbones --write docs/backbones.md``.
+    """
+    support = backbone_support()
+    n_supported = sum(s.status == SUPPORTED for s in support.values())
+    lines = [
+        "# Backbone support",
+        "",
+        "<!-- generated by `python -m flmm_hf.backbones --write docs/backbones.md`; do not edit -->",
+        "",
+        # no transformers version here: only a change of the mapping should make the committed table stale
+        "Every model type of the installed transformers' `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`"
+        f" ({len(support)} model types, {n_supported} supported), as `flmm_hf.backbone_support()` answers it.",
+        "A supported model type has an image-token layout (`flmm_hf/image_layout.py`); a refused one has the reason.",
+        "\"dynamic resolution\": the family's processor resizes or tiles images itself, so `FLMMProcessor` does not",
+        "letterbox them. `get_image_layout` raises a ValueError with the reason for a refused model type; the",
+        "square-grid fallback (with a warning) is only for model types outside this mapping.",
+        "A refusal that starts with \"no layout yet\" is a decoder-only family whose image tokens lie on a grid:",
+        "an `ImageLayout` subclass registered with `register_family` adds it.",
+        "",
+        "Cross-attention families: mllama is refused. Its text reaches the image only through cross-attention",
+        "layers interleaved with the self-attention ones, and F-LMM's attention capture reads self-attention",
+        "from text tokens to image tokens in the sequence; the tiles' patch grids would allow a layout of the",
+        "cross-attention keys, but capturing cross-attention is not written.",
+        "",
+        "| model type | status | layout or reason | dynamic resolution |",
+        "|---|---|---|---|",
+    ]
+    for s in support.values():
+        what = f"`{s.layout}`" if s.status == SUPPORTED else _table_cell(s.reason or "")
+        lines.append(f"| `{s.model_type}` | {s.status} | {what} | {'yes' if s.dynamic_resolution else ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_family_error(model_type: str, count: int | None) -> ValueError:
@@ -562,7 +802,10 @@ def _config_token_count(config) -> int | None:
 def get_image_layout(lmm_config) -> ImageLayout:
     """The image-layout adapter of a multimodal backbone config: its ``model_type``'s registered layout.
 
-    Families without a registered layout fall back to a square grid when their image-token count (from the config,
+    A model type of the installed transformers' image-text-to-text mapping without a registered
+    layout is refused with a ValueError: with its reason from :data:`REFUSED`, or, for a family
+    newer than this table, saying so. Only model types outside that mapping (remote-code or
+    custom backbones) fall back to a square grid when their image-token count (from the config,
     or else from each example's input_ids) is a perfect square, with a warning; otherwise a
     ValueError explains how to add an adapter.
     """
@@ -570,6 +813,15 @@ def get_image_layout(lmm_config) -> ImageLayout:
     family = get_family(model_type)
     if family is not None and family.layout is not None:
         return family.layout(lmm_config)
+    if model_type in image_text_to_text_model_types():
+        # a known transformers family: guessing a square grid would give silently wrong masks
+        support = backbone_support([model_type])[model_type]
+        raise ValueError(
+            f"F-LMM does not support model_type {model_type!r}: {support.reason}. Pick a supported backbone "
+            "(flmm_hf.backbone_support(), docs/backbones.md), or, if its image tokens do lie on a grid, subclass "
+            "flmm_hf.image_layout.ImageLayout with a grids() that returns their sequence positions in image "
+            f"geometry and call register_family({model_type!r}, YourLayout, dynamic_resolution=...)."
+        )
     count = _config_token_count(lmm_config)
     if count is not None and math.isqrt(count) ** 2 != count:
         raise _unknown_family_error(model_type, count)

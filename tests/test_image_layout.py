@@ -356,9 +356,11 @@ def test_register_family_and_register_image_layout():
 
 
 def test_registered_family_without_layout_takes_the_square_fallback():
+    # pixtral: registered for its processor trait, not an image-text-to-text model type (in-mapping ones are refused,
+    # see test_backbone_support.py)
     config = _unknown_config(image_seq_length=16)
-    config.model_type = "qwen3_vl"
+    config.model_type = "pixtral"
     logger = hf_logging.get_logger(image_layout.__name__)
     with CaptureLogger(logger) as captured:
         layout = get_image_layout(config)
-    assert "qwen3_vl" in captured.out and isinstance(layout, SquareLayout) and layout.side == 4
+    assert "pixtral" in captured.out and isinstance(layout, SquareLayout) and layout.side == 4
