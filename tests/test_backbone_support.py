@@ -83,7 +83,7 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert capsys.readouterr().out == backbone_table()
 
 
-@pytest.mark.parametrize("model_type", ["blip-2", "mllama", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["blip-2", "mllama", "florence2", "chameleon"])
 def test_a_refused_model_type_of_the_mapping_raises_with_its_reason(model_type: str):
     # a perfect-square count would have taken the fallback before: refused now
     with pytest.raises(ValueError) as error:
