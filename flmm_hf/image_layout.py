@@ -539,7 +539,7 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family(Idefics3Layout, dynamic_resolution=True),
     "internvl": Family(InternVLLayout, dynamic_resolution=True),
     "mistral3": Family(Mistral3Layout, dynamic_resolution=True),
-    # LLaVA-like (images; the video inputs of the video families are not supported)
+    # LLaVA-like; the video families' video tokens (another placeholder id) are not mapped, only images
     "vipllava": Family(_square_patch_grid),  # always drops the CLS of its CLIP tower
     "video_llava": Family(LlavaLayout),
     "llava_next_video": Family(LlavaNextLayout, dynamic_resolution=True),
