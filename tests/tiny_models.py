@@ -62,10 +62,10 @@ SPECIAL_START = 240
 IMAGE_ID = 250  # the image placeholder in every family
 WRAP_OPEN_ID = 245  # <vision_start>, <img>, <start_of_image>, <fake_token_around_image>
 WRAP_CLOSE_ID = 246  # <vision_end>, </img>, <end_of_image>, <global-img>
-BREAK_ID = 248  # mistral3 [IMG_BREAK]
+BREAK_ID = 248  # mistral3 [IMG_BREAK], aya_vision TILE_GLOBAL
 END_ID = 249  # mistral3 [IMG_END]
 NEWLINE_ID = 13  # an ordinary text token standing for "\n"
-ROW_COL_START = 200  # idefics3 <row_i_col_j> tokens (plain added tokens, not image tokens)
+ROW_COL_START = 200  # idefics3 <row_i_col_j>, aya_vision TILE_i (plain added tokens, not image tokens)
 
 # Original image sizes (H, W) of the two examples. Fixed-size families get squares because in
 # F-LMM's reproduction mode their images are letterboxed to a square before the processor.
@@ -400,7 +400,7 @@ def _spec_aya_vision() -> FamilySpec:
         # AyaVisionProcessor: <start_of_img> (TILE_i + patches) per tile, TILE_GLOBAL + patches, <end_of_img>
         n = int(inp["num_patches"][b])
         ids = [WRAP_OPEN_ID]
-        for i in range(1, n if n > 1 else 1):
+        for i in range(1, n):  # one view only (n == 1): no tiles
             ids += [ROW_COL_START + i] + [IMAGE_ID] * per_tile
         ids += [BREAK_ID] + [IMAGE_ID] * per_tile + [WRAP_CLOSE_ID]
         return ids
