@@ -318,10 +318,34 @@ class LlavaNextLayout(ImageLayout):
             # pixel_values with the base crop only: the model appends one newline to the base
             grid = pos[:base].view(p, p)
             return [grid, grid]
-        h, w = _llava_next_unpadded_shape(self.config, hw)
+        h, w = self.high_res_shape(hw)
         _check_count(self.model_type, pos.numel(), base + h * (w + 1),
                      f"{p}x{p} base + {h}x{w} high-res + {h} newlines for image size {tuple(hw)}")
         return [pos[:base].view(p, p), pos[base:].view(h, w + 1)[:, :-1]]
+
+    def high_res_shape(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of the high-res grid (newlines excluded) for an original image size (H, W)."""
+        return _llava_next_unpadded_shape(self.config, image_size)
+
+
+class LlavaOnevisionLayout(LlavaNextLayout):
+    """LLaVA-OneVision: LLaVA-NeXT's [base, un-padded high-res] grids, the high-res grid capped.
+
+    ``vision_aspect_ratio = "anyres_max_N"``: when the un-padded grid holds more than
+    ``N * P * P`` features by a factor ``ratio**2`` with ``ratio > 1.1``, the model resizes it
+    bilinearly to ``(h // ratio, w // ratio)`` before appending the newlines (as
+    ``LlavaOnevisionModel.pack_image_features`` does); the resized grid still spans the whole
+    image, so the canvas mapping is unchanged.
+    """
+
+    def high_res_shape(self, image_size):
+        h, w = _llava_next_unpadded_shape(self.config, image_size)
+        p = _llava_side(self.config)
+        max_crops = int(self.config.vision_aspect_ratio.strip("anyres_max_"))
+        ratio = math.sqrt(h * w / (max_crops * p * p))
+        if ratio > 1.1:
+            return int(h // ratio), int(w // ratio)
+        return h, w
 
 
 class QwenVLLayout(ImageLayout):
@@ -462,6 +486,21 @@ def _square_patch_grid(config) -> SquareLayout:
     return SquareLayout(config, _llava_side(config))
 
 
+class AyaVisionLayout(TiledLayout):
+    """Aya Vision: GotOcr2 tiles row-major + the global view, ``s x s`` tokens each.
+
+    ``s = (image_size // patch_size) // downsample_factor``: the projector's pixel shuffle
+    merges ``downsample_factor x downsample_factor`` neighbouring patches row-major (it is the
+    same merge as InternVL's). Tiles are preceded by ``TILE_i`` and the global view by
+    ``TILE_GLOBAL`` (text tokens); a single tile has no separate global view.
+    """
+
+    def __init__(self, config):
+        vc = config.vision_config
+        side = (vc.image_size // vc.patch_size) // config.downsample_factor
+        super().__init__(config, side * side)
+
+
 def _gemma3(config) -> SquareLayout:
     # the projector average-pools the patch grid to sqrt(mm_tokens_per_image) per side
     side = math.isqrt(config.mm_tokens_per_image)
@@ -507,13 +546,17 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family(Idefics3Layout, dynamic_resolution=True),
     "internvl": Family(InternVLLayout, dynamic_resolution=True),
     "mistral3": Family(Mistral3Layout, dynamic_resolution=True),
+    # LLaVA-like; the video families' video tokens (another placeholder id) are not mapped, only images
+    "vipllava": Family(_square_patch_grid),  # always drops the CLS of its CLIP tower
+    "video_llava": Family(LlavaLayout),
+    "llava_next_video": Family(LlavaNextLayout, dynamic_resolution=True),
+    "llava_onevision": Family(LlavaOnevisionLayout, dynamic_resolution=True),
+    "aya_vision": Family(AyaVisionLayout, dynamic_resolution=True),
+    "shieldgemma2": Family(_gemma3),  # a Gemma3 model with a classification head on its logits
     # processors known to resize/tile images themselves; no image layout yet
-    "llava_onevision": Family(dynamic_resolution=True),
-    "llava_next_video": Family(dynamic_resolution=True),
     "qwen3_vl": Family(dynamic_resolution=True),
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
-    "aya_vision": Family(dynamic_resolution=True),
     "glm4v": Family(dynamic_resolution=True),
 }
 """The registry of backbone families, keyed by config ``model_type`` (see :class:`Family`)."""

@@ -280,6 +280,19 @@ def processor_model_types(processor_class: str) -> list[str]:
     return [mt for mt, name in PROCESSOR_MAPPING_NAMES.items() if name == processor_class and mt in FAMILIES]
 
 
+def _processor_home_model_type(processor_cls: type, candidates: list[str]) -> str | None:
+    """The model type a processor class stands for among the registered `candidates` that use it.
+
+    The only candidate; else the one whose transformers package defines the class (LlavaProcessor,
+    shared by llava and vipllava, lives in `transformers.models.llava`); else None.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    parts = processor_cls.__module__.split(".")
+    home = parts[parts.index("models") + 1] if "models" in parts[:-1] else None
+    return home if home in candidates else None
+
+
 def backbone_family(model_type: str | None, processor_class: str) -> Family | None:
     """The `Family` whose processor traits apply to a backbone, or None when unknown.
 
@@ -438,8 +451,7 @@ class FLMMProcessor:
         self.prompt_template = prompt_template
         processor_class = type(processor).__name__
         if model_type is None:
-            candidates = processor_model_types(processor_class)
-            model_type = candidates[0] if len(candidates) == 1 else None
+            model_type = _processor_home_model_type(type(processor), processor_model_types(processor_class))
         self.model_type = model_type
         family = backbone_family(model_type, processor_class)
         if family is None:

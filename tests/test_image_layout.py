@@ -22,6 +22,7 @@ from flmm_hf import image_layout
 from flmm_hf.image_layout import (
     FAMILIES,
     Family,
+    LlavaNextLayout,
     SquareLayout,
     example_image_inputs,
     get_family,
@@ -59,7 +60,7 @@ def _identity_vision_encoder(model: torch.nn.Module) -> list:
 
     handles = []
     for name, module in model.named_modules():
-        in_vision = any(part in name for part in ("vision_tower", "vision_model", "visual"))
+        in_vision = any(part in name for part in ("vision_tower", "vision_model", "visual", "image_tower"))
         in_layer = any(part in name for part in (".layers.", ".layer.", ".blocks."))
         leaf_name = name.rsplit(".", 1)[-1]
         if in_vision and in_layer and leaf_name in ("self_attn", "attention", "attn", "mlp", "feed_forward"):
@@ -175,14 +176,15 @@ def test_grid_positions_follow_image_geometry(family: str, padding_side: str = "
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_grids_cover_all_patch_tokens(family: str):
-    """Every image token is in some grid except LLaVA-NeXT's newline column."""
+    """Every image token is in some grid except the newline column of LLaVA-NeXT-like layouts."""
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
     inputs["original_sizes"] = torch.tensor(tm.image_sizes(family))
     for b, example_grids in enumerate(_batch_grids(layout, inputs)):
         covered = torch.cat([g.flatten() for g in example_grids]).unique()
         image_pos = torch.nonzero(inputs["input_ids"][b] == tm.IMAGE_ID).flatten()
-        n_newlines = example_grids[1].shape[0] if family == "llava_next" else 0
+        # LLaVA-NeXT-like layouts: one newline token per high-res row
+        n_newlines = example_grids[1].shape[0] if isinstance(layout, LlavaNextLayout) else 0
         assert covered.numel() == image_pos.numel() - n_newlines
 
 
@@ -212,6 +214,18 @@ def test_llava_next_grids_are_base_then_unpadded_high_res():
     # the base grid comes first; each high-res row is followed by one (dropped) newline token
     assert int(base.max()) < int(high.min())
     assert torch.equal(high[1, 0] - high[0, -1], torch.tensor(2))
+
+
+def test_llava_onevision_caps_the_high_res_grid():
+    config = tm.tiny_config("llava_onevision")
+    layout = get_image_layout(config)
+    # 40x60 -> LLaVA-NeXT's 10x14 un-padded grid; anyres_max_1 allows 1 crop of 7x7: ratio 1.69 -> 5x8
+    assert layout.high_res_shape((40, 60)) == (5, 8)
+    base, high = layout.grids(tm.build_inputs("llava_onevision")["input_ids"][0], {"image_sizes": torch.tensor([40, 60])})
+    assert tuple(base.shape) == (7, 7) and tuple(high.shape) == (5, 8)
+    # within the cap (ratio <= 1.1) the grid is LLaVA-NeXT's
+    config.vision_aspect_ratio = "anyres_max_9"
+    assert get_image_layout(config).high_res_shape((40, 60)) == (10, 14)
 
 
 def test_tiled_layouts_read_row_col_info_or_infer_it():
@@ -252,7 +266,8 @@ def test_more_than_one_image_per_example_is_rejected():
         qwen.grids(inputs["input_ids"][0], {"image_grid_thw": inputs["image_grid_thw"]})
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl", "vipllava",
+                                    "llava_onevision", "aya_vision", "shieldgemma2"])
 def test_token_count_mismatch_is_rejected(family: str):
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
@@ -314,7 +329,8 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # the family registry
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
-             "smolvlm", "internvl", "mistral3")
+             "smolvlm", "internvl", "mistral3", "vipllava", "video_llava", "llava_next_video", "llava_onevision",
+             "aya_vision", "shieldgemma2")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "llava_onevision", "llava_next_video", "qwen3_vl", "idefics2", "pixtral", "aya_vision", "glm4v"}
 

@@ -434,9 +434,16 @@ def test_model_type_comes_from_the_folder_config_or_the_processor_class(llava, s
     assert llava.model_type == "llava" and not llava.is_dynamic_resolution
     # the SmolVLM checkpoint is an Idefics3 config with an Idefics3Processor
     assert smolvlm.model_type == "idefics3" and smolvlm.is_dynamic_resolution and not smolvlm.letterbox
-    # without a folder: the one registered family whose processor class is LlavaProcessor ("vipllava" is not registered)
+    # without a folder: the one registered family whose processor class it is
+    assert FLMMProcessor(smolvlm.processor).model_type == "idefics3"
+    # LlavaProcessor serves llava and vipllava: the family of the package that defines it (llava) is taken
+    assert processor_model_types("LlavaProcessor") == ["llava", "vipllava"]
     assert FLMMProcessor(llava.processor).model_type == "llava"
-    assert processor_model_types("LlavaProcessor") == ["llava"]
+    # a subclass defined elsewhere, shared by two families: no model type, their common trait
+    outside = copy.copy(llava.processor)
+    outside.__class__ = type("LlavaProcessor", (type(llava.processor),), {"__module__": "my_package.processing"})
+    bare = FLMMProcessor(outside)
+    assert bare.model_type is None and not bare.is_dynamic_resolution
 
 
 def test_processor_traits_come_from_the_registry(llava):

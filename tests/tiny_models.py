@@ -20,6 +20,7 @@ use as query rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,6 +43,12 @@ FAMILIES: list[str] = [
     "smolvlm",
     "internvl",
     "mistral3",
+    "vipllava",
+    "video_llava",
+    "llava_next_video",
+    "llava_onevision",
+    "aya_vision",
+    "shieldgemma2",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -55,10 +62,10 @@ SPECIAL_START = 240
 IMAGE_ID = 250  # the image placeholder in every family
 WRAP_OPEN_ID = 245  # <vision_start>, <img>, <start_of_image>, <fake_token_around_image>
 WRAP_CLOSE_ID = 246  # <vision_end>, </img>, <end_of_image>, <global-img>
-BREAK_ID = 248  # mistral3 [IMG_BREAK]
+BREAK_ID = 248  # mistral3 [IMG_BREAK], aya_vision TILE_GLOBAL
 END_ID = 249  # mistral3 [IMG_END]
 NEWLINE_ID = 13  # an ordinary text token standing for "\n"
-ROW_COL_START = 200  # idefics3 <row_i_col_j> tokens (plain added tokens, not image tokens)
+ROW_COL_START = 200  # idefics3 <row_i_col_j>, aya_vision TILE_i (plain added tokens, not image tokens)
 
 # Original image sizes (H, W) of the two examples. Fixed-size families get squares because in
 # F-LMM's reproduction mode their images are letterboxed to a square before the processor.
@@ -94,6 +101,8 @@ class FamilySpec:
     drop_keys: tuple[str, ...] = ()
     # extra per-token inputs, built from the finished token ids: name -> ids -> values
     token_inputs: dict[str, Callable[[list[int], int], list[int]]] = field(default_factory=dict)
+    # extra keyword arguments of the image processor call
+    processor_kwargs: dict = field(default_factory=dict)
 
 
 def _llama(**overrides) -> transformers.LlamaConfig:
@@ -114,8 +123,8 @@ def _spec_llava() -> FamilySpec:
     return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n)
 
 
-def _llava_next_count(config, orig_hw: tuple[int, int]) -> int:
-    """Image tokens of one LLaVA-NeXT image, as LlavaNextProcessor._get_number_of_features counts them."""
+def _llava_next_unpadded(config, orig_hw: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of LLaVA-NeXT's un-padded high-res grid, as LlavaNextProcessor._get_unpadded_features."""
     from transformers.image_processing_utils import select_best_resolution
 
     size = config.vision_config.image_size
@@ -129,8 +138,15 @@ def _llava_next_count(config, orig_hw: tuple[int, int]) -> int:
     else:
         new_w = int(round(w * (cur_h / h), 7))
         cur_w -= ((cur_w - new_w) // 2) * 2
+    return cur_h, cur_w
+
+
+def _llava_next_count(config, orig_hw: tuple[int, int]) -> int:
+    """Image tokens of one LLaVA-NeXT image, as LlavaNextProcessor._get_number_of_features counts them."""
+    p = config.vision_config.image_size // config.vision_config.patch_size
+    h, w = _llava_next_unpadded(config, orig_hw)
     # base grid + un-padded high-res grid + one newline per high-res row (all image tokens)
-    return p * p + cur_h * cur_w + cur_h
+    return p * p + h * w + h
 
 
 def _spec_llava_next() -> FamilySpec:
@@ -302,6 +318,106 @@ def _spec_mistral3() -> FamilySpec:
     return FamilySpec(config, proc, FREE_SIZES, block)
 
 
+def _spec_vipllava() -> FamilySpec:
+    vision = transformers.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32)
+    # features of several vision layers (hidden_states 0..2 of the 2-layer tower), CLS always dropped
+    config = transformers.VipLlavaConfig(vision_config=vision, text_config=_llama(), image_token_index=IMAGE_ID,
+                                         vision_feature_layer=[-1, -2, 0])
+    proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    n = (28 // 4) ** 2
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n)
+
+
+def _spec_video_llava() -> FamilySpec:
+    vision = transformers.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32)
+    config = transformers.VideoLlavaConfig(
+        vision_config=vision, text_config=_llama(), image_token_index=IMAGE_ID, video_token_index=IMAGE_ID - 1,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=49,
+    )
+    proc = transformers.VideoLlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    n = (28 // 4) ** 2
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n,
+                      processor_kwargs={"return_legacy_image_output": False})  # pixel_values, not _images
+
+
+def _spec_llava_next_video() -> FamilySpec:
+    vision = transformers.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32)
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    config = transformers.LlavaNextVideoConfig(
+        vision_config=vision, text_config=_llama(), image_token_index=IMAGE_ID, video_token_index=IMAGE_ID - 1,
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    # LlavaNextVideoProcessor uses LLaVA-NeXT's image processor for images
+    proc = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+    )
+
+    def block(inp: dict, b: int) -> list[int]:
+        hw = tuple(int(v) for v in inp["image_sizes"][b])
+        return [IMAGE_ID] * _llava_next_count(config, hw)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _spec_llava_onevision() -> FamilySpec:
+    vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    # anyres_max_1: the un-padded high-res grid (> 1.1**2 crops' worth of features) is resized down,
+    # so the test sees LLaVA-OneVision's cap, not just LLaVA-NeXT's un-padding
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=transformers.Qwen2Config(**_SMALL_TEXT), image_token_index=IMAGE_ID,
+        video_token_index=IMAGE_ID - 1, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+    )
+    proc = transformers.LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
+                                                         image_grid_pinpoints=pinpoints)
+    p = 28 // 4
+
+    def block(inp: dict, b: int) -> list[int]:
+        # LlavaOnevisionProcessor._get_number_of_features: base + un-padded grid capped at
+        # anyres_max_N crops (both sides divided by ratio when ratio > 1.1) + one newline per row
+        hw = tuple(int(v) for v in inp["image_sizes"][b])
+        h, w = _llava_next_unpadded(config, hw)
+        ratio = math.sqrt(h * w / (1 * p * p))
+        if ratio > 1.1:
+            h, w = int(h // ratio), int(w // ratio)
+        return [IMAGE_ID] * (p * p + h * w + h)
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("batch_num_images",))
+
+
+def _spec_aya_vision() -> FamilySpec:
+    vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=32, patch_size=4)
+    text = transformers.Cohere2Config(**_SMALL_TEXT, sliding_window=16)
+    config = transformers.AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                          downsample_factor=2, vision_feature_layer=-1,
+                                          vision_feature_select_strategy="full")
+    proc = transformers.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=6)
+    per_tile = (32 // 4 // 2) ** 2
+
+    def block(inp: dict, b: int) -> list[int]:
+        # AyaVisionProcessor: <start_of_img> (TILE_i + patches) per tile, TILE_GLOBAL + patches, <end_of_img>
+        n = int(inp["num_patches"][b])
+        ids = [WRAP_OPEN_ID]
+        for i in range(1, n):  # one view only (n == 1): no tiles
+            ids += [ROW_COL_START + i] + [IMAGE_ID] * per_tile
+        ids += [BREAK_ID] + [IMAGE_ID] * per_tile + [WRAP_CLOSE_ID]
+        return ids
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("num_patches",))
+
+
+def _spec_shieldgemma2() -> FamilySpec:
+    spec = _spec_gemma3()
+    gemma = spec.config
+    spec.config = transformers.ShieldGemma2Config(
+        vision_config=gemma.vision_config, text_config=gemma.text_config, mm_tokens_per_image=16,
+        boi_token_index=WRAP_OPEN_ID, eoi_token_index=WRAP_CLOSE_ID, image_token_index=IMAGE_ID,
+    )
+    return spec
+
+
 _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "llava": _spec_llava,
     "llava_next": _spec_llava_next,
@@ -314,6 +430,12 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "smolvlm": lambda: _spec_idefics3("smolvlm"),
     "internvl": _spec_internvl,
     "mistral3": _spec_mistral3,
+    "vipllava": _spec_vipllava,
+    "video_llava": _spec_video_llava,
+    "llava_next_video": _spec_llava_next_video,
+    "llava_onevision": _spec_llava_onevision,
+    "aya_vision": _spec_aya_vision,
+    "shieldgemma2": _spec_shieldgemma2,
 }
 
 
@@ -353,7 +475,7 @@ def build_inputs(
     # Idefics3/SmolVLM processors take one list of images per example
     nested = family in ("idefics3", "smolvlm")
     image_inputs = dict(spec.image_processor(images=[[im] for im in images] if nested else images,
-                                             return_tensors="pt"))
+                                             return_tensors="pt", **spec.processor_kwargs))
     rng = np.random.default_rng(seed + 1)
 
     def text(n: int) -> list[int]:
@@ -402,7 +524,7 @@ def build_tiny(
     model = AutoModelForImageTextToText.from_config(
         spec.config, attn_implementation=attn_implementation, dtype=torch.float32
     )
-    if family == "gemma3":
+    if family in ("gemma3", "shieldgemma2"):
         # Gemma3 initialises its image projection to zeros: every image token would get the
         # same (zero) embedding and no test could tell image positions apart.
         with torch.no_grad():
