@@ -318,11 +318,17 @@ class LlavaNextLayout(ImageLayout):
 
 
 class QwenVLLayout(ImageLayout):
-    """Qwen2-VL / Qwen2.5-VL: ``(h / m) x (w / m)`` merged tokens from ``image_grid_thw = (t, h, w)``.
+    """Qwen-style dynamic resolution: ``(h / m) x (w / m)`` merged tokens from ``image_grid_thw = (t, h, w)``.
 
     ``m = vision_config.spatial_merge_size``. The vision tower returns merged tokens row-major
     (Qwen2.5-VL's window reordering is undone inside the tower), wrapped in
     ``<|vision_start|> ... <|vision_end|>`` (not image tokens). Images have ``t == 1``.
+
+    The same geometry serves the families built on Qwen2-VL's patch-and-merge tower:
+    Qwen3-VL (+ MoE; its deepstack features are added to the text hidden states AT the image
+    tokens, so they do not move them) and GLM-4.1V / GLM-4.5V / GLM-4.6V (wrapped in
+    ``<|begin_of_image|> ... <|end_of_image|>``; the merger is a stride-``m`` convolution
+    over the same ``m x m`` blocks).
     """
 
     def grids(self, input_ids, image_inputs=None):
@@ -500,14 +506,18 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family(Idefics3Layout, dynamic_resolution=True),
     "internvl": Family(InternVLLayout, dynamic_resolution=True),
     "mistral3": Family(Mistral3Layout, dynamic_resolution=True),
+    # Qwen-style dynamic resolution: image_grid_thw + spatial merge, 3-D (m-rope) positions
+    "qwen3_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen3_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm4v": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm4v_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm46v": Family(QwenVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),
-    "qwen3_vl": Family(dynamic_resolution=True),
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
     "aya_vision": Family(dynamic_resolution=True),
-    "glm4v": Family(dynamic_resolution=True),
 }
 """The registry of backbone families, keyed by config ``model_type`` (see :class:`Family`)."""
 

@@ -314,9 +314,15 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # the family registry
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
-             "smolvlm", "internvl", "mistral3")
+             "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
-           "llava_onevision", "llava_next_video", "qwen3_vl", "idefics2", "pixtral", "aya_vision", "glm4v"}
+           "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+
+
+def _registered_without_layout() -> str:
+    """A model type registered for its processor traits alone (no layout yet)."""
+    return next(mt for mt, family in FAMILIES.items() if family.layout is None)
 
 
 def test_registry_holds_layout_and_processor_traits_per_model_type():
@@ -325,7 +331,7 @@ def test_registry_holds_layout_and_processor_traits_per_model_type():
         assert FAMILIES[model_type].layout is not None, model_type
     assert {mt for mt, family in FAMILIES.items() if family.dynamic_resolution} == DYNAMIC
     # dynamic-resolution processors without a layout yet are registered for their traits alone
-    assert get_family("qwen3_vl") == Family(layout=None, dynamic_resolution=True)
+    assert get_family(_registered_without_layout()) == Family(layout=None, dynamic_resolution=True)
     assert get_family("my_new_vlm") is None and get_family(None) is None
 
 
@@ -342,23 +348,25 @@ def test_register_family_and_register_image_layout():
         def __init__(self, config):
             super().__init__(config, side=None)
 
+    traits_only = _registered_without_layout()
     try:
         register_family("my_new_vlm", SquareFromCount, dynamic_resolution=True)
         assert type(get_image_layout(_unknown_config(image_seq_length=15))) is SquareFromCount  # no fallback, no error
         # a layout registered alone keeps the family's processor traits
         register_image_layout("my_new_vlm", SquareLayout)
         assert get_family("my_new_vlm") == Family(SquareLayout, dynamic_resolution=True)
-        register_image_layout("qwen3_vl", SquareFromCount)
-        assert get_family("qwen3_vl") == Family(SquareFromCount, dynamic_resolution=True)
+        register_image_layout(traits_only, SquareFromCount)
+        assert get_family(traits_only) == Family(SquareFromCount, dynamic_resolution=True)
     finally:
         FAMILIES.pop("my_new_vlm", None)
-        FAMILIES["qwen3_vl"] = Family(dynamic_resolution=True)
+        FAMILIES[traits_only] = Family(dynamic_resolution=True)
 
 
 def test_registered_family_without_layout_takes_the_square_fallback():
+    traits_only = _registered_without_layout()
     config = _unknown_config(image_seq_length=16)
-    config.model_type = "qwen3_vl"
+    config.model_type = traits_only
     logger = hf_logging.get_logger(image_layout.__name__)
     with CaptureLogger(logger) as captured:
         layout = get_image_layout(config)
-    assert "qwen3_vl" in captured.out and isinstance(layout, SquareLayout) and layout.side == 4
+    assert traits_only in captured.out and isinstance(layout, SquareLayout) and layout.side == 4

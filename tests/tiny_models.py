@@ -42,6 +42,11 @@ FAMILIES: list[str] = [
     "smolvlm",
     "internvl",
     "mistral3",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "glm4v",
+    "glm4v_moe",
+    "glm46v",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -193,6 +198,60 @@ def _spec_qwen(version: str) -> FamilySpec:
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
 
 
+def _qwen_image_processor(patch_size: int = 4, merge_size: int = 2, cls=None):
+    """Qwen2-VL's PIL image processor (also Qwen3-VL's and the Omni thinkers'), tiny: patches of 4 px."""
+    cls = cls or transformers.Qwen2VLImageProcessorPil
+    return cls(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+               size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+
+def _qwen_block(merge_size: int = 2, open_id: int = WRAP_OPEN_ID, close_id: int = WRAP_CLOSE_ID):
+    """``<|vision_start|>`` + ``t*h*w / merge**2`` image tokens + ``<|vision_end|>`` (Qwen-VL processors)."""
+
+    def block(inp: dict, b: int) -> list[int]:
+        n = int(inp["image_grid_thw"][b].prod()) // merge_size**2
+        return [open_id] + [IMAGE_ID] * n + [close_id]
+
+    return block
+
+
+def _spec_qwen3_vl(moe: bool) -> FamilySpec:
+    # deepstack: the features of vision layer 0 are also added to the hidden states of text layer 0
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    if moe:
+        text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                        vision_start_token_id=WRAP_OPEN_ID, vision_end_token_id=WRAP_CLOSE_ID)
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_glm4v(family: str) -> FamilySpec:
+    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: Qwen-VL geometry, ``<|begin_of_image|>`` + tokens + ``<|end_of_image|>``."""
+    # image_size 32 / patch 4: the learned 8x8 position table is interpolated to each image's grid
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, image_size=32,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4})
+    if family == "glm4v_moe":
+        text.update(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1, head_dim=16)  # partial_rotary_factor 0.5: 8 rotary dims
+    config_cls = {"glm4v": transformers.Glm4vConfig, "glm4v_moe": transformers.Glm4vMoeConfig,
+                  "glm46v": transformers.Glm46VConfig}[family]
+    if family == "glm46v":  # its sub-configs are GLM-4.1V's, named by model_type
+        text, vision = dict(text, model_type="glm4v_text"), dict(vision, model_type="glm4v_vision")
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                        image_start_token_id=WRAP_OPEN_ID, image_end_token_id=WRAP_CLOSE_ID,
+                        video_start_token_id=WRAP_OPEN_ID - 2, video_end_token_id=WRAP_CLOSE_ID - 2)
+    proc_cls = transformers.Glm46VImageProcessorPil if family == "glm46v" else transformers.Glm4vImageProcessorPil
+    return FamilySpec(config, _qwen_image_processor(cls=proc_cls), FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -314,6 +373,11 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "smolvlm": lambda: _spec_idefics3("smolvlm"),
     "internvl": _spec_internvl,
     "mistral3": _spec_mistral3,
+    "qwen3_vl": lambda: _spec_qwen3_vl(moe=False),
+    "qwen3_vl_moe": lambda: _spec_qwen3_vl(moe=True),
+    "glm4v": lambda: _spec_glm4v("glm4v"),
+    "glm4v_moe": lambda: _spec_glm4v("glm4v_moe"),
+    "glm46v": lambda: _spec_glm4v("glm46v"),
 }
 
 
