@@ -59,6 +59,7 @@ PER_EXAMPLE_KEYS = (
     "rows",  # Idefics3/SmolVLM image processors' names for image_rows / image_cols
     "cols",
     "tile_grid",
+    "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
 )
 
 
@@ -337,10 +338,31 @@ class QwenVLLayout(ImageLayout):
         t, h, w = _row(image_inputs["image_grid_thw"])
         if t != 1:
             raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
-        m = self.config.vision_config.spatial_merge_size
+        m = self.merge_size(image_inputs)
         pos = _image_positions(input_ids, self.image_token_id)
-        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}")
+        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}, merge {m}")
         return [pos.view(h // m, w // m)]
+
+    def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
+        """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
+        return self.config.vision_config.spatial_merge_size
+
+
+class VideoLlama3Layout(QwenVLLayout):
+    """VideoLLaMA3: Qwen-VL's grid, with the merge size given per image in ``image_merge_sizes``.
+
+    Its vision tower merges each image's ``m x m`` patch blocks by bilinear down-sampling
+    (``pixel_unshuffle``), with ``m`` chosen by the processor per image (1 for images, 2 for
+    video frames by default) rather than fixed by the config; the text model has 1-D positions.
+    """
+
+    def merge_size(self, image_inputs):
+        if "image_merge_sizes" not in image_inputs:
+            raise ValueError(
+                f"{self.model_type}: grids() needs image_inputs['image_merge_sizes'] (returned by its image processor "
+                "with image_grid_thw); pass it through with the other image inputs."
+            )
+        return _row(image_inputs["image_merge_sizes"])[0]
 
 
 class Mistral3Layout(ImageLayout):
@@ -512,6 +534,7 @@ FAMILIES: dict[str, Family] = {
     "glm4v": Family(QwenVLLayout, dynamic_resolution=True),
     "glm4v_moe": Family(QwenVLLayout, dynamic_resolution=True),
     "glm46v": Family(QwenVLLayout, dynamic_resolution=True),
+    "video_llama_3": Family(VideoLlama3Layout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),

@@ -229,6 +229,18 @@ def test_tiled_layouts_read_row_col_info_or_infer_it():
         layout.grids(inputs["input_ids"][0], {})
 
 
+def test_video_llama_3_reads_the_merge_size_of_each_image():
+    layout = get_image_layout(tm.tiny_config("video_llama_3"))
+    ids = torch.tensor([5] + [tm.IMAGE_ID] * 24 + [6])
+    # a 4x6-patch image: 24 tokens unmerged (the processor's default for images), 6 with merge 2
+    (grid,) = layout.grids(ids, {"image_grid_thw": torch.tensor([1, 4, 6]), "image_merge_sizes": torch.tensor(1)})
+    assert torch.equal(grid, torch.arange(1, 25).view(4, 6))
+    (grid,) = layout.grids(ids[:7], {"image_grid_thw": torch.tensor([1, 4, 6]), "image_merge_sizes": torch.tensor(2)})
+    assert tuple(grid.shape) == (2, 3)
+    with pytest.raises(ValueError, match="image_merge_sizes"):
+        layout.grids(ids, {"image_grid_thw": torch.tensor([1, 4, 6])})
+
+
 def test_llava_full_strategy_drops_the_cls_token():
     config = tm.tiny_config("llava")
     config.vision_feature_select_strategy = "full"
@@ -314,9 +326,9 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # the family registry
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
-             "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v")
+             "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
-           "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
+           "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3",
            "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
 
 

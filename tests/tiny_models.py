@@ -47,6 +47,7 @@ FAMILIES: list[str] = [
     "glm4v",
     "glm4v_moe",
     "glm46v",
+    "video_llama_3",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -252,6 +253,22 @@ def _spec_glm4v(family: str) -> FamilySpec:
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
 
 
+def _spec_video_llama_3() -> FamilySpec:
+    # SigLIP-style tower with 2-D rope; a Qwen2 text model (1-D positions)
+    vision = dict(**_SMALL_VISION, patch_size=4)
+    config = transformers.VideoLlama3Config(text_config=dict(_SMALL_TEXT, model_type="qwen2"), vision_config=vision,
+                                            image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1)
+    # merge_size 2 (images default to 1): the layout must read the per-image image_merge_sizes
+    proc = transformers.VideoLlama3ImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def block(inp: dict, b: int) -> list[int]:
+        m = int(inp["image_merge_sizes"][b])
+        return [IMAGE_ID] * (int(inp["image_grid_thw"][b].prod()) // m**2)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -378,6 +395,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "glm4v": lambda: _spec_glm4v("glm4v"),
     "glm4v_moe": lambda: _spec_glm4v("glm4v_moe"),
     "glm46v": lambda: _spec_glm4v("glm46v"),
+    "video_llama_3": _spec_video_llama_3,
 }
 
 
