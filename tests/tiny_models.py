@@ -48,6 +48,7 @@ FAMILIES: list[str] = [
     "glm4v_moe",
     "glm46v",
     "video_llama_3",
+    "paddleocr_vl",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -269,6 +270,20 @@ def _spec_video_llama_3() -> FamilySpec:
     return FamilySpec(config, proc, FREE_SIZES, block)
 
 
+def _spec_paddleocr_vl() -> FamilySpec:
+    # SigLIP-style tower (learned 8x8 position table, interpolated) + 2x2 merge; Ernie-4.5 text, 3-D positions
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4, spatial_merge_size=2)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                            video_token_id=IMAGE_ID - 1, vision_start_token_id=WRAP_OPEN_ID,
+                                            vision_end_token_id=WRAP_CLOSE_ID)
+    proc = transformers.PaddleOCRVLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -396,6 +411,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "glm4v_moe": lambda: _spec_glm4v("glm4v_moe"),
     "glm46v": lambda: _spec_glm4v("glm46v"),
     "video_llama_3": _spec_video_llama_3,
+    "paddleocr_vl": _spec_paddleocr_vl,
 }
 
 
