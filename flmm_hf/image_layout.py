@@ -330,7 +330,8 @@ class QwenVLLayout(ImageLayout):
     tokens, so they do not move them) and GLM-4.1V / GLM-4.5V / GLM-4.6V (wrapped in
     ``<|begin_of_image|> ... <|end_of_image|>``; the merger is a stride-``m`` convolution
     over the same ``m x m`` blocks), and PaddleOCR-VL (a SigLIP-style tower whose projector
-    merges the same ``m x m`` blocks).
+    merges the same ``m x m`` blocks) and ERNIE-4.5-VL (its resampler merges them; images are not
+    merged in time).
     """
 
     def grids(self, input_ids, image_inputs=None):
@@ -537,6 +538,7 @@ FAMILIES: dict[str, Family] = {
     "glm46v": Family(QwenVLLayout, dynamic_resolution=True),
     "video_llama_3": Family(VideoLlama3Layout, dynamic_resolution=True),
     "paddleocr_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "ernie4_5_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),

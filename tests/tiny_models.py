@@ -49,6 +49,7 @@ FAMILIES: list[str] = [
     "glm46v",
     "video_llama_3",
     "paddleocr_vl",
+    "ernie4_5_vl_moe",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -284,6 +285,29 @@ def _spec_paddleocr_vl() -> FamilySpec:
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
 
 
+def _spec_ernie4_5_vl_moe() -> FamilySpec:
+    # Qwen-VL-style tower, 2x2 merge in the resampler; MoE text with separate vision experts, 3-D positions
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_merge_size=2)
+    text = dict(_SMALL_TEXT, moe_intermediate_size=[16, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+        image_start_token_id=WRAP_OPEN_ID, image_end_token_id=WRAP_CLOSE_ID,
+        video_start_token_id=WRAP_OPEN_ID - 2, video_end_token_id=WRAP_CLOSE_ID - 2,
+    )
+    proc = transformers.Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def moe_types(ids: list[int], _: int) -> list[int]:
+        # the processor's moe_mm_token_type_ids: image tokens AND their start/end tokens go to the vision experts
+        return [1 if t in (IMAGE_ID, WRAP_OPEN_ID, WRAP_CLOSE_ID) else 0 for t in ids]
+
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID),
+                                    "moe_mm_token_type_ids": moe_types})
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -412,6 +436,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "glm46v": lambda: _spec_glm4v("glm46v"),
     "video_llama_3": _spec_video_llama_3,
     "paddleocr_vl": _spec_paddleocr_vl,
+    "ernie4_5_vl_moe": _spec_ernie4_5_vl_moe,
 }
 
 
