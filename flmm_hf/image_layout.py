@@ -331,7 +331,7 @@ class QwenVLLayout(ImageLayout):
     ``<|begin_of_image|> ... <|end_of_image|>``; the merger is a stride-``m`` convolution
     over the same ``m x m`` blocks), and PaddleOCR-VL (a SigLIP-style tower whose projector
     merges the same ``m x m`` blocks) and ERNIE-4.5-VL (its resampler merges them; images are not
-    merged in time).
+    merged in time), and the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE.
     """
 
     def grids(self, input_ids, image_inputs=None):
@@ -539,6 +539,7 @@ FAMILIES: dict[str, Family] = {
     "video_llama_3": Family(VideoLlama3Layout, dynamic_resolution=True),
     "paddleocr_vl": Family(QwenVLLayout, dynamic_resolution=True),
     "ernie4_5_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen2_5_omni_thinker": Family(QwenVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),

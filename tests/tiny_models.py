@@ -50,6 +50,7 @@ FAMILIES: list[str] = [
     "video_llama_3",
     "paddleocr_vl",
     "ernie4_5_vl_moe",
+    "qwen2_5_omni_thinker",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -308,6 +309,23 @@ def _spec_ernie4_5_vl_moe() -> FamilySpec:
                                     "moe_mm_token_type_ids": moe_types})
 
 
+def _spec_qwen2_5_omni_thinker() -> FamilySpec:
+    """Qwen2.5-Omni's thinker (the text-generating part): a Qwen2.5-VL tower + an audio encoder (unused here)."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+    audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=32, n_window=4, max_source_positions=32)
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_index=IMAGE_ID,
+        video_token_index=IMAGE_ID - 1, audio_token_index=IMAGE_ID - 2, audio_start_token_id=WRAP_OPEN_ID - 2,
+        audio_end_token_id=WRAP_CLOSE_ID - 2,
+    )
+    # its 3-D positions find images by the token after <|vision_start|>, an id the thinker config does not declare
+    config.vision_start_token_id = WRAP_OPEN_ID
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -437,6 +455,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "video_llama_3": _spec_video_llama_3,
     "paddleocr_vl": _spec_paddleocr_vl,
     "ernie4_5_vl_moe": _spec_ernie4_5_vl_moe,
+    "qwen2_5_omni_thinker": _spec_qwen2_5_omni_thinker,
 }
 
 
