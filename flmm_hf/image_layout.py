@@ -540,6 +540,7 @@ FAMILIES: dict[str, Family] = {
     "paddleocr_vl": Family(QwenVLLayout, dynamic_resolution=True),
     "ernie4_5_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
     "qwen2_5_omni_thinker": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen3_omni_moe_thinker": Family(QwenVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),

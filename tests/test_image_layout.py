@@ -327,10 +327,11 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
              "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3",
-             "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker")
+             "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker",
+             "qwen3_omni_moe_thinker")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
-           "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+           "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
 
 
 def _registered_without_layout() -> str:

@@ -51,6 +51,7 @@ FAMILIES: list[str] = [
     "paddleocr_vl",
     "ernie4_5_vl_moe",
     "qwen2_5_omni_thinker",
+    "qwen3_omni_moe_thinker",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -326,6 +327,23 @@ def _spec_qwen2_5_omni_thinker() -> FamilySpec:
     return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
 
 
+def _spec_qwen3_omni_moe_thinker() -> FamilySpec:
+    """Qwen3-Omni-MoE's thinker: a Qwen3-VL tower (deepstack), MoE text, an audio encoder (unused here)."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=32, n_window=4, max_source_positions=32, downsample_hidden_size=8)
+    text = dict(_SMALL_TEXT, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Qwen3OmniMoeThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_id=IMAGE_ID,
+        video_token_id=IMAGE_ID - 1, audio_token_id=IMAGE_ID - 2, audio_start_token_id=WRAP_OPEN_ID - 2,
+    )
+    config.vision_start_token_id = WRAP_OPEN_ID  # read by its 3-D positions, not declared by the config
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -456,6 +474,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "paddleocr_vl": _spec_paddleocr_vl,
     "ernie4_5_vl_moe": _spec_ernie4_5_vl_moe,
     "qwen2_5_omni_thinker": _spec_qwen2_5_omni_thinker,
+    "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
 }
 
 
