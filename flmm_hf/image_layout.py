@@ -475,6 +475,57 @@ class InternVLLayout(TiledLayout):
         return super().grids(input_ids, image_inputs)
 
 
+class Ovis2Layout(ImageLayout):
+    """Ovis2: the global view first, then (when the image is cropped) its tiles row-major.
+
+    Sequence: ``<IMG_START>`` + global view + ``<IMG_GRID>`` + tiles, ``<IMG_COL>`` between two
+    tiles of a row and ``<IMG_ROW>`` between rows, + ``<IMG_END>``; the indicators are
+    ``config.visual_indicator_token_ids`` (start, grid, col, row, end), not image tokens. Each
+    view gives ``s x s`` tokens, ``s = ceil(image_size / patch_size / hidden_stride)`` (the tower
+    pads its patch grid to a multiple of ``hidden_stride``, then merges ``hidden_stride``-blocks
+    row-major). The tile grid is read from the ``<IMG_ROW>`` / ``<IMG_COL>`` tokens, so no
+    extra input is needed (the processor's ``grids`` never reaches the model).
+
+    Grids: [tiles stitched into ``rows*s x cols*s``, global ``s x s``]; the tile grid is main.
+    An image that is not cropped has one view, returned as both grids.
+    """
+
+    num_grids = 2
+    main_grid = 0
+    grid_names = ("tiles", "global")
+
+    def __init__(self, config):
+        super().__init__(config)
+        vc = config.vision_config
+        self.side = math.ceil(vc.image_size / vc.patch_size / vc.hidden_stride)
+        self.seq_len = self.side * self.side
+        _start, _grid, self.col_token_id, self.row_token_id, _end = config.visual_indicator_token_ids
+
+    def grids(self, input_ids, image_inputs=None):
+        pos = _image_positions(input_ids, self.image_token_id)
+        n_views, rem = divmod(pos.numel(), self.seq_len)
+        if rem or n_views == 0:
+            raise ValueError(
+                f"{self.model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
+                f"of the {self.seq_len} tokens per view."
+            )
+        rows = int((input_ids == self.row_token_id).sum()) + 1
+        cols_between = int((input_ids == self.col_token_id).sum())
+        if cols_between % rows:
+            raise ValueError(f"{self.model_type}: {cols_between} <IMG_COL> tokens do not split into {rows} equal rows.")
+        cols = cols_between // rows + 1
+        n_tiles = rows * cols if rows * cols > 1 else 0  # a single view is not cropped
+        _check_count(self.model_type, pos.numel(), (n_tiles + 1) * self.seq_len,
+                     f"a global view + {rows}x{cols} tiles of {self.seq_len} tokens each")
+        if _count_runs(input_ids, self.image_token_id) != n_tiles + 1:
+            raise ValueError(f"{self.model_type}: image tokens are not one run per view; only one image per example "
+                             "is supported.")
+        views = [v.view(self.side, self.side) for v in pos.split(self.seq_len)]
+        if n_tiles == 0:
+            return [views[0], views[0]]
+        return [_stitch(views[1:], rows, cols), views[0]]
+
+
 def _square_patch_grid(config) -> ImageLayout:
     """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS.
 
@@ -541,6 +592,7 @@ FAMILIES: dict[str, Family] = {
     "ernie4_5_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
     "qwen2_5_omni_thinker": Family(QwenVLLayout, dynamic_resolution=True),
     "qwen3_omni_moe_thinker": Family(QwenVLLayout, dynamic_resolution=True),
+    "ovis2": Family(Ovis2Layout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "llava_onevision": Family(dynamic_resolution=True),
     "llava_next_video": Family(dynamic_resolution=True),

@@ -241,6 +241,25 @@ def test_video_llama_3_reads_the_merge_size_of_each_image():
         layout.grids(ids, {"image_grid_thw": torch.tensor([1, 4, 6])})
 
 
+def test_ovis2_reads_the_tile_grid_from_its_indicator_tokens():
+    layout = get_image_layout(tm.tiny_config("ovis2"))
+    start, grid_id, col, row, end = tm.OVIS2_INDICATORS
+    view = [tm.IMAGE_ID] * 16
+    # a 2x3 crop: global view, then tiles row-major with <IMG_COL> inside rows and <IMG_ROW> between them
+    tiles = [(view + [col]) * 2 + view + [row], (view + [col]) * 2 + view]
+    ids = torch.tensor([5, start] + view + [grid_id] + tiles[0] + tiles[1] + [end])
+    stitched, global_view = layout.grids(ids)
+    assert tuple(stitched.shape) == (8, 12) and tuple(global_view.shape) == (4, 4)
+    assert torch.equal(global_view, torch.arange(2, 18).view(4, 4))  # the global view comes first
+    first_tile_of_row_1 = 2 + 16 + 1 + 3 * 16 + 3  # after the global view, <IMG_GRID>, a row of 3 tiles and 3 separators
+    assert int(stitched[4, 0]) == first_tile_of_row_1
+    # not cropped: one view, returned as both grids
+    single = layout.grids(torch.tensor([start] + view + [grid_id, end]))
+    assert torch.equal(single[0], single[1])
+    with pytest.raises(ValueError, match="ovis2.*mismatch"):
+        layout.grids(torch.tensor([start] + view + [grid_id] + view + [row] + [end]))  # 2 rows claimed, 1 tile
+
+
 def test_llava_full_strategy_drops_the_cls_token():
     config = tm.tiny_config("llava")
     config.vision_feature_select_strategy = "full"
@@ -264,7 +283,9 @@ def test_more_than_one_image_per_example_is_rejected():
         qwen.grids(inputs["input_ids"][0], {"image_grid_thw": inputs["image_grid_thw"]})
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl"])
+@pytest.mark.parametrize(
+    "family", ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl", "qwen3_vl", "video_llama_3", "ovis2"]
+)
 def test_token_count_mismatch_is_rejected(family: str):
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
@@ -326,12 +347,13 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # the family registry
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
-             "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3",
-             "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker",
-             "qwen3_omni_moe_thinker")
+             "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
+             "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+             "ovis2")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
-           "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+           "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2",
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
 
 
 def _registered_without_layout() -> str:

@@ -52,6 +52,7 @@ FAMILIES: list[str] = [
     "ernie4_5_vl_moe",
     "qwen2_5_omni_thinker",
     "qwen3_omni_moe_thinker",
+    "ovis2",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -344,6 +345,35 @@ def _spec_qwen3_omni_moe_thinker() -> FamilySpec:
     return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
 
 
+# Ovis2's visual indicators <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>
+OVIS2_INDICATORS = (WRAP_OPEN_ID, 241, 242, 243, WRAP_CLOSE_ID)
+
+
+def _spec_ovis2() -> FamilySpec:
+    # 32 px views, patch 4 -> 8x8 patches, hidden_stride 2 -> 4x4 = 16 tokens per view; Qwen2 text
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4, hidden_stride=2, vocab_size=64)
+    config = transformers.Ovis2Config(vision_config=vision, text_config=dict(_SMALL_TEXT, model_type="qwen2"),
+                                      image_token_id=IMAGE_ID, visual_indicator_token_ids=list(OVIS2_INDICATORS),
+                                      vocab_size=VOCAB, hidden_size=32)
+    proc = transformers.Ovis2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                               min_patches=1, max_patches=6)
+    start, grid, col, row, end = OVIS2_INDICATORS
+    seq_len = 16
+
+    def block(inp: dict, b: int) -> list[int]:
+        # Ovis2Processor.replace_image_token: global view, then tiles separated by <IMG_COL> / <IMG_ROW>
+        rows, cols = (int(v) for v in inp["grids"][b])
+        ids = [start] + [IMAGE_ID] * seq_len + [grid]
+        if rows * cols > 1:
+            for r in range(rows):
+                for c in range(cols):
+                    ids += [IMAGE_ID] * seq_len + ([col] if c < cols - 1 else [])
+                ids += [row] if r < rows - 1 else []
+        return ids + [end]
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("grids",))
+
+
 def _spec_paligemma() -> FamilySpec:
     vision = transformers.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=4)
     text = transformers.GemmaConfig(**_SMALL_TEXT, head_dim=8)
@@ -475,6 +505,7 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "ernie4_5_vl_moe": _spec_ernie4_5_vl_moe,
     "qwen2_5_omni_thinker": _spec_qwen2_5_omni_thinker,
     "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
+    "ovis2": _spec_ovis2,
 }
 
 
