@@ -325,13 +325,15 @@ class QwenVLLayout(ImageLayout):
     (Qwen2.5-VL's window reordering is undone inside the tower), wrapped in
     ``<|vision_start|> ... <|vision_end|>`` (not image tokens). Images have ``t == 1``.
 
-    The same geometry serves the families built on Qwen2-VL's patch-and-merge tower:
-    Qwen3-VL (+ MoE; its deepstack features are added to the text hidden states AT the image
-    tokens, so they do not move them) and GLM-4.1V / GLM-4.5V / GLM-4.6V (wrapped in
-    ``<|begin_of_image|> ... <|end_of_image|>``; the merger is a stride-``m`` convolution
-    over the same ``m x m`` blocks), and PaddleOCR-VL (a SigLIP-style tower whose projector
-    merges the same ``m x m`` blocks) and ERNIE-4.5-VL (its resampler merges them; images are not
-    merged in time), and the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE.
+    The same geometry serves the families whose towers patch and merge images as Qwen2-VL does:
+
+    * Qwen3-VL (+ MoE): its deepstack features are added to the text hidden states AT the image
+      tokens, so they do not move them;
+    * GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: wrapped in ``<|begin_of_image|> ... <|end_of_image|>``;
+      the merger is a stride-``m`` convolution over the same ``m x m`` blocks;
+    * PaddleOCR-VL (a SigLIP-style tower; the projector merges the ``m x m`` blocks) and
+      ERNIE-4.5-VL (its resampler merges them; images are not merged in time);
+    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower).
     """
 
     def grids(self, input_ids, image_inputs=None):
