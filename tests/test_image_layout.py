@@ -356,9 +356,12 @@ DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "inter
            "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
 
 
-def _registered_without_layout() -> str:
-    """A model type registered for its processor traits alone (no layout yet)."""
-    return next(mt for mt, family in FAMILIES.items() if family.layout is None)
+@pytest.fixture
+def traits_only():
+    """A model type registered for its processor traits alone (no layout), removed afterwards."""
+    register_family("my_traits_only_vlm", dynamic_resolution=True)
+    yield "my_traits_only_vlm"
+    FAMILIES.pop("my_traits_only_vlm", None)
 
 
 def test_registry_holds_layout_and_processor_traits_per_model_type():
@@ -366,8 +369,8 @@ def test_registry_holds_layout_and_processor_traits_per_model_type():
     for model_type in SUPPORTED:
         assert FAMILIES[model_type].layout is not None, model_type
     assert {mt for mt, family in FAMILIES.items() if family.dynamic_resolution} == DYNAMIC
-    # dynamic-resolution processors without a layout yet are registered for their traits alone
-    assert get_family(_registered_without_layout()) == Family(layout=None, dynamic_resolution=True)
+    # families without a layout yet are registered only for their dynamic-resolution processors
+    assert all(family.dynamic_resolution for family in FAMILIES.values() if family.layout is None)
     assert get_family("my_new_vlm") is None and get_family(None) is None
 
 
@@ -379,12 +382,12 @@ def test_get_image_layout_uses_the_registered_factory(family: str):
     assert type(layout) is type(FAMILIES[config.model_type].layout(config))
 
 
-def test_register_family_and_register_image_layout():
+def test_register_family_and_register_image_layout(traits_only):
     class SquareFromCount(SquareLayout):
         def __init__(self, config):
             super().__init__(config, side=None)
 
-    traits_only = _registered_without_layout()
+    assert get_family(traits_only) == Family(layout=None, dynamic_resolution=True)
     try:
         register_family("my_new_vlm", SquareFromCount, dynamic_resolution=True)
         assert type(get_image_layout(_unknown_config(image_seq_length=15))) is SquareFromCount  # no fallback, no error
@@ -395,11 +398,9 @@ def test_register_family_and_register_image_layout():
         assert get_family(traits_only) == Family(SquareFromCount, dynamic_resolution=True)
     finally:
         FAMILIES.pop("my_new_vlm", None)
-        FAMILIES[traits_only] = Family(dynamic_resolution=True)
 
 
-def test_registered_family_without_layout_takes_the_square_fallback():
-    traits_only = _registered_without_layout()
+def test_registered_family_without_layout_takes_the_square_fallback(traits_only):
     config = _unknown_config(image_seq_length=16)
     config.model_type = traits_only
     logger = hf_logging.get_logger(image_layout.__name__)
