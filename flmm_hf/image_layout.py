@@ -26,7 +26,7 @@ LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_imag
 
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
-``image_rows`` / ``image_cols``, ``tile_grid``); :func:`example_image_inputs` picks them
+``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``); :func:`example_image_inputs` picks them
 from a batch. One image per example is supported.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
@@ -66,6 +66,7 @@ PER_EXAMPLE_KEYS = (
     "rows",  # Idefics3/SmolVLM image processors' names for image_rows / image_cols
     "cols",
     "tile_grid",
+    "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
 )
 
 
@@ -349,11 +350,21 @@ class LlavaOnevisionLayout(LlavaNextLayout):
 
 
 class QwenVLLayout(ImageLayout):
-    """Qwen2-VL / Qwen2.5-VL: ``(h / m) x (w / m)`` merged tokens from ``image_grid_thw = (t, h, w)``.
+    """Qwen-style dynamic resolution: ``(h / m) x (w / m)`` merged tokens from ``image_grid_thw = (t, h, w)``.
 
     ``m = vision_config.spatial_merge_size``. The vision tower returns merged tokens row-major
     (Qwen2.5-VL's window reordering is undone inside the tower), wrapped in
     ``<|vision_start|> ... <|vision_end|>`` (not image tokens). Images have ``t == 1``.
+
+    The same geometry serves the families whose towers patch and merge images as Qwen2-VL does:
+
+    * Qwen3-VL (+ MoE): its deepstack features are added to the text hidden states AT the image
+      tokens, so they do not move them;
+    * GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: wrapped in ``<|begin_of_image|> ... <|end_of_image|>``;
+      the merger is a stride-``m`` convolution over the same ``m x m`` blocks;
+    * PaddleOCR-VL (a SigLIP-style tower; the projector merges the ``m x m`` blocks) and
+      ERNIE-4.5-VL (its resampler merges them; images are not merged in time);
+    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower).
     """
 
     def grids(self, input_ids, image_inputs=None):
@@ -362,10 +373,31 @@ class QwenVLLayout(ImageLayout):
         t, h, w = _row(image_inputs["image_grid_thw"])
         if t != 1:
             raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
-        m = self.config.vision_config.spatial_merge_size
+        m = self.merge_size(image_inputs)
         pos = _image_positions(input_ids, self.image_token_id)
-        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}")
+        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}, merge {m}")
         return [pos.view(h // m, w // m)]
+
+    def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
+        """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
+        return self.config.vision_config.spatial_merge_size
+
+
+class VideoLlama3Layout(QwenVLLayout):
+    """VideoLLaMA3: Qwen-VL's grid, with the merge size given per image in ``image_merge_sizes``.
+
+    Its vision tower merges each image's ``m x m`` patch blocks by bilinear down-sampling
+    (``pixel_unshuffle``), with ``m`` chosen by the processor per image (1 for images, 2 for
+    video frames by default) rather than fixed by the config; the text model has 1-D positions.
+    """
+
+    def merge_size(self, image_inputs):
+        if "image_merge_sizes" not in image_inputs:
+            raise ValueError(
+                f"{self.model_type}: grids() needs image_inputs['image_merge_sizes'] (returned by its image processor "
+                "with image_grid_thw); pass it through with the other image inputs."
+            )
+        return _row(image_inputs["image_merge_sizes"])[0]
 
 
 class Mistral3Layout(ImageLayout):
@@ -476,6 +508,57 @@ class InternVLLayout(TiledLayout):
         return super().grids(input_ids, image_inputs)
 
 
+class Ovis2Layout(ImageLayout):
+    """Ovis2: the global view first, then (when the image is cropped) its tiles row-major.
+
+    Sequence: ``<IMG_START>`` + global view + ``<IMG_GRID>`` + tiles, ``<IMG_COL>`` between two
+    tiles of a row and ``<IMG_ROW>`` between rows, + ``<IMG_END>``; the indicators are
+    ``config.visual_indicator_token_ids`` (start, grid, col, row, end), not image tokens. Each
+    view gives ``s x s`` tokens, ``s = ceil(image_size / patch_size / hidden_stride)`` (the tower
+    pads its patch grid to a multiple of ``hidden_stride``, then merges ``hidden_stride``-blocks
+    row-major). The tile grid is read from the ``<IMG_ROW>`` / ``<IMG_COL>`` tokens, so no
+    extra input is needed (the processor's ``grids`` never reaches the model).
+
+    Grids: [tiles stitched into ``rows*s x cols*s``, global ``s x s``]; the tile grid is main.
+    An image that is not cropped has one view, returned as both grids.
+    """
+
+    num_grids = 2
+    main_grid = 0
+    grid_names = ("tiles", "global")
+
+    def __init__(self, config):
+        super().__init__(config)
+        vc = config.vision_config
+        self.side = math.ceil(vc.image_size / vc.patch_size / vc.hidden_stride)
+        self.seq_len = self.side * self.side
+        _start, _grid, self.col_token_id, self.row_token_id, _end = config.visual_indicator_token_ids
+
+    def grids(self, input_ids, image_inputs=None):
+        pos = _image_positions(input_ids, self.image_token_id)
+        n_views, rem = divmod(pos.numel(), self.seq_len)
+        if rem or n_views == 0:
+            raise ValueError(
+                f"{self.model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
+                f"of the {self.seq_len} tokens per view."
+            )
+        rows = int((input_ids == self.row_token_id).sum()) + 1
+        cols_between = int((input_ids == self.col_token_id).sum())
+        if cols_between % rows:
+            raise ValueError(f"{self.model_type}: {cols_between} <IMG_COL> tokens do not split into {rows} equal rows.")
+        cols = cols_between // rows + 1
+        n_tiles = rows * cols if rows * cols > 1 else 0  # a single view is not cropped
+        _check_count(self.model_type, pos.numel(), (n_tiles + 1) * self.seq_len,
+                     f"a global view + {rows}x{cols} tiles of {self.seq_len} tokens each")
+        if _count_runs(input_ids, self.image_token_id) != n_tiles + 1:
+            raise ValueError(f"{self.model_type}: image tokens are not one run per view; only one image per example "
+                             "is supported.")
+        views = [v.view(self.side, self.side) for v in pos.split(self.seq_len)]
+        if n_tiles == 0:
+            return [views[0], views[0]]
+        return [_stitch(views[1:], rows, cols), views[0]]
+
+
 def _square_patch_grid(config) -> SquareLayout:
     """PaliGemma, DeepSeek-VL: one ``P x P`` grid, ``P = image_size // patch_size``, no CLS.
 
@@ -553,11 +636,21 @@ FAMILIES: dict[str, Family] = {
     "llava_onevision": Family(LlavaOnevisionLayout, dynamic_resolution=True),
     "aya_vision": Family(AyaVisionLayout, dynamic_resolution=True),
     "shieldgemma2": Family(_gemma3),  # a Gemma3 model with a classification head on its logits
+    # Qwen-style dynamic resolution: image_grid_thw + spatial merge, 3-D (m-rope) positions
+    "qwen3_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen3_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm4v": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm4v_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "glm46v": Family(QwenVLLayout, dynamic_resolution=True),
+    "video_llama_3": Family(VideoLlama3Layout, dynamic_resolution=True),
+    "paddleocr_vl": Family(QwenVLLayout, dynamic_resolution=True),
+    "ernie4_5_vl_moe": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen2_5_omni_thinker": Family(QwenVLLayout, dynamic_resolution=True),
+    "qwen3_omni_moe_thinker": Family(QwenVLLayout, dynamic_resolution=True),
+    "ovis2": Family(Ovis2Layout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
-    "qwen3_vl": Family(dynamic_resolution=True),
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
-    "glm4v": Family(dynamic_resolution=True),
 }
 """The registry of backbone families, keyed by config ``model_type`` (see :class:`Family`)."""
 
@@ -592,7 +685,6 @@ def register_image_layout(model_type: str, factory: LayoutFactory) -> None:
 # --------------------------------------------------------------------------------------------
 # refused families and the support table
 # --------------------------------------------------------------------------------------------
-_BEING_ADDED = "layout being added"
 _QFORMER = (
     "Q-Former: the LM sees a fixed set of learned query tokens with no spatial position, so text-to-image "
     "attention has no grid to lay out"
@@ -613,13 +705,20 @@ def _no_layout(geometry: str) -> str:
 
 
 REFUSED: dict[str, str] = {
-    # layouts written on other branches of issue #15 (replaced when those land)
-    **{mt: _BEING_ADDED for mt in (
-        "llava_onevision", "llava_next_video", "video_llava", "vipllava", "aya_vision", "cohere2_vision",
-        "fast_vlm", "perception_lm", "lfm2_vl", "got_ocr2", "idefics2", "gemma3n", "shieldgemma2", "qwen3_vl",
-        "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe",
-        "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2",
-    )},
+    # decoder-only families whose image tokens lie on a grid, not adapted yet
+    "gemma3n": _no_layout("a 16 x 16 row-major grid from a timm MobileNet tower; timm is not installed, so no tiny "
+                          "model can be built here to test a layout"),
+    "fast_vlm": _no_layout("a flattened conv feature map from a timm FastViT tower; timm is not installed, so no tiny "
+                           "model can be built here to test a layout"),
+    "cohere2_vision": _no_layout("Aya Vision's tiles + global view with a line-break token per tile; its image "
+                                 "processor needs torchvision, so the tile order cannot be checked here"),
+    "perception_lm": _no_layout("a pooled tile grid; its image processor needs torchvision, so it cannot be checked "
+                                "here"),
+    "lfm2_vl": _no_layout("tiles + thumbnail with row/column tokens; its image processor needs torchvision, so it "
+                          "cannot be checked here"),
+    "got_ocr2": _no_layout("tiles like InternVL's, but two strided 3x3 convolutions shift each token about 3/8 of a "
+                           "cell up and left; mapping it needs an offset in the canvas geometry"),
+    "idefics2": "a perceiver resampler turns the patches into 64 learned latents, which have no spatial grid",
     # no spatial grid reaches the LM
     "blip-2": _QFORMER,
     "instructblip": _QFORMER,

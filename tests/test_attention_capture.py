@@ -218,7 +218,7 @@ def extend_inputs(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> d
     """The inputs of one forward over prompt + generated tokens (per-token inputs extended like `generate` does)."""
     n_new = sequences.shape[1] - inputs["input_ids"].shape[1]
     full = dict(inputs, input_ids=sequences)
-    for name in ("attention_mask", "token_type_ids", "mm_token_type_ids"):
+    for name in ("attention_mask", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids"):
         if name in inputs:
             fill = 1 if name == "attention_mask" else 0
             full[name] = torch.cat([inputs[name], inputs[name].new_full((inputs[name].shape[0], n_new), fill)], 1)
@@ -261,9 +261,10 @@ def test_capture_during_generation_llava(padding, prompt_rows):
     assert check_generation(model, inputs, inputs["input_ids"] == IMAGE_ID, [0, 3], prompt_rows) <= TOL
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "qwen3_vl", "glm4v", "ernie4_5_vl_moe"])
 def test_capture_during_generation_families(family):
-    """mrope positions (Qwen2-VL); sliding-window cache layers and a bidirectional image block (Gemma3)."""
+    """mrope positions and cached rope deltas (Qwen2-VL, Qwen3-VL with deepstack, GLM-4.1V, ERNIE-4.5-VL);
+    sliding-window cache layers and a bidirectional image block (Gemma3)."""
     model, inputs = build_tiny(family, padding_side="left")
     # key columns: every prompt token, so that Gemma3's sliding window (16) cuts through them
     key_mask = inputs["attention_mask"].bool()

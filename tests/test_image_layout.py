@@ -243,6 +243,37 @@ def test_tiled_layouts_read_row_col_info_or_infer_it():
         layout.grids(inputs["input_ids"][0], {})
 
 
+def test_video_llama_3_reads_the_merge_size_of_each_image():
+    layout = get_image_layout(tm.tiny_config("video_llama_3"))
+    ids = torch.tensor([5] + [tm.IMAGE_ID] * 24 + [6])
+    # a 4x6-patch image: 24 tokens unmerged (the processor's default for images), 6 with merge 2
+    (grid,) = layout.grids(ids, {"image_grid_thw": torch.tensor([1, 4, 6]), "image_merge_sizes": torch.tensor(1)})
+    assert torch.equal(grid, torch.arange(1, 25).view(4, 6))
+    (grid,) = layout.grids(ids[:7], {"image_grid_thw": torch.tensor([1, 4, 6]), "image_merge_sizes": torch.tensor(2)})
+    assert tuple(grid.shape) == (2, 3)
+    with pytest.raises(ValueError, match="image_merge_sizes"):
+        layout.grids(ids, {"image_grid_thw": torch.tensor([1, 4, 6])})
+
+
+def test_ovis2_reads_the_tile_grid_from_its_indicator_tokens():
+    layout = get_image_layout(tm.tiny_config("ovis2"))
+    start, grid_id, col, row, end = tm.OVIS2_INDICATORS
+    view = [tm.IMAGE_ID] * 16
+    # a 2x3 crop: global view, then tiles row-major with <IMG_COL> inside rows and <IMG_ROW> between them
+    tiles = [(view + [col]) * 2 + view + [row], (view + [col]) * 2 + view]
+    ids = torch.tensor([5, start] + view + [grid_id] + tiles[0] + tiles[1] + [end])
+    stitched, global_view = layout.grids(ids)
+    assert tuple(stitched.shape) == (8, 12) and tuple(global_view.shape) == (4, 4)
+    assert torch.equal(global_view, torch.arange(2, 18).view(4, 4))  # the global view comes first
+    first_tile_of_row_1 = 2 + 16 + 1 + 3 * 16 + 3  # after the global view, <IMG_GRID>, a row of 3 tiles and 3 separators
+    assert int(stitched[4, 0]) == first_tile_of_row_1
+    # not cropped: one view, returned as both grids
+    single = layout.grids(torch.tensor([start] + view + [grid_id, end]))
+    assert torch.equal(single[0], single[1])
+    with pytest.raises(ValueError, match="ovis2.*mismatch"):
+        layout.grids(torch.tensor([start] + view + [grid_id] + view + [row] + [end]))  # 2 rows claimed, 1 tile
+
+
 def test_llava_full_strategy_drops_the_cls_token():
     config = tm.tiny_config("llava")
     config.vision_feature_select_strategy = "full"
@@ -266,8 +297,11 @@ def test_more_than_one_image_per_example_is_rejected():
         qwen.grids(inputs["input_ids"][0], {"image_grid_thw": inputs["image_grid_thw"]})
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl", "vipllava",
-                                    "llava_onevision", "aya_vision", "shieldgemma2"])
+@pytest.mark.parametrize(
+    "family",
+    ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl", "vipllava", "llava_onevision", "aya_vision",
+     "shieldgemma2", "qwen3_vl", "video_llama_3", "ovis2"],
+)
 def test_token_count_mismatch_is_rejected(family: str):
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
@@ -330,9 +364,21 @@ def test_stack_grids_resizes_to_main_grid_and_concatenates():
 # --------------------------------------------------------------------------------------------
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "deepseek_vl", "idefics3",
              "smolvlm", "internvl", "mistral3", "vipllava", "video_llava", "llava_next_video", "llava_onevision",
-             "aya_vision", "shieldgemma2")
+             "aya_vision", "shieldgemma2", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
+             "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+             "ovis2")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
-           "llava_onevision", "llava_next_video", "qwen3_vl", "idefics2", "pixtral", "aya_vision", "glm4v"}
+           "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
+           "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2",
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+
+
+@pytest.fixture
+def traits_only():
+    """A model type registered for its processor traits alone (no layout), removed afterwards."""
+    register_family("my_traits_only_vlm", dynamic_resolution=True)
+    yield "my_traits_only_vlm"
+    FAMILIES.pop("my_traits_only_vlm", None)
 
 
 def test_registry_holds_layout_and_processor_traits_per_model_type():
@@ -340,8 +386,8 @@ def test_registry_holds_layout_and_processor_traits_per_model_type():
     for model_type in SUPPORTED:
         assert FAMILIES[model_type].layout is not None, model_type
     assert {mt for mt, family in FAMILIES.items() if family.dynamic_resolution} == DYNAMIC
-    # dynamic-resolution processors without a layout yet are registered for their traits alone
-    assert get_family("qwen3_vl") == Family(layout=None, dynamic_resolution=True)
+    # families without a layout yet are registered only for their dynamic-resolution processors
+    assert all(family.dynamic_resolution for family in FAMILIES.values() if family.layout is None)
     assert get_family("my_new_vlm") is None and get_family(None) is None
 
 
@@ -353,30 +399,30 @@ def test_get_image_layout_uses_the_registered_factory(family: str):
     assert type(layout) is type(FAMILIES[config.model_type].layout(config))
 
 
-def test_register_family_and_register_image_layout():
+def test_register_family_and_register_image_layout(traits_only):
     class SquareFromCount(SquareLayout):
         def __init__(self, config):
             super().__init__(config, side=None)
 
+    assert get_family(traits_only) == Family(layout=None, dynamic_resolution=True)
     try:
         register_family("my_new_vlm", SquareFromCount, dynamic_resolution=True)
         assert type(get_image_layout(_unknown_config(image_seq_length=15))) is SquareFromCount  # no fallback, no error
         # a layout registered alone keeps the family's processor traits
         register_image_layout("my_new_vlm", SquareLayout)
         assert get_family("my_new_vlm") == Family(SquareLayout, dynamic_resolution=True)
-        register_image_layout("qwen3_vl", SquareFromCount)
-        assert get_family("qwen3_vl") == Family(SquareFromCount, dynamic_resolution=True)
+        register_image_layout(traits_only, SquareFromCount)
+        assert get_family(traits_only) == Family(SquareFromCount, dynamic_resolution=True)
     finally:
         FAMILIES.pop("my_new_vlm", None)
-        FAMILIES["qwen3_vl"] = Family(dynamic_resolution=True)
 
 
-def test_registered_family_without_layout_takes_the_square_fallback():
-    # pixtral: registered for its processor trait, not an image-text-to-text model type (in-mapping ones are refused,
-    # see test_backbone_support.py)
+def test_registered_family_without_layout_takes_the_square_fallback(traits_only):
+    # a model type registered for its processor trait only, outside transformers' mapping (in-mapping ones without a
+    # layout are refused, see test_backbone_support.py)
     config = _unknown_config(image_seq_length=16)
-    config.model_type = "pixtral"
+    config.model_type = traits_only
     logger = hf_logging.get_logger(image_layout.__name__)
     with CaptureLogger(logger) as captured:
         layout = get_image_layout(config)
-    assert "pixtral" in captured.out and isinstance(layout, SquareLayout) and layout.side == 4
+    assert traits_only in captured.out and isinstance(layout, SquareLayout) and layout.side == 4

@@ -49,6 +49,17 @@ FAMILIES: list[str] = [
     "llava_onevision",
     "aya_vision",
     "shieldgemma2",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "glm4v",
+    "glm4v_moe",
+    "glm46v",
+    "video_llama_3",
+    "paddleocr_vl",
+    "ernie4_5_vl_moe",
+    "qwen2_5_omni_thinker",
+    "qwen3_omni_moe_thinker",
+    "ovis2",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -207,6 +218,176 @@ def _spec_qwen(version: str) -> FamilySpec:
 
     return FamilySpec(config, proc, FREE_SIZES, block,
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _qwen_image_processor(patch_size: int = 4, merge_size: int = 2, cls=None):
+    """Qwen2-VL's PIL image processor (also Qwen3-VL's and the Omni thinkers'), tiny: patches of 4 px."""
+    cls = cls or transformers.Qwen2VLImageProcessorPil
+    return cls(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+               size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+
+def _qwen_block(merge_size: int = 2, open_id: int = WRAP_OPEN_ID, close_id: int = WRAP_CLOSE_ID):
+    """``<|vision_start|>`` + ``t*h*w / merge**2`` image tokens + ``<|vision_end|>`` (Qwen-VL processors)."""
+
+    def block(inp: dict, b: int) -> list[int]:
+        n = int(inp["image_grid_thw"][b].prod()) // merge_size**2
+        return [open_id] + [IMAGE_ID] * n + [close_id]
+
+    return block
+
+
+def _spec_qwen3_vl(moe: bool) -> FamilySpec:
+    # deepstack: the features of vision layer 0 are also added to the hidden states of text layer 0
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    if moe:
+        text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                        vision_start_token_id=WRAP_OPEN_ID, vision_end_token_id=WRAP_CLOSE_ID)
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_glm4v(family: str) -> FamilySpec:
+    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: Qwen-VL geometry, ``<|begin_of_image|>`` + tokens + ``<|end_of_image|>``."""
+    # image_size 32 / patch 4: the learned 8x8 position table is interpolated to each image's grid
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, image_size=32,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4})
+    if family == "glm4v_moe":
+        text.update(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1, head_dim=16)  # partial_rotary_factor 0.5: 8 rotary dims
+    config_cls = {"glm4v": transformers.Glm4vConfig, "glm4v_moe": transformers.Glm4vMoeConfig,
+                  "glm46v": transformers.Glm46VConfig}[family]
+    if family == "glm46v":  # its sub-configs are GLM-4.1V's, named by model_type
+        text, vision = dict(text, model_type="glm4v_text"), dict(vision, model_type="glm4v_vision")
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                        image_start_token_id=WRAP_OPEN_ID, image_end_token_id=WRAP_CLOSE_ID,
+                        video_start_token_id=WRAP_OPEN_ID - 2, video_end_token_id=WRAP_CLOSE_ID - 2)
+    proc_cls = transformers.Glm46VImageProcessorPil if family == "glm46v" else transformers.Glm4vImageProcessorPil
+    return FamilySpec(config, _qwen_image_processor(cls=proc_cls), FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_video_llama_3() -> FamilySpec:
+    # SigLIP-style tower with 2-D rope; a Qwen2 text model (1-D positions)
+    vision = dict(**_SMALL_VISION, patch_size=4)
+    config = transformers.VideoLlama3Config(text_config=dict(_SMALL_TEXT, model_type="qwen2"), vision_config=vision,
+                                            image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1)
+    # merge_size 2 (images default to 1): the layout must read the per-image image_merge_sizes
+    proc = transformers.VideoLlama3ImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def block(inp: dict, b: int) -> list[int]:
+        m = int(inp["image_merge_sizes"][b])
+        return [IMAGE_ID] * (int(inp["image_grid_thw"][b].prod()) // m**2)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _spec_paddleocr_vl() -> FamilySpec:
+    # SigLIP-style tower (learned 8x8 position table, interpolated) + 2x2 merge; Ernie-4.5 text, 3-D positions
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4, spatial_merge_size=2)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                            video_token_id=IMAGE_ID - 1, vision_start_token_id=WRAP_OPEN_ID,
+                                            vision_end_token_id=WRAP_CLOSE_ID)
+    proc = transformers.PaddleOCRVLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_ernie4_5_vl_moe() -> FamilySpec:
+    # Qwen-VL-style tower, 2x2 merge in the resampler; MoE text with separate vision experts, 3-D positions
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_merge_size=2)
+    text = dict(_SMALL_TEXT, moe_intermediate_size=[16, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+        image_start_token_id=WRAP_OPEN_ID, image_end_token_id=WRAP_CLOSE_ID,
+        video_start_token_id=WRAP_OPEN_ID - 2, video_end_token_id=WRAP_CLOSE_ID - 2,
+    )
+    proc = transformers.Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def moe_types(ids: list[int], _: int) -> list[int]:
+        # the processor's moe_mm_token_type_ids: image tokens AND their start/end tokens go to the vision experts
+        return [1 if t in (IMAGE_ID, WRAP_OPEN_ID, WRAP_CLOSE_ID) else 0 for t in ids]
+
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID),
+                                    "moe_mm_token_type_ids": moe_types})
+
+
+def _spec_qwen2_5_omni_thinker() -> FamilySpec:
+    """Qwen2.5-Omni's thinker (the text-generating part): a Qwen2.5-VL tower + an audio encoder (unused here)."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+    audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=32, n_window=4, max_source_positions=32)
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_index=IMAGE_ID,
+        video_token_index=IMAGE_ID - 1, audio_token_index=IMAGE_ID - 2, audio_start_token_id=WRAP_OPEN_ID - 2,
+        audio_end_token_id=WRAP_CLOSE_ID - 2,
+    )
+    # its 3-D positions find images by the token after <|vision_start|>, an id the thinker config does not declare
+    config.vision_start_token_id = WRAP_OPEN_ID
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
+def _spec_qwen3_omni_moe_thinker() -> FamilySpec:
+    """Qwen3-Omni-MoE's thinker: a Qwen3-VL tower (deepstack), MoE text, an audio encoder (unused here)."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=32, n_window=4, max_source_positions=32, downsample_hidden_size=8)
+    text = dict(_SMALL_TEXT, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Qwen3OmniMoeThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_id=IMAGE_ID,
+        video_token_id=IMAGE_ID - 1, audio_token_id=IMAGE_ID - 2, audio_start_token_id=WRAP_OPEN_ID - 2,
+    )
+    config.vision_start_token_id = WRAP_OPEN_ID  # read by its 3-D positions, not declared by the config
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
+# Ovis2's visual indicators <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>
+OVIS2_INDICATORS = (WRAP_OPEN_ID, 241, 242, 243, WRAP_CLOSE_ID)
+
+
+def _spec_ovis2() -> FamilySpec:
+    # 32 px views, patch 4 -> 8x8 patches, hidden_stride 2 -> 4x4 = 16 tokens per view; Qwen2 text
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4, hidden_stride=2, vocab_size=64)
+    config = transformers.Ovis2Config(vision_config=vision, text_config=dict(_SMALL_TEXT, model_type="qwen2"),
+                                      image_token_id=IMAGE_ID, visual_indicator_token_ids=list(OVIS2_INDICATORS),
+                                      vocab_size=VOCAB, hidden_size=32)
+    proc = transformers.Ovis2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                               min_patches=1, max_patches=6)
+    start, grid, col, row, end = OVIS2_INDICATORS
+    seq_len = 16
+
+    def block(inp: dict, b: int) -> list[int]:
+        # Ovis2Processor.replace_image_token: global view, then tiles separated by <IMG_COL> / <IMG_ROW>
+        rows, cols = (int(v) for v in inp["grids"][b])
+        ids = [start] + [IMAGE_ID] * seq_len + [grid]
+        if rows * cols > 1:
+            for r in range(rows):
+                for c in range(cols):
+                    ids += [IMAGE_ID] * seq_len + ([col] if c < cols - 1 else [])
+                ids += [row] if r < rows - 1 else []
+        return ids + [end]
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("grids",))
 
 
 def _spec_paligemma() -> FamilySpec:
@@ -436,6 +617,17 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "llava_onevision": _spec_llava_onevision,
     "aya_vision": _spec_aya_vision,
     "shieldgemma2": _spec_shieldgemma2,
+    "qwen3_vl": lambda: _spec_qwen3_vl(moe=False),
+    "qwen3_vl_moe": lambda: _spec_qwen3_vl(moe=True),
+    "glm4v": lambda: _spec_glm4v("glm4v"),
+    "glm4v_moe": lambda: _spec_glm4v("glm4v_moe"),
+    "glm46v": lambda: _spec_glm4v("glm46v"),
+    "video_llama_3": _spec_video_llama_3,
+    "paddleocr_vl": _spec_paddleocr_vl,
+    "ernie4_5_vl_moe": _spec_ernie4_5_vl_moe,
+    "qwen2_5_omni_thinker": _spec_qwen2_5_omni_thinker,
+    "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
+    "ovis2": _spec_ovis2,
 }
 
 
