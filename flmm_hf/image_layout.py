@@ -648,6 +648,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_omni_thinker": Family(QwenVLLayout, dynamic_resolution=True),
     "qwen3_omni_moe_thinker": Family(QwenVLLayout, dynamic_resolution=True),
     "ovis2": Family(Ovis2Layout, dynamic_resolution=True),
+    "glm_ocr": Family(QwenVLLayout, dynamic_resolution=True),  # GLM-4.1V's merge and 3-D positions
+    "janus": Family(_square_patch_grid),  # its SigLIP understanding tower; the VQ tower only generates
     # processors known to resize/tile images themselves; no image layout yet
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
@@ -760,10 +762,15 @@ REFUSED: dict[str, str] = {
                        "with a causal attention to the image that F-LMM reads",
     # decoder-only families whose image tokens lie on a grid, without an adapter yet
     **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw") for mt in (
-        "cohere_compass", "cosmos3_edge", "cosmos3_omni", "dots3_note", "exaone4_5", "glm5_next", "glm_ocr",
+        "cohere_compass", "cosmos3_edge", "cosmos3_omni", "dots3_note", "exaone4_5", "glm5_next",
         "glmga", "hyperclovax_vision_v2", "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
-        "qwen3_5", "qwen3_5_moe", "qwen4_exp", "inkling2", "inkling2_loop",
+        "qwen4_exp", "inkling2", "inkling2_loop",
     )},
+    # Qwen3-VL's image geometry, but the LM is hybrid: only every full_attention_interval-th layer is
+    # softmax attention, the rest are Gated DeltaNet, which has no attention map to capture
+    **{mt: "hybrid LM: Qwen3-VL's merged grid, but most decoder layers are Gated DeltaNet (linear attention, no "
+           "attention map); capturing only its full-attention layers is not written" for mt in ("qwen3_5",
+                                                                                               "qwen3_5_moe")},
     "hunyuan_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
     "hy_v4_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
     "lighton_ocr": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
@@ -785,7 +792,6 @@ REFUSED: dict[str, str] = {
     "gemma4_unified": _no_layout("variable-resolution patches pooled to soft tokens placed by "
                                  "image_position_ids"),
     "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"),
-    "janus": _no_layout("one SigLIP square grid of image_size / patch_size per side"),
     "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration: one SAM-encoder grid per tile, as got_ocr2"),
     "fuyu": _no_layout("patches embedded directly, one row of image tokens per patch row, each ended by an "
                        "image-newline token"),

@@ -60,6 +60,8 @@ FAMILIES: list[str] = [
     "qwen2_5_omni_thinker",
     "qwen3_omni_moe_thinker",
     "ovis2",
+    "glm_ocr",
+    "janus",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -274,6 +276,19 @@ def _spec_glm4v(family: str) -> FamilySpec:
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
 
 
+def _spec_glm_ocr() -> FamilySpec:
+    """GLM-OCR: GLM-4.1V's geometry (2x2 patch merge, 3-D positions) without a learned position table."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(_SMALL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4})
+    config = transformers.GlmOcrConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                       video_token_id=IMAGE_ID - 1, image_start_token_id=WRAP_OPEN_ID,
+                                       image_end_token_id=WRAP_CLOSE_ID, video_start_token_id=WRAP_OPEN_ID - 2,
+                                       video_end_token_id=WRAP_CLOSE_ID - 2)
+    return FamilySpec(config, _qwen_image_processor(cls=transformers.Glm4vImageProcessorPil), FREE_SIZES,
+                      _qwen_block(), token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
 def _spec_video_llama_3() -> FamilySpec:
     # SigLIP-style tower with 2-D rope; a Qwen2 text model (1-D positions)
     vision = dict(**_SMALL_VISION, patch_size=4)
@@ -433,6 +448,19 @@ def _spec_deepseek_vl() -> FamilySpec:
     proc = transformers.DeepseekVLImageProcessorPil(size={"height": 28, "width": 28})
     n = (28 // 4) ** 2
     return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [IMAGE_ID] * n)
+
+
+def _spec_janus() -> FamilySpec:
+    """Janus(-Pro) understanding path: one SigLIP-style 7x7 grid (no CLS) letterboxed like DeepSeek-VL."""
+    vision = dict(**_SMALL_VISION, image_size=28, patch_size=4, projection_dim=32, num_image_tokens=49)
+    # the VQ tower only generates images; it is built but never run. base_channels 32: it has GroupNorm(32)
+    vq = dict(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+              projection_dim=16, image_token_embed_dim=32)
+    config = transformers.JanusConfig(text_config=_llama().to_dict(), vision_config=vision, vq_config=vq,
+                                      image_token_id=IMAGE_ID)
+    proc = transformers.JanusImageProcessorPil(size={"height": 28, "width": 28})
+    # JanusProcessor: <begin_of_image> + num_image_tokens x <image_placeholder> + <end_of_image>
+    return FamilySpec(config, proc, SQUARE_SIZES, lambda inp, b: [WRAP_OPEN_ID] + [IMAGE_ID] * 49 + [WRAP_CLOSE_ID])
 
 
 def _spec_idefics3(family: str) -> FamilySpec:
@@ -628,6 +656,8 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "qwen2_5_omni_thinker": _spec_qwen2_5_omni_thinker,
     "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "ovis2": _spec_ovis2,
+    "glm_ocr": _spec_glm_ocr,
+    "janus": _spec_janus,
 }
 
 
