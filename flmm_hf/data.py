@@ -268,7 +268,6 @@ class FLMMTransform:
             text_mode = "resample" if train else "select_first"
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
-        self.train = train
         self.seed = seed
         self.sentence_field = sentence_field
         self.text_mode = text_mode

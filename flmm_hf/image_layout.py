@@ -468,13 +468,8 @@ class TiledLayout(ImageLayout):
     def grids(self, input_ids, image_inputs=None):
         image_inputs = image_inputs or {}
         pos = _image_positions(input_ids, self.image_token_id)
-        n_views, rem = divmod(pos.numel(), self.seq_len)
-        if rem or n_views == 0:
-            raise ValueError(
-                f"{self.model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
-                f"of the {self.seq_len} tokens per tile."
-            )
-        views = [v.view(self.side, self.side) for v in pos.split(self.seq_len)]
+        views = _square_views(pos, self.side, self.model_type, "tile")
+        n_views = len(views)
         if n_views == 1:
             return [views[0], views[0]]
         rows, cols = self._rows_cols(n_views - 1, image_inputs)
@@ -483,6 +478,17 @@ class TiledLayout(ImageLayout):
         _check_count(self.model_type, pos.numel(), (rows * cols + 1) * self.seq_len,
                      f"{rows}x{cols} tiles + a global view of {self.seq_len} tokens each")
         return [_stitch(views[:-1], rows, cols), views[-1]]
+
+
+def _square_views(pos: torch.Tensor, side: int, model_type: str, unit: str) -> list[torch.Tensor]:
+    """Image-token positions cut into consecutive ``side x side`` views; an error unless they split evenly."""
+    n_views, rem = divmod(pos.numel(), side * side)
+    if rem or n_views == 0:
+        raise ValueError(
+            f"{model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
+            f"of the {side * side} tokens per {unit}."
+        )
+    return [v.view(side, side) for v in pos.split(side * side)]
 
 
 class Idefics3Layout(TiledLayout):
@@ -536,12 +542,7 @@ class Ovis2Layout(ImageLayout):
 
     def grids(self, input_ids, image_inputs=None):
         pos = _image_positions(input_ids, self.image_token_id)
-        n_views, rem = divmod(pos.numel(), self.seq_len)
-        if rem or n_views == 0:
-            raise ValueError(
-                f"{self.model_type}: token count mismatch: {pos.numel()} image tokens is not a positive multiple "
-                f"of the {self.seq_len} tokens per view."
-            )
+        views = _square_views(pos, self.side, self.model_type, "view")
         rows = int((input_ids == self.row_token_id).sum()) + 1
         cols_between = int((input_ids == self.col_token_id).sum())
         if cols_between % rows:
@@ -553,7 +554,6 @@ class Ovis2Layout(ImageLayout):
         if _count_runs(input_ids, self.image_token_id) != n_tiles + 1:
             raise ValueError(f"{self.model_type}: image tokens are not one run per view; only one image per example "
                              "is supported.")
-        views = [v.view(self.side, self.side) for v in pos.split(self.seq_len)]
         if n_tiles == 0:
             return [views[0], views[0]]
         return [_stitch(views[1:], rows, cols), views[0]]

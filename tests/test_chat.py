@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
 
 from flmm_hf import FLMMForGrounding, FLMMProcessor
 from flmm_hf import grounded_chat
@@ -26,7 +25,7 @@ from flmm_hf.grounded_chat import (
     token_char_spans,
 )
 from flmm_hf.visual_cot import reasoning_segmentation
-from tiny_models import tiny_llava, tiny_sam_config
+from tiny_models import llava_flmm_processor, tiny_flmm
 
 QUESTION = "What is in the image?"
 NEW_TOKENS = 6
@@ -34,13 +33,12 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def processor(fixtures_dir) -> FLMMProcessor:
-    return FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+    return llava_flmm_processor(fixtures_dir)
 
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir) -> FLMMForGrounding:
-    torch.manual_seed(0)
-    return FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=tiny_sam_config(), mask_head_channels=8)
+    return tiny_flmm(fixtures_dir)
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,21 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, SamModel
+from transformers import SamModel
 
 from flmm_hf import FLMMConfig, FLMMForGrounding, FLMMProcessor
 from flmm_hf.sam_refiner import UNUSED_SAM_PARAMETERS
-from tiny_models import tiny_llava, tiny_sam_config
+from tiny_models import llava_flmm_processor, tiny_flmm, tiny_llava, tiny_sam_config
 
 
 @pytest.fixture(scope="module")
 def processor(fixtures_dir) -> FLMMProcessor:
-    return FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+    return llava_flmm_processor(fixtures_dir)
 
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir) -> FLMMForGrounding:
-    torch.manual_seed(0)
-    return FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=tiny_sam_config(), mask_head_channels=8)
+    return tiny_flmm(fixtures_dir)
 
 
 @pytest.fixture(scope="module")

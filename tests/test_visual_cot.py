@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from flmm_hf import FLMMForGrounding, FLMMProcessor
 from flmm_hf import viscot_benchmark as bench
@@ -43,7 +43,7 @@ from flmm_hf.visual_cot import (
     resolve_recipe,
     visual_cot,
 )
-from tiny_models import tiny_llava, tiny_sam_config
+from tiny_models import llava_flmm_processor, tiny_flmm
 
 QUESTION = "What is on the blanket?"
 ORIGINAL_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phrase."
@@ -51,13 +51,12 @@ ORIGINAL_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phra
 
 @pytest.fixture(scope="module")
 def processor(fixtures_dir) -> FLMMProcessor:
-    return FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+    return llava_flmm_processor(fixtures_dir)
 
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir) -> FLMMForGrounding:
-    torch.manual_seed(0)
-    return FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=tiny_sam_config(), mask_head_channels=8).eval()
+    return tiny_flmm(fixtures_dir).eval()
 
 
 @pytest.fixture(scope="module")

@@ -800,3 +800,20 @@ def tiny_llava(fixtures_dir) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_flmm_processor(fixtures_dir):
+    """An `FLMMProcessor` around the real llava-1.5-7b-hf processor files (fixtures)."""
+    from transformers import AutoProcessor
+
+    from flmm_hf import FLMMProcessor
+
+    return FLMMProcessor(AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf"))
+
+
+def tiny_flmm(fixtures_dir):
+    """F-LMM around `tiny_llava` with a small SAM refiner and an 8-channel head (seeded)."""
+    from flmm_hf import FLMMForGrounding
+
+    torch.manual_seed(0)
+    return FLMMForGrounding.from_lmm(tiny_llava(fixtures_dir), sam=tiny_sam_config(), mask_head_channels=8)
