@@ -743,10 +743,14 @@ REFUSED: dict[str, str] = {
             "its sequence (cross-attention capture is not written)",
     "idefics": "gated cross-attention layers: the LM reaches the image (its patch features, or 64 Perceiver "
                "latents) only through cross-attention; no image tokens are in its sequence",
-    "mllama": "cross-attention: text reaches the vision tiles only in the cross-attention layers (every few "
-              "decoder layers), never in self-attention over image tokens, which is what the attention capture "
-              "reads; a cross-attention capture over the tiles' patch grids (each with a CLS, tiles padded to "
-              "max_num_tiles) is not written",
+    "mllama": "cross-attention: its self-attention layers see the image as one <|image|> token; text reaches the "
+              "vision tiles only in the cross-attention layers (text_config.cross_attention_layers, 8 of 40 in the "
+              "11B model), whose maps are [batch, heads, text, max_images * max_num_tiles * (P*P + 1)] over the "
+              "projected vision states, not over sequence positions. They would lay out as grids (per real tile a "
+              "CLS then P x P patches, tiles placed by aspect_ratio_ids on a canvas padded bottom/right), but the "
+              "capture, the layouts and FLMMProcessor address image tokens by input_ids position: a capture of the "
+              "cross-attention layers' vision-key columns, a layout in that key space and cross_attention_mask "
+              "carried over the answer tokens are not written (docs/cross-attention.md)",
     "git": "no image placeholder tokens: GIT prepends the image features to the text embeddings, so input_ids "
            "do not say where they are",
     # discrete image tokens
@@ -912,9 +916,10 @@ def backbone_table() -> str:
         "an `ImageLayout` subclass registered with `register_family` adds it.",
         "",
         "Cross-attention families: mllama is refused. Its text reaches the image only through cross-attention",
-        "layers interleaved with the self-attention ones, and F-LMM's attention capture reads self-attention",
-        "from text tokens to image tokens in the sequence; the tiles' patch grids would allow a layout of the",
-        "cross-attention keys, but capturing cross-attention is not written.",
+        "layers interleaved with the self-attention ones, and F-LMM's attention capture reads attention from text",
+        "tokens to image tokens at their positions in the sequence; the tiles' patch grids would allow a layout of",
+        "the cross-attention keys, but capturing them is not written. `docs/cross-attention.md` gives the shapes",
+        "and what an implementation needs.",
         "",
         "| model type | status | layout or reason | dynamic resolution |",
         "|---|---|---|---|",

@@ -120,3 +120,60 @@ def test_registering_a_layout_lifts_a_refusal():
     finally:
         FAMILIES.pop("blip-2")
     assert backbone_support(["blip-2"])["blip-2"].status == "refused"
+
+
+def test_mllama_refusal_states_its_attention_shapes():
+    """The facts mllama's refusal rests on (docs/cross-attention.md), on a tiny random Llama 3.2 Vision: the
+    self-attention layers see only the text (the image is one <|image|> token), and only the cross-attention
+    layers reach the image, with keys = max_images * max_num_tiles * (P*P + 1) vision states, not sequence
+    positions. F-LMM refuses it rather than reading those keys at token positions."""
+    from transformers import AttentionInterface, MllamaConfig, MllamaForConditionalGeneration
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from flmm_hf.attention_capture import language_attention_modules
+
+    calls = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        mask_shape = None if attention_mask is None else tuple(attention_mask.shape)
+        calls.append((type(module).__name__, module.layer_idx, key.shape[2], mask_shape))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("flmm_test_recording_sdpa", recording_sdpa)
+    image_id, patch, side, tiles = 299, 7, 28, 4
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=4, image_size=side, patch_size=patch, max_num_tiles=tiles,
+                           intermediate_layers_indices=[0], vision_output_dim=64),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, cross_attention_layers=[1, 3], vocab_size=300, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2),
+        image_token_index=image_id,
+    )
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config).eval()
+    model.model.language_model.set_attn_implementation("flmm_test_recording_sdpa")
+    input_ids = torch.tensor([[1, image_id, 5, 6, 7, 8]])
+    # one image on a 1 x 2 canvas (aspect ratio id 2 of the default supported ratios), padded to 4 tiles;
+    # the text after <|image|> sees its two real tiles
+    cross_attention_mask = torch.zeros(1, 6, 1, tiles, dtype=torch.long)
+    cross_attention_mask[0, 1:, 0, :2] = 1
+    with torch.no_grad():
+        model(input_ids=input_ids, pixel_values=torch.randn(1, 1, tiles, 3, side, side),
+              aspect_ratio_ids=torch.tensor([[2]]), aspect_ratio_mask=torch.tensor([[[1, 1, 0, 0]]]),
+              cross_attention_mask=cross_attention_mask)
+    keys_per_tile = (side // patch) ** 2 + 1  # a CLS, then the P x P patches
+    assert calls == [
+        ("MllamaTextSelfAttention", 0, 6, None),
+        ("MllamaTextCrossAttention", 1, tiles * keys_per_tile, (1, 1, 6, tiles * keys_per_tile)),
+        ("MllamaTextSelfAttention", 2, 6, None),
+        ("MllamaTextCrossAttention", 3, tiles * keys_per_tile, (1, 1, 6, tiles * keys_per_tile)),
+    ]
+    # the capture's generic module search does not fit either: mllama's decoder-layer classes
+    # (Mllama{Self,Cross}AttentionDecoderLayer) also carry "Attention" and a layer_idx
+    with pytest.raises(ValueError, match="Two attention modules claim layer 0"):
+        language_attention_modules(model)
+    support = backbone_support(["mllama"])["mllama"]
+    assert support.status == "refused" and "max_num_tiles * (P*P + 1)" in support.reason
+    with pytest.raises(ValueError, match="cross-attention"):
+        get_image_layout(config)
