@@ -650,6 +650,12 @@ FAMILIES: dict[str, Family] = {
     "ovis2": Family(Ovis2Layout, dynamic_resolution=True),
     "glm_ocr": Family(QwenVLLayout, dynamic_resolution=True),  # GLM-4.1V's merge and 3-D positions
     "janus": Family(_square_patch_grid),  # its SigLIP understanding tower; the VQ tower only generates
+    # issue #15: Qwen-VL-style merged grids (image_grid_thw + an m x m merge, row-major over the merged grid)
+    "exaone4_5": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen2.5-VL tower; 1-D positions
+    "hyperclovax_vision_v2": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen2.5-VL tower; 1-D positions
+    "cosmos3_omni": Family(QwenVLLayout, dynamic_resolution=True),  # Qwen3-VL's architecture, its own model type
+    "glmga": Family(QwenVLLayout, dynamic_resolution=True),  # runs Glm46VForConditionalGeneration
+    "cohere_compass": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen3-VL tower, a Cohere2 LM
     # processors known to resize/tile images themselves; no image layout yet
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
@@ -762,8 +768,8 @@ REFUSED: dict[str, str] = {
                        "with a causal attention to the image that F-LMM reads",
     # decoder-only families whose image tokens lie on a grid, without an adapter yet
     **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw") for mt in (
-        "cohere_compass", "cosmos3_edge", "cosmos3_omni", "dots3_note", "exaone4_5", "glm5_next",
-        "glmga", "hyperclovax_vision_v2", "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
+        "cosmos3_edge", "dots3_note", "glm5_next",
+        "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
         "qwen4_exp", "inkling2", "inkling2_loop",
     )},
     # Qwen3-VL's image geometry, but the LM is hybrid: only every full_attention_interval-th layer is

@@ -366,11 +366,15 @@ SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemm
              "smolvlm", "internvl", "mistral3", "vipllava", "video_llava", "llava_next_video", "llava_onevision",
              "aya_vision", "shieldgemma2", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
              "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-             "ovis2", "glm_ocr", "janus")
+             "ovis2", "glm_ocr", "janus",
+             # issue #15
+             "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
            "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2", "glm_ocr",
-           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision",
+           # issue #15
+           "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass"}
 
 
 @pytest.fixture
