@@ -368,15 +368,23 @@ class QwenVLLayout(ImageLayout):
     """
 
     def grids(self, input_ids, image_inputs=None):
+        rows, cols = self.merged_shape(image_inputs)
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), rows * cols, self._grid_detail(image_inputs))
+        return [pos.view(rows, cols)]
+
+    def merged_shape(self, image_inputs: Mapping[str, torch.Tensor] | None) -> tuple[int, int]:
+        """(rows, cols) of the merged token grid of one image: ``(h / m, w / m)`` from ``image_grid_thw``."""
         if image_inputs is None or "image_grid_thw" not in image_inputs:
             raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_grid_thw']")
         t, h, w = _row(image_inputs["image_grid_thw"])
         if t != 1:
             raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
         m = self.merge_size(image_inputs)
-        pos = _image_positions(input_ids, self.image_token_id)
-        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}, merge {m}")
-        return [pos.view(h // m, w // m)]
+        return h // m, w // m
+
+    def _grid_detail(self, image_inputs: Mapping[str, torch.Tensor]) -> str:
+        return f"image_grid_thw {tuple(_row(image_inputs['image_grid_thw']))}, merge {self.merge_size(image_inputs)}"
 
     def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
         """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
@@ -398,6 +406,25 @@ class VideoLlama3Layout(QwenVLLayout):
                 "with image_grid_thw); pass it through with the other image inputs."
             )
         return _row(image_inputs["image_merge_sizes"])[0]
+
+
+class HunYuanVLLayout(QwenVLLayout):
+    """HunYuan-VL: Qwen-VL's ``(h / m) x (w / m)`` merged grid, each row ended by a newline feature, the whole image
+    opened by a begin feature and closed by an end feature; all of them are image tokens.
+
+    Its image processor orders the patches row-major (not in Qwen's ``m x m`` blocks) and its merger, a stride-``m``
+    convolution over the ``h x w`` patch map, appends the learned ``image_newline`` column and then the
+    ``image_begin`` / ``image_end`` rows: ``1 + rows * (cols + 1) + 1`` image tokens per image, which is also the
+    span its processor writes (``cat_extra_token=True``; without the two extra tokens the model's feature count does
+    not match the placeholders).
+    """
+
+    def grids(self, input_ids, image_inputs=None):
+        rows, cols = self.merged_shape(image_inputs)
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), rows * (cols + 1) + 2,
+                     f"{self._grid_detail(image_inputs)}: begin + {rows} rows of {cols} + newline + end")
+        return [pos[1:-1].view(rows, cols + 1)[:, :-1]]
 
 
 class Mistral3Layout(ImageLayout):
@@ -656,6 +683,8 @@ FAMILIES: dict[str, Family] = {
     "cosmos3_omni": Family(QwenVLLayout, dynamic_resolution=True),  # Qwen3-VL's architecture, its own model type
     "glmga": Family(QwenVLLayout, dynamic_resolution=True),  # runs Glm46VForConditionalGeneration
     "cohere_compass": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen3-VL tower, a Cohere2 LM
+    "cosmos3_edge": Family(QwenVLLayout, dynamic_resolution=True),  # a SigLIP2 tower, Qwen's block order + merge
+    "hunyuan_vl": Family(HunYuanVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
@@ -768,7 +797,7 @@ REFUSED: dict[str, str] = {
                        "with a causal attention to the image that F-LMM reads",
     # decoder-only families whose image tokens lie on a grid, without an adapter yet
     **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw") for mt in (
-        "cosmos3_edge", "dots3_note", "glm5_next",
+        "dots3_note", "glm5_next",
         "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
         "qwen4_exp", "inkling2", "inkling2_loop",
     )},
@@ -777,7 +806,6 @@ REFUSED: dict[str, str] = {
     **{mt: "hybrid LM: Qwen3-VL's merged grid, but most decoder layers are Gated DeltaNet (linear attention, no "
            "attention map); capturing only its full-attention layers is not written" for mt in ("qwen3_5",
                                                                                                "qwen3_5_moe")},
-    "hunyuan_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
     "hy_v4_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
     "lighton_ocr": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
     "mistral_large4": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),

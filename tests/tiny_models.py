@@ -68,6 +68,8 @@ FAMILIES: list[str] = [
     "cosmos3_omni",
     "glmga",
     "cohere_compass",
+    "cosmos3_edge",
+    "hunyuan_vl",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -700,6 +702,44 @@ def _spec_cohere_compass() -> FamilySpec:
                       token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
 
 
+def _spec_cosmos3_edge() -> FamilySpec:
+    """Cosmos3-Edge: a SigLIP2 tower over Qwen-ordered (block-major) patches, a 2x2 merging projector, a Llama LM
+    with 3-D positions."""
+    # num_patches 64: the learned 8x8 position table is interpolated to each image's patch grid
+    vision = dict(**_SMALL_VISION, patch_size=4, num_patches=64, spatial_merge_size=2)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64,
+                                            image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                                            vision_start_token_id=WRAP_OPEN_ID, vision_end_token_id=WRAP_CLOSE_ID)
+    proc = transformers.Cosmos3EdgeImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_hunyuan_vl() -> FamilySpec:
+    """HunYuan-VL: row-major patches merged by a stride-2 convolution; each merged row ends with a newline feature and
+    the image is wrapped in begin / end features, all image tokens; 4-axis m-rope (text, width, height, image)."""
+    # max_image_size 32 / patch 4: the learned 8x8 position table is interpolated to each image's patch grid
+    vision = dict(**_SMALL_VISION, patch_size=4, spatial_merge_size=2, max_image_size=32, text_hidden_size=32,
+                  out_hidden_size=32)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 1, 1], "rope_theta": 1e4})
+    config = transformers.HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                          im_start_id=WRAP_OPEN_ID, im_end_id=WRAP_CLOSE_ID, im_newline_id=BREAK_ID)
+    proc = transformers.HunYuanVLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def block(inp: dict, b: int) -> list[int]:
+        # HunYuanVLProcessor (cat_extra_token=True): rows x (cols + newline) + begin + end, inside <img> ... </img>
+        _, h, w = (int(v) for v in inp["image_grid_thw"][b])
+        return [WRAP_OPEN_ID] + [IMAGE_ID] * ((h // 2) * (w // 2 + 1) + 2) + [WRAP_CLOSE_ID]
+
+    return FamilySpec(config, proc, FREE_SIZES, block,
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
 _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "llava": _spec_llava,
     "llava_next": _spec_llava_next,
@@ -737,6 +777,8 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "cosmos3_omni": _spec_cosmos3_omni,
     "glmga": _spec_glmga,
     "cohere_compass": _spec_cohere_compass,
+    "cosmos3_edge": _spec_cosmos3_edge,
+    "hunyuan_vl": _spec_hunyuan_vl,
 }
 
 
