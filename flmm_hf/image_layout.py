@@ -364,7 +364,10 @@ class QwenVLLayout(ImageLayout):
       the merger is a stride-``m`` convolution over the same ``m x m`` blocks;
     * PaddleOCR-VL (a SigLIP-style tower; the projector merges the ``m x m`` blocks) and
       ERNIE-4.5-VL (its resampler merges them; images are not merged in time);
-    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower).
+    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower);
+    * EXAONE-4.5 and HyperCLOVAX-Vision-V2 (Qwen2.5-VL towers, 1-D text positions), Cosmos3 (``cosmos3_omni``,
+      Qwen3-VL itself), Cohere Compass (a Qwen3-VL tower), GLM-GA (GLM-4.6V's model) and Cosmos3-Edge (a SigLIP2
+      tower over Qwen's block-ordered patches, merged ``m x m`` by its projector).
     """
 
     def grids(self, input_ids, image_inputs=None):
@@ -818,8 +821,9 @@ REFUSED: dict[str, str] = {
                  "capturing only its softmax-attention layers is not written",
     "lfm3_vl": "hybrid LM: 13 of its 24 decoder layers are gated short convolutions (no attention map); capturing "
                "only its attention layers is not written",
-    "dots3_note": _no_layout("Qwen-VL-style merged grid from image_grid_thw (a MoE vision tower), a DeepSeek-V3.2 "
-                             "top-k sparse-attention LM, an audio tower"),
+    "dots3_note": "its decoder layers differ in head count (per_layer_config: 128 heads in the DeepSeek-V3.2 top-k "
+                  "layers, 64 in the sliding-window ones), while F-LMM's mask head takes layers x heads channels of "
+                  "one head count (its image tokens: a Qwen-VL-style merged grid from image_grid_thw)",
     # Qwen3-VL's image geometry, but the LM is hybrid: only every full_attention_interval-th layer is
     # softmax attention, the rest are Gated DeltaNet, which has no attention map to capture
     **{mt: "hybrid LM: Qwen3-VL's merged grid, but most decoder layers are Gated DeltaNet (linear attention, no "
