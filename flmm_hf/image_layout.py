@@ -364,19 +364,30 @@ class QwenVLLayout(ImageLayout):
       the merger is a stride-``m`` convolution over the same ``m x m`` blocks;
     * PaddleOCR-VL (a SigLIP-style tower; the projector merges the ``m x m`` blocks) and
       ERNIE-4.5-VL (its resampler merges them; images are not merged in time);
-    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower).
+    * the thinkers of Qwen2.5-Omni (a Qwen2.5-VL tower) and Qwen3-Omni-MoE (a Qwen3-VL tower);
+    * EXAONE-4.5 and HyperCLOVAX-Vision-V2 (Qwen2.5-VL towers, 1-D text positions), Cosmos3 (``cosmos3_omni``,
+      Qwen3-VL itself), Cohere Compass (a Qwen3-VL tower), GLM-GA (GLM-4.6V's model) and Cosmos3-Edge (a SigLIP2
+      tower over Qwen's block-ordered patches, merged ``m x m`` by its projector).
     """
 
     def grids(self, input_ids, image_inputs=None):
+        rows, cols = self.merged_shape(image_inputs)
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), rows * cols, self._grid_detail(image_inputs))
+        return [pos.view(rows, cols)]
+
+    def merged_shape(self, image_inputs: Mapping[str, torch.Tensor] | None) -> tuple[int, int]:
+        """(rows, cols) of the merged token grid of one image: ``(h / m, w / m)`` from ``image_grid_thw``."""
         if image_inputs is None or "image_grid_thw" not in image_inputs:
             raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_grid_thw']")
         t, h, w = _row(image_inputs["image_grid_thw"])
         if t != 1:
             raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
         m = self.merge_size(image_inputs)
-        pos = _image_positions(input_ids, self.image_token_id)
-        _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}, merge {m}")
-        return [pos.view(h // m, w // m)]
+        return h // m, w // m
+
+    def _grid_detail(self, image_inputs: Mapping[str, torch.Tensor]) -> str:
+        return f"image_grid_thw {tuple(_row(image_inputs['image_grid_thw']))}, merge {self.merge_size(image_inputs)}"
 
     def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
         """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
@@ -398,6 +409,25 @@ class VideoLlama3Layout(QwenVLLayout):
                 "with image_grid_thw); pass it through with the other image inputs."
             )
         return _row(image_inputs["image_merge_sizes"])[0]
+
+
+class HunYuanVLLayout(QwenVLLayout):
+    """HunYuan-VL: Qwen-VL's ``(h / m) x (w / m)`` merged grid, each row ended by a newline feature, the whole image
+    opened by a begin feature and closed by an end feature; all of them are image tokens.
+
+    Its image processor orders the patches row-major (not in Qwen's ``m x m`` blocks) and its merger, a stride-``m``
+    convolution over the ``h x w`` patch map, appends the learned ``image_newline`` column and then the
+    ``image_begin`` / ``image_end`` rows: ``1 + rows * (cols + 1) + 1`` image tokens per image, which is also the
+    span its processor writes (``cat_extra_token=True``; without the two extra tokens the model's feature count does
+    not match the placeholders).
+    """
+
+    def grids(self, input_ids, image_inputs=None):
+        rows, cols = self.merged_shape(image_inputs)
+        pos = _image_positions(input_ids, self.image_token_id)
+        _check_count(self.model_type, pos.numel(), rows * (cols + 1) + 2,
+                     f"{self._grid_detail(image_inputs)}: begin + {rows} rows of {cols} + newline + end")
+        return [pos[1:-1].view(rows, cols + 1)[:, :-1]]
 
 
 class Mistral3Layout(ImageLayout):
@@ -650,6 +680,14 @@ FAMILIES: dict[str, Family] = {
     "ovis2": Family(Ovis2Layout, dynamic_resolution=True),
     "glm_ocr": Family(QwenVLLayout, dynamic_resolution=True),  # GLM-4.1V's merge and 3-D positions
     "janus": Family(_square_patch_grid),  # its SigLIP understanding tower; the VQ tower only generates
+    # issue #15: Qwen-VL-style merged grids (image_grid_thw + an m x m merge, row-major over the merged grid)
+    "exaone4_5": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen2.5-VL tower; 1-D positions
+    "hyperclovax_vision_v2": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen2.5-VL tower; 1-D positions
+    "cosmos3_omni": Family(QwenVLLayout, dynamic_resolution=True),  # Qwen3-VL's architecture, its own model type
+    "glmga": Family(QwenVLLayout, dynamic_resolution=True),  # runs Glm46VForConditionalGeneration
+    "cohere_compass": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen3-VL tower, a Cohere2 LM
+    "cosmos3_edge": Family(QwenVLLayout, dynamic_resolution=True),  # a SigLIP2 tower, Qwen's block order + merge
+    "hunyuan_vl": Family(HunYuanVLLayout, dynamic_resolution=True),
     # processors known to resize/tile images themselves; no image layout yet
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
@@ -764,19 +802,37 @@ REFUSED: dict[str, str] = {
            "whose words could be grounded",
     "diffusion_gemma": "a block-diffusion generator: text is denoised in blocks, not generated word by word "
                        "with a causal attention to the image that F-LMM reads",
-    # decoder-only families whose image tokens lie on a grid, without an adapter yet
-    **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw") for mt in (
-        "cohere_compass", "cosmos3_edge", "cosmos3_omni", "dots3_note", "exaone4_5", "glm5_next",
-        "glmga", "hyperclovax_vision_v2", "kimi_k25", "lfm3_vl", "minimax_m3_vl", "muse_glimmer", "muse_spark",
-        "qwen4_exp", "inkling2", "inkling2_loop",
-    )},
+    # issue #15: the Qwen-VL-style families not supported, each with its real obstacle
+    "kimi_k25": _no_layout("row-major patches pooled by merge_kernel_size into a row-major merged grid, a DeepSeek-V3 "
+                           "MLA LM; its only image processor needs torchvision, which does not import here, so no "
+                           "tiny batch can be built to test a layout"),
+    "minimax_m3_vl": _no_layout("Qwen-VL-style merged grid from image_grid_thw, an LM mixing dense and block-sparse "
+                                "top-k attention layers; its only image processor needs torchvision, which does not "
+                                "import here, so no tiny batch can be built to test a layout"),
+    **{mt: _no_layout("Qwen-VL-style merged grid from image_grid_thw; its only image processor "
+                      "(MuseGlimmerImageProcessor) needs torchvision, which does not import here, so no tiny batch "
+                      "can be built to test a layout") for mt in ("muse_glimmer", "muse_spark")},
+    **{mt: "LM attention adds a hidden-state-conditioned relative position bias and attention sinks to the "
+           "scores and runs eager only (no SDPA); the capture's softmax(QK^T + mask) models neither (its image "
+           "processor also needs torchvision)" for mt in ("inkling2", "inkling2_loop")},
+    "hy_v4_vl": "LM attention has learned per-head attention sinks (an extra softmax column) on DeepSeek-V3.2 top-k "
+                "sparse attention and runs eager only (no SDPA); the capture's softmax over the keys does not model "
+                "sinks (its image tokens: HunYuan-VL's merged grid with a newline per row)",
+    "glm5_next": "hybrid LM: 34 of its 45 decoder layers are Kimi Delta Attention (linear attention, no attention "
+                 "map), the rest DeepSeek-V3.2 top-k attention; capturing only its softmax-attention layers is not "
+                 "written",
+    "qwen4_exp": "hybrid LM: 30 of its 40 decoder layers are Gated DeltaNet (linear attention, no attention map); "
+                 "capturing only its softmax-attention layers is not written",
+    "lfm3_vl": "hybrid LM: 13 of its 24 decoder layers are gated short convolutions (no attention map); capturing "
+               "only its attention layers is not written",
+    "dots3_note": "its decoder layers differ in head count (per_layer_config: 128 heads in the DeepSeek-V3.2 top-k "
+                  "layers, 64 in the sliding-window ones), while F-LMM's mask head takes layers x heads channels of "
+                  "one head count (its image tokens: a Qwen-VL-style merged grid from image_grid_thw)",
     # Qwen3-VL's image geometry, but the LM is hybrid: only every full_attention_interval-th layer is
     # softmax attention, the rest are Gated DeltaNet, which has no attention map to capture
     **{mt: "hybrid LM: Qwen3-VL's merged grid, but most decoder layers are Gated DeltaNet (linear attention, no "
            "attention map); capturing only its full-attention layers is not written" for mt in ("qwen3_5",
                                                                                                "qwen3_5_moe")},
-    "hunyuan_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
-    "hy_v4_vl": _no_layout("merged grid from image_grid_thw, each row ended by a newline token"),
     "lighton_ocr": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
     "mistral_large4": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
     "granite4_vision": _no_layout("LLaVA-NeXT-style any-res grids with newline tokens, downsampled by a window "

@@ -22,6 +22,7 @@ from flmm_hf import image_layout
 from flmm_hf.image_layout import (
     FAMILIES,
     Family,
+    HunYuanVLLayout,
     LlavaNextLayout,
     SquareLayout,
     example_image_inputs,
@@ -176,7 +177,8 @@ def test_grid_positions_follow_image_geometry(family: str, padding_side: str = "
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_grids_cover_all_patch_tokens(family: str):
-    """Every image token is in some grid except the newline column of LLaVA-NeXT-like layouts."""
+    """Every image token is in some grid except the newline column of LLaVA-NeXT-like layouts (and HunYuan-VL's
+    newline column and begin / end tokens)."""
     layout = get_image_layout(tm.tiny_config(family))
     inputs = tm.build_inputs(family)
     inputs["original_sizes"] = torch.tensor(tm.image_sizes(family))
@@ -185,6 +187,8 @@ def test_grids_cover_all_patch_tokens(family: str):
         image_pos = torch.nonzero(inputs["input_ids"][b] == tm.IMAGE_ID).flatten()
         # LLaVA-NeXT-like layouts: one newline token per high-res row
         n_newlines = example_grids[1].shape[0] if isinstance(layout, LlavaNextLayout) else 0
+        if isinstance(layout, HunYuanVLLayout):
+            n_newlines = example_grids[0].shape[0] + 2
         assert covered.numel() == image_pos.numel() - n_newlines
 
 
@@ -366,11 +370,15 @@ SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemm
              "smolvlm", "internvl", "mistral3", "vipllava", "video_llava", "llava_next_video", "llava_onevision",
              "aya_vision", "shieldgemma2", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
              "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-             "ovis2", "glm_ocr", "janus")
+             "ovis2", "glm_ocr", "janus",
+             # issue #15
+             "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass", "cosmos3_edge", "hunyuan_vl")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
            "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2", "glm_ocr",
-           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision"}
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision",
+           # issue #15
+           "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass", "cosmos3_edge", "hunyuan_vl"}
 
 
 @pytest.fixture

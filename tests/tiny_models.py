@@ -62,6 +62,14 @@ FAMILIES: list[str] = [
     "ovis2",
     "glm_ocr",
     "janus",
+    # issue #15: Qwen-VL-style merged grids
+    "exaone4_5",
+    "hyperclovax_vision_v2",
+    "cosmos3_omni",
+    "glmga",
+    "cohere_compass",
+    "cosmos3_edge",
+    "hunyuan_vl",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -627,6 +635,111 @@ def _spec_shieldgemma2() -> FamilySpec:
     return spec
 
 
+# ---- Qwen-VL-style merged grids of issue #15 (image_grid_thw + spatial merge) --------------------------------------
+def _qwen2_5_vision(**overrides) -> dict:
+    """A tiny Qwen2.5-VL vision tower: 4 px patches, 2x2 merge, 16 px windows (the reordering the layout must see undone)."""
+    return dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1], **overrides)
+
+
+def _spec_exaone4_5() -> FamilySpec:
+    """EXAONE-4.5: a Qwen2.5-VL tower (GQA in its attention) and an EXAONE-4 LM with 1-D positions."""
+    # sliding_window_pattern 2: layer 0 sliding-window, layer 1 global attention
+    text = dict(_SMALL_TEXT, model_type="exaone4", sliding_window=16, sliding_window_pattern=2)
+    config = transformers.Exaone4_5_Config(text_config=text, vision_config=_qwen2_5_vision(num_key_value_heads=2),
+                                           image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1)
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
+def _spec_hyperclovax_vision_v2() -> FamilySpec:
+    """HyperCLOVAX-SEED-Think: a Qwen2.5-VL tower, a linear projector and a Granite-style LM with 1-D positions."""
+    config = transformers.HyperCLOVAXVisionV2Config(
+        text_config=dict(_SMALL_TEXT, model_type="hyperclovax"),
+        vision_config=_qwen2_5_vision(model_type="qwen2_5_vl_vision"),
+        image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+    )
+    return FamilySpec(config, _qwen_image_processor(), FREE_SIZES, _qwen_block())
+
+
+def _spec_cosmos3_omni() -> FamilySpec:
+    """Cosmos3 (reasoner): Qwen3-VL's architecture under its own model type."""
+    spec = _spec_qwen3_vl(moe=False)
+    qwen = spec.config
+    spec.config = transformers.Cosmos3OmniConfig(
+        text_config=qwen.text_config.to_dict(), vision_config=qwen.vision_config.to_dict(), image_token_id=IMAGE_ID,
+        video_token_id=IMAGE_ID - 1, vision_start_token_id=WRAP_OPEN_ID, vision_end_token_id=WRAP_CLOSE_ID,
+    )
+    return spec
+
+
+def _spec_glmga() -> FamilySpec:
+    """GLM-GA: GLM-4.6V's model (Glm46VForConditionalGeneration) with its own config and image processor."""
+    spec = _spec_glm4v("glm46v")
+    glm = spec.config
+    spec.config = transformers.GlmgaConfig(
+        text_config=glm.text_config.to_dict(), vision_config=glm.vision_config.to_dict(), image_token_id=IMAGE_ID,
+        video_token_id=IMAGE_ID - 1, image_start_token_id=WRAP_OPEN_ID, image_end_token_id=WRAP_CLOSE_ID,
+        video_start_token_id=WRAP_OPEN_ID - 2, video_end_token_id=WRAP_CLOSE_ID - 2,
+    )
+    spec.image_processor = _qwen_image_processor(cls=transformers.GlmgaImageProcessorPil)
+    return spec
+
+
+def _spec_cohere_compass() -> FamilySpec:
+    """Cohere Compass: a Qwen3-VL tower (deepstack) and a Cohere2 LM with 3-D positions."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    # per-layer-type rope: m-rope on the sliding-window layer, none (NoPE) on the global one, as Cohere2 does
+    mrope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}
+    text = dict(_SMALL_TEXT, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"sliding_attention": mrope, "full_attention": None})
+    config = transformers.CohereCompassConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                              video_token_id=IMAGE_ID - 1, vision_start_token_id=WRAP_OPEN_ID,
+                                              vision_end_token_id=WRAP_CLOSE_ID)
+    return FamilySpec(config, _qwen_image_processor(cls=transformers.CohereCompassImageProcessorPil), FREE_SIZES,
+                      _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_cosmos3_edge() -> FamilySpec:
+    """Cosmos3-Edge: a SigLIP2 tower over Qwen-ordered (block-major) patches, a 2x2 merging projector, a Llama LM
+    with 3-D positions."""
+    # num_patches 64: the learned 8x8 position table is interpolated to each image's patch grid
+    vision = dict(**_SMALL_VISION, patch_size=4, num_patches=64, spatial_merge_size=2)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4})
+    config = transformers.Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64,
+                                            image_token_id=IMAGE_ID, video_token_id=IMAGE_ID - 1,
+                                            vision_start_token_id=WRAP_OPEN_ID, vision_end_token_id=WRAP_CLOSE_ID)
+    proc = transformers.Cosmos3EdgeImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                     size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return FamilySpec(config, proc, FREE_SIZES, _qwen_block(),
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
+def _spec_hunyuan_vl() -> FamilySpec:
+    """HunYuan-VL: row-major patches merged by a stride-2 convolution; each merged row ends with a newline feature and
+    the image is wrapped in begin / end features, all image tokens; 4-axis m-rope (text, width, height, image)."""
+    # max_image_size 32 / patch 4: the learned 8x8 position table is interpolated to each image's patch grid
+    vision = dict(**_SMALL_VISION, patch_size=4, spatial_merge_size=2, max_image_size=32, text_hidden_size=32,
+                  out_hidden_size=32)
+    text = dict(_SMALL_TEXT, head_dim=8,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 1, 1], "rope_theta": 1e4})
+    config = transformers.HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                                          im_start_id=WRAP_OPEN_ID, im_end_id=WRAP_CLOSE_ID, im_newline_id=BREAK_ID)
+    proc = transformers.HunYuanVLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=1,
+                                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+    def block(inp: dict, b: int) -> list[int]:
+        # HunYuanVLProcessor (cat_extra_token=True): rows x (cols + newline) + begin + end, inside <img> ... </img>
+        _, h, w = (int(v) for v in inp["image_grid_thw"][b])
+        return [WRAP_OPEN_ID] + [IMAGE_ID] * ((h // 2) * (w // 2 + 1) + 2) + [WRAP_CLOSE_ID]
+
+    return FamilySpec(config, proc, FREE_SIZES, block,
+                      token_inputs={"mm_token_type_ids": lambda ids, _: _mm_token_type_ids(ids, IMAGE_ID)})
+
+
 _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "llava": _spec_llava,
     "llava_next": _spec_llava_next,
@@ -658,6 +771,14 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "ovis2": _spec_ovis2,
     "glm_ocr": _spec_glm_ocr,
     "janus": _spec_janus,
+    # issue #15: Qwen-VL-style merged grids
+    "exaone4_5": _spec_exaone4_5,
+    "hyperclovax_vision_v2": _spec_hyperclovax_vision_v2,
+    "cosmos3_omni": _spec_cosmos3_omni,
+    "glmga": _spec_glmga,
+    "cohere_compass": _spec_cohere_compass,
+    "cosmos3_edge": _spec_cosmos3_edge,
+    "hunyuan_vl": _spec_hunyuan_vl,
 }
 
 
