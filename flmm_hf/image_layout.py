@@ -778,6 +778,9 @@ _VQ = (
 )
 
 
+_TORCHVISION = "; its image processor needs torchvision (no PIL backend), so {} cannot be checked here"
+
+
 def _no_layout(geometry: str) -> str:
     """Reason for a decoder-only family whose image tokens do lie on a grid but that has no adapter yet."""
     return f"no layout yet ({geometry})"
@@ -855,23 +858,28 @@ REFUSED: dict[str, str] = {
                       "the capture's attention function would drop it and change the outputs (Mistral3's image grid)",
     "granite4_vision": _no_layout("LLaVA-NeXT-style any-res grids with newline tokens, downsampled by a window "
                                   "Q-Former that keeps the windows in place"),
-    "llama4": _no_layout("tiles and a global view, each pixel-shuffled to a square grid; its image processor needs "
-                         "torchvision (no PIL backend), so the tile order cannot be checked here"),
+    "llama4": _no_layout("tiles and a global view, each pixel-shuffled to a square grid"
+                         + _TORCHVISION.format("the tile order")),
     "nemotron_h_omni": "hybrid LM: its NemotronH decoder interleaves Mamba-2 layers (no attention map) with MLP/MoE "
                        "layers and a few attention layers; capturing only those is not written (a RADIO tower's pixel-shuffled grid "
                        "from image_grid_hw)",
-    "minicpm_ocr": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "minicpmv4_6": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "minicpmv4_7": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "molmo2": _no_layout("overlapping crops and a global view, pooled to grids"),
-    "step3p7": _no_layout("crops and a global view"),
+    # MiniCPM-V 4.6 / 4.7 / OCR: a thumbnail + slices, each slice resized on its own (unequal token grids), on a
+    # Qwen3.5 text model
+    **{mt: "hybrid LM: its Qwen3.5 text model is mostly Gated DeltaNet layers (linear attention, no attention map); "
+           "capturing only its full-attention layers is not written (MiniCPM-V thumbnail + slices of unequal grids)"
+       for mt in ("minicpm_ocr", "minicpmv4_6", "minicpmv4_7")},
+    "molmo2": _no_layout("overlapping crops and a global view, pooled to grids" + _TORCHVISION.format("the crop order")),
+    "step3p7": _no_layout("crops and a global view" + _TORCHVISION.format("the crop order")),
     "unlimited_ocr": _no_layout("DeepSeek-OCR-style local tiles and a global view, each row ended by a newline "
-                                "token"),
+                                "token" + _TORCHVISION.format("the tile order")),
     "gemma4": _no_layout("variable-resolution patches pooled to soft tokens placed by image_position_ids"),
     "gemma4_unified": _no_layout("variable-resolution patches pooled to soft tokens placed by "
                                  "image_position_ids"),
-    "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"),
-    "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration: one SAM-encoder grid per tile, as got_ocr2"),
+    "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"
+                                   + _TORCHVISION.format("the token order")),
+    "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration, so got_ocr2's obstacle: two strided 3x3 "
+                                 "convolutions shift each token about 3/8 of a cell up and left, which needs an offset "
+                                 "in the canvas geometry"),
     "fuyu": _no_layout("patches embedded directly, one row of image tokens per patch row, each ended by an "
                        "image-newline token"),
 }
