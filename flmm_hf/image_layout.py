@@ -26,7 +26,7 @@ LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_imag
 
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
-``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``); :func:`example_image_inputs` picks them
+``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``, ``tile_fine_mask``); :func:`example_image_inputs` picks them
 from a batch. One image per example is supported.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
