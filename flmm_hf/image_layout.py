@@ -26,7 +26,7 @@ LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_imag
 
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
-``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``); :func:`example_image_inputs` picks them
+``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``, ``tile_fine_mask``); :func:`example_image_inputs` picks them
 from a batch. One image per example is supported.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
@@ -67,6 +67,7 @@ PER_EXAMPLE_KEYS = (
     "cols",
     "tile_grid",
     "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
+    "tile_fine_mask",  # Granite-Docling: the example's tiles take the fine connector path (4x the tokens)
 )
 
 
@@ -430,25 +431,54 @@ class HunYuanVLLayout(QwenVLLayout):
         return [pos[1:-1].view(rows, cols + 1)[:, :-1]]
 
 
-class Mistral3Layout(ImageLayout):
-    """Mistral3 (Pixtral tower): ``(H / s) x (W / s)`` with ``s = patch_size * spatial_merge_size``.
+class PixtralGridLayout(ImageLayout):
+    """Pixtral-tower grid: ``(H / s) x (W / s)`` with ``s = patch_size * merge``, ``(H, W)`` from ``image_sizes``.
 
-    ``image_sizes`` holds the PROCESSED image size (H, W). Each row of ``[IMG]`` tokens is
-    followed by ``[IMG_BREAK]`` (``[IMG_END]`` after the last): they are not image tokens,
-    so the image tokens alone reshape to the grid.
+    ``image_sizes`` holds the PROCESSED image size (H, W): the Pixtral image processor resizes
+    each image to multiples of ``s`` and the tower keeps its patches row-major (its patch
+    merger, when there is one, merges ``merge x merge`` blocks row-major too). With
+    ``row_breaks`` every row of ``[IMG]`` tokens is followed by ``[IMG_BREAK]`` (``[IMG_END]``
+    after the last), which are not image tokens; without, the image tokens are one run.
+
+    Serves LLaVA configs with a Pixtral tower (Pixtral-12B: ``model_type`` "llava", no merge,
+    ``PixtralProcessor`` with breaks) through :func:`_llava`, and the subclasses below.
     """
+
+    row_breaks: bool = True
+
+    def __init__(self, config, merge: int = 1):
+        super().__init__(config)
+        self.stride = config.vision_config.patch_size * merge
 
     def grids(self, input_ids, image_inputs=None):
         if image_inputs is None or "image_sizes" not in image_inputs:
-            raise ValueError("mistral3: grids() needs image_inputs['image_sizes'] (the processed H, W)")
+            raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_sizes'] (the processed H, W)")
         H, W = _row(image_inputs["image_sizes"])
-        s = self.config.vision_config.patch_size * self.config.spatial_merge_size
-        h, w = H // s, W // s
+        h, w = H // self.stride, W // self.stride
         pos = _image_positions(input_ids, self.image_token_id)
         _check_count(self.model_type, pos.numel(), h * w, f"{h}x{w} for processed size {(H, W)}")
-        if _count_runs(input_ids, self.image_token_id) != h:
-            raise ValueError(f"mistral3: expected {h} rows of image tokens separated by [IMG_BREAK]")
+        runs = _count_runs(input_ids, self.image_token_id)
+        if self.row_breaks and runs != h:
+            raise ValueError(f"{self.model_type}: expected {h} rows of image tokens separated by [IMG_BREAK], "
+                             f"found {runs} runs")
+        if not self.row_breaks and runs != 1:
+            raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is "
+                             "supported.")
         return [pos.view(h, w)]
+
+
+class Mistral3Layout(PixtralGridLayout):
+    """Mistral3: the Pixtral grid after the ``spatial_merge_size`` patch merger, rows split by ``[IMG_BREAK]``."""
+
+    def __init__(self, config):
+        super().__init__(config, merge=config.spatial_merge_size)
+
+
+class LightOnOcrLayout(Mistral3Layout):
+    """LightOnOCR: Mistral3's merged Pixtral grid, but its processor writes the ``h * w`` image tokens as one run
+    (``LightOnOcrProcessor.replace_image_token`` has no ``[IMG_BREAK]`` / ``[IMG_END]``)."""
+
+    row_breaks = False
 
 
 class TiledLayout(ImageLayout):
@@ -544,6 +574,36 @@ class InternVLLayout(TiledLayout):
         return super().grids(input_ids, image_inputs)
 
 
+class GraniteDoclingLayout(TiledLayout):
+    """Granite-Docling: Idefics3's prompt layout over GotOcr2-style tiles, ``s x s`` tokens per view.
+
+    Tiles row-major (each after ``<fake_token_around_image><row_i_col_j>``), then, when the page
+    has more than one tile, the global thumbnail; a single tile has no thumbnail. The connector
+    pixel-shuffles each tile's ``P x P`` patches (``P = image_size // patch_size``) by
+    ``scale_factor`` on the coarse path, ``s = P / scale_factor``, or by half of it on the fine
+    path (``tile_fine_mask`` in the processor output, with ``fine_route=True``), ``s = 2P / scale_factor``.
+    Its DeepStack features are added to the hidden states AT the image tokens, so they do not move
+    them. The tile grid comes from ``rows`` / ``cols`` (the image processor's output; the processor
+    drops them), else from ``original_sizes`` (see :class:`TiledLayout`).
+    """
+
+    def __init__(self, config):
+        vc = config.vision_config
+        side = vc.image_size // vc.patch_size
+        super().__init__(config, (side // vc.scale_factor) ** 2)
+        self.fine = TiledLayout(config, (side // (vc.scale_factor // 2)) ** 2) if vc.use_fine_route else None
+
+    def grids(self, input_ids, image_inputs=None):
+        image_inputs = image_inputs or {}
+        fine = image_inputs.get("tile_fine_mask")
+        if fine is not None and bool(torch.as_tensor(fine).any()):
+            if self.fine is None:
+                raise ValueError(f"{self.model_type}: tile_fine_mask asks for the fine connector path, but the config "
+                                 "has vision_config.use_fine_route=False.")
+            return self.fine.grids(input_ids, image_inputs)
+        return super().grids(input_ids, image_inputs)
+
+
 class Ovis2Layout(ImageLayout):
     """Ovis2: the global view first, then (when the image is cropped) its tiles row-major.
 
@@ -614,6 +674,18 @@ class AyaVisionLayout(TiledLayout):
         super().__init__(config, side * side)
 
 
+def _llava(config) -> LlavaLayout | PixtralGridLayout:
+    """LLaVA configs: :class:`LlavaLayout`, or the Pixtral grid when the tower is Pixtral's (Pixtral-12B).
+
+    A Pixtral tower keeps each image at its processed size (no CLS, so the checkpoints use
+    ``vision_feature_select_strategy="full"``) and ``PixtralProcessor`` ends each row with
+    ``[IMG_BREAK]``; LLaVA has no patch merger, so one token per ``patch_size`` patch.
+    """
+    if getattr(config.vision_config, "model_type", None) == "pixtral":
+        return PixtralGridLayout(config, merge=1)
+    return LlavaLayout(config)
+
+
 def _gemma3(config) -> SquareLayout:
     # the projector average-pools the patch grid to sqrt(mm_tokens_per_image) per side
     side = math.isqrt(config.mm_tokens_per_image)
@@ -647,7 +719,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # the supported families (deepseek_vl_hybrid is DeepSeek-VL-7B, deepseek_vl the 1.3B model)
-    "llava": Family(LlavaLayout),
+    "llava": Family(_llava),  # a Pixtral tower (Pixtral-12B) gets the Pixtral grid
     "llava_next": Family(LlavaNextLayout, dynamic_resolution=True),
     "qwen2_vl": Family(QwenVLLayout, dynamic_resolution=True),
     "qwen2_5_vl": Family(QwenVLLayout, dynamic_resolution=True),
@@ -688,7 +760,12 @@ FAMILIES: dict[str, Family] = {
     "cohere_compass": Family(QwenVLLayout, dynamic_resolution=True),  # a Qwen3-VL tower, a Cohere2 LM
     "cosmos3_edge": Family(QwenVLLayout, dynamic_resolution=True),  # a SigLIP2 tower, Qwen's block order + merge
     "hunyuan_vl": Family(HunYuanVLLayout, dynamic_resolution=True),
-    # processors known to resize/tile images themselves; no image layout yet
+    # issue #15: Pixtral grids and tiled families
+    "lighton_ocr": Family(LightOnOcrLayout, dynamic_resolution=True),
+    "qianfan_ocr": Family(InternVLLayout, dynamic_resolution=True),  # InternVL with a Qwen3 text model
+    "granite_docling": Family(GraniteDoclingLayout, dynamic_resolution=True),
+    # processors known to resize/tile images themselves, registered for that trait only: idefics2's resampler has no
+    # grid (REFUSED); "pixtral" is PixtralProcessor's home model type, while Pixtral-12B's config is a "llava" one
     "idefics2": Family(dynamic_resolution=True),
     "pixtral": Family(dynamic_resolution=True),
 }
@@ -737,6 +814,9 @@ _VQ = (
     "discrete image tokens: a VQ tokenizer turns the image into codebook ids embedded like words; no layout "
     "written for its latent grid"
 )
+
+
+_TORCHVISION = "; its image processor needs torchvision (no PIL backend), so {} cannot be checked here"
 
 
 def _no_layout(geometry: str) -> str:
@@ -833,26 +913,33 @@ REFUSED: dict[str, str] = {
     **{mt: "hybrid LM: Qwen3-VL's merged grid, but most decoder layers are Gated DeltaNet (linear attention, no "
            "attention map); capturing only its full-attention layers is not written" for mt in ("qwen3_5",
                                                                                                "qwen3_5_moe")},
-    "lighton_ocr": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
-    "mistral_large4": _no_layout("Pixtral-style grid from image_sizes, rows split by break tokens"),
+    "mistral_large4": "DeepSeek-V3.2-style sparse attention: each query attends only to the index_topk (2048) keys its "
+                      "learned indexer picks, a mask the model adds only under attn_implementation 'eager'/'sdpa', so "
+                      "the capture's attention function would drop it and change the outputs (Mistral3's image grid)",
     "granite4_vision": _no_layout("LLaVA-NeXT-style any-res grids with newline tokens, downsampled by a window "
                                   "Q-Former that keeps the windows in place"),
-    "granite_docling": _no_layout("Idefics3-style tiles and a global view, pixel-shuffled"),
-    "llama4": _no_layout("tiles and a global view, each pixel-shuffled to a square grid"),
-    "nemotron_h_omni": _no_layout("InternVL-style tiles and a thumbnail, pixel-shuffled"),
-    "qianfan_ocr": _no_layout("InternVL-style tiles and a thumbnail, pixel-shuffled"),
-    "minicpm_ocr": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "minicpmv4_6": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "minicpmv4_7": _no_layout("MiniCPM-V slices and a thumbnail"),
-    "molmo2": _no_layout("overlapping crops and a global view, pooled to grids"),
-    "step3p7": _no_layout("crops and a global view"),
+    "llama4": _no_layout("tiles and a global view, each pixel-shuffled to a square grid"
+                         + _TORCHVISION.format("the tile order")),
+    "nemotron_h_omni": "hybrid LM: its NemotronH decoder interleaves Mamba-2 layers (no attention map) with MLP/MoE "
+                       "layers and a few attention layers; capturing only those is not written (a RADIO tower's pixel-shuffled grid "
+                       "from image_grid_hw)",
+    # MiniCPM-V 4.6 / 4.7 / OCR: a thumbnail + slices, each slice resized on its own (unequal token grids), on a
+    # Qwen3.5 text model
+    **{mt: "hybrid LM: its Qwen3.5 text model is mostly Gated DeltaNet layers (linear attention, no attention map); "
+           "capturing only its full-attention layers is not written (MiniCPM-V thumbnail + slices of unequal grids)"
+       for mt in ("minicpm_ocr", "minicpmv4_6", "minicpmv4_7")},
+    "molmo2": _no_layout("overlapping crops and a global view, pooled to grids" + _TORCHVISION.format("the crop order")),
+    "step3p7": _no_layout("crops and a global view" + _TORCHVISION.format("the crop order")),
     "unlimited_ocr": _no_layout("DeepSeek-OCR-style local tiles and a global view, each row ended by a newline "
-                                "token"),
+                                "token" + _TORCHVISION.format("the tile order")),
     "gemma4": _no_layout("variable-resolution patches pooled to soft tokens placed by image_position_ids"),
     "gemma4_unified": _no_layout("variable-resolution patches pooled to soft tokens placed by "
                                  "image_position_ids"),
-    "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"),
-    "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration: one SAM-encoder grid per tile, as got_ocr2"),
+    "inkling_mm_model": _no_layout("one soft token per space-to-depth-folded patch block of the resized image"
+                                   + _TORCHVISION.format("the token order")),
+    "pp_chart2table": _no_layout("runs GotOcr2ForConditionalGeneration, so got_ocr2's obstacle: two strided 3x3 "
+                                 "convolutions shift each token about 3/8 of a cell up and left, which needs an offset "
+                                 "in the canvas geometry"),
     "fuyu": _no_layout("patches embedded directly, one row of image tokens per patch row, each ended by an "
                        "image-newline token"),
 }
@@ -981,7 +1068,7 @@ def backbone_table() -> str:
         "|---|---|---|---|",
     ]
     for s in support.values():
-        what = f"`{s.layout}`" if s.status == SUPPORTED else _table_cell(s.reason or "")
+        what = _table_cell(f"`{s.layout}`" if s.status == SUPPORTED else s.reason or "")
         lines.append(f"| `{s.model_type}` | {s.status} | {what} | {'yes' if s.dynamic_resolution else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -60,7 +60,7 @@ def test_a_model_type_is_either_supported_or_refused():
     with_layout = {mt for mt, family in FAMILIES.items() if family.layout is not None}
     assert not with_layout & set(REFUSED), "a model type has both a layout and a refusal; drop its REFUSED entry"
     support = backbone_support()
-    assert support["llava"] == BackboneSupport("llava", "supported", layout="LlavaLayout")
+    assert support["llava"] == BackboneSupport("llava", "supported", layout="LlavaLayout | PixtralGridLayout (_llava)")
     assert support["gemma3"].layout == "SquareLayout (_gemma3)"
     assert support["qwen2_vl"].dynamic_resolution
     assert "Q-Former" in support["blip-2"].reason and "encoder-decoder" in support["florence2"].reason

@@ -61,7 +61,7 @@ def _identity_vision_encoder(model: torch.nn.Module) -> list:
 
     handles = []
     for name, module in model.named_modules():
-        in_vision = any(part in name for part in ("vision_tower", "vision_model", "visual", "image_tower"))
+        in_vision = any(part in name for part in ("vision_tower", "vision_model", "vision_encoder", "visual", "image_tower"))
         in_layer = any(part in name for part in (".layers.", ".layer.", ".blocks."))
         leaf_name = name.rsplit(".", 1)[-1]
         if in_vision and in_layer and leaf_name in ("self_attn", "attention", "attn", "mlp", "feed_forward"):
@@ -278,6 +278,20 @@ def test_ovis2_reads_the_tile_grid_from_its_indicator_tokens():
         layout.grids(torch.tensor([start] + view + [grid_id] + view + [row] + [end]))  # 2 rows claimed, 1 tile
 
 
+def test_granite_docling_fine_route_has_four_times_the_tokens_per_tile():
+    """tile_fine_mask (the processor's fine_route=True): 8x8 tokens per tile instead of 4x4, still in place."""
+    inputs = tm.build_inputs("granite_docling_fine")
+    inputs["original_sizes"] = torch.tensor(tm.image_sizes("granite_docling_fine"))
+    assert bool(inputs["tile_fine_mask"].all())
+    layout = get_image_layout(tm.tiny_config("granite_docling_fine"))
+    tiles, global_view = layout.grids(inputs["input_ids"][0], example_image_inputs(inputs, 0))
+    assert tuple(global_view.shape) == (8, 8) and tuple(tiles.shape) == (16, 24)  # 40x60 page: 2x3 tiles
+    test_grid_positions_follow_image_geometry("granite_docling_fine")
+    # the coarse layout of a config without the fine path refuses fine inputs
+    with pytest.raises(ValueError, match="use_fine_route"):
+        get_image_layout(tm.tiny_config("granite_docling")).grids(inputs["input_ids"][0], example_image_inputs(inputs, 0))
+
+
 def test_llava_full_strategy_drops_the_cls_token():
     config = tm.tiny_config("llava")
     config.vision_feature_select_strategy = "full"
@@ -304,7 +318,8 @@ def test_more_than_one_image_per_example_is_rejected():
 @pytest.mark.parametrize(
     "family",
     ["llava", "llava_next", "qwen2_vl", "mistral3", "idefics3", "internvl", "vipllava", "llava_onevision", "aya_vision",
-     "shieldgemma2", "qwen3_vl", "video_llama_3", "ovis2"],
+     "shieldgemma2", "qwen3_vl", "video_llama_3", "ovis2", "llava_pixtral", "lighton_ocr", "qianfan_ocr",
+     "granite_docling"],
 )
 def test_token_count_mismatch_is_rejected(family: str):
     layout = get_image_layout(tm.tiny_config(family))
@@ -312,7 +327,7 @@ def test_token_count_mismatch_is_rejected(family: str):
     inputs["original_sizes"] = torch.tensor(tm.image_sizes(family))
     ids = inputs["input_ids"][0].clone()
     ids[torch.nonzero(ids == tm.IMAGE_ID)[-1]] = 7  # one image token fewer
-    with pytest.raises(ValueError, match=f"{family}.*(mismatch|multiple)"):
+    with pytest.raises(ValueError, match=f"{layout.model_type}.*(mismatch|multiple)"):
         layout.grids(ids, example_image_inputs(inputs, 0))
 
 
@@ -370,13 +385,14 @@ SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemm
              "smolvlm", "internvl", "mistral3", "vipllava", "video_llava", "llava_next_video", "llava_onevision",
              "aya_vision", "shieldgemma2", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v",
              "video_llama_3", "paddleocr_vl", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-             "ovis2", "glm_ocr", "janus",
+             "ovis2", "glm_ocr", "janus", "lighton_ocr", "qianfan_ocr", "granite_docling",
              # issue #15
              "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass", "cosmos3_edge", "hunyuan_vl")
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl", "mistral3",
            "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "video_llama_3", "paddleocr_vl",
            "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "ovis2", "glm_ocr",
-           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision",
+           "llava_onevision", "llava_next_video", "idefics2", "pixtral", "aya_vision", "lighton_ocr", "qianfan_ocr",
+           "granite_docling",
            # issue #15
            "exaone4_5", "hyperclovax_vision_v2", "cosmos3_omni", "glmga", "cohere_compass", "cosmos3_edge", "hunyuan_vl"}
 
@@ -390,7 +406,8 @@ def traits_only():
 
 
 def test_registry_holds_layout_and_processor_traits_per_model_type():
-    assert set(tm.FAMILIES) <= set(SUPPORTED)
+    # the spec names of tm.FAMILIES are model types, but for model-type variants (llava_pixtral is a llava config)
+    assert {tm.tiny_config(family).model_type for family in tm.FAMILIES} <= set(SUPPORTED)
     for model_type in SUPPORTED:
         assert FAMILIES[model_type].layout is not None, model_type
     assert {mt for mt, family in FAMILIES.items() if family.dynamic_resolution} == DYNAMIC

@@ -70,6 +70,11 @@ FAMILIES: list[str] = [
     "cohere_compass",
     "cosmos3_edge",
     "hunyuan_vl",
+    # issue #15, Pixtral grids and tiles: a LLaVA config with a Pixtral tower (spec name, not a model type), ...
+    "llava_pixtral",
+    "lighton_ocr",
+    "qianfan_ocr",
+    "granite_docling",
 ]
 
 N_ANSWER = 3  # answer tokens at the end of every example (the query rows of later tests)
@@ -516,6 +521,15 @@ def _spec_internvl() -> FamilySpec:
     return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("num_patches",))
 
 
+def _pixtral_rows(h: int, w: int) -> list[int]:
+    """PixtralProcessor's image block: ``([IMG] * w + [IMG_BREAK])`` per row, the last break -> ``[IMG_END]``."""
+    ids: list[int] = []
+    for _ in range(h):
+        ids += [IMAGE_ID] * w + [BREAK_ID]
+    ids[-1] = END_ID
+    return ids
+
+
 def _spec_mistral3() -> FamilySpec:
     vision = transformers.PixtralVisionConfig(**_SMALL_VISION, image_size=64, patch_size=4, head_dim=8)
     text = transformers.MistralConfig(**_SMALL_TEXT, head_dim=8)
@@ -526,13 +540,87 @@ def _spec_mistral3() -> FamilySpec:
 
     def block(inp: dict, b: int) -> list[int]:
         h, w = (int(v) // 8 for v in inp["image_sizes"][b])
-        ids: list[int] = []
-        for _ in range(h):  # PixtralProcessor: ([IMG] * w + [IMG_BREAK]) per row, last break -> [IMG_END]
-            ids += [IMAGE_ID] * w + [BREAK_ID]
-        ids[-1] = END_ID
-        return ids
+        return _pixtral_rows(h, w)
 
     return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _spec_llava_pixtral() -> FamilySpec:
+    """Pixtral-12B's layout: a LLaVA config (model_type "llava") with a Pixtral tower, one token per 4 px patch."""
+    vision = transformers.PixtralVisionConfig(**_SMALL_VISION, image_size=64, patch_size=4, head_dim=8)
+    # a Pixtral tower has no CLS: "full" keeps every patch (the checkpoints' setting)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE_ID,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full")
+    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 4, "width": 4})
+
+    def block(inp: dict, b: int) -> list[int]:
+        h, w = (int(v) // 4 for v in inp["image_sizes"][b])
+        return _pixtral_rows(h, w)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _spec_lighton_ocr() -> FamilySpec:
+    """LightOnOCR: Mistral3's Pixtral tower + 2x2 patch merger, a Qwen3 text model, no break tokens."""
+    vision = dict(model_type="pixtral", **_SMALL_VISION, image_size=64, patch_size=4, head_dim=8)
+    text = dict(_SMALL_TEXT, model_type="qwen3", head_dim=8)
+    config = transformers.LightOnOcrConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                                           spatial_merge_size=2)
+    # resized to multiples of patch_size * spatial_merge_size, as for Mistral3
+    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+
+    def block(inp: dict, b: int) -> list[int]:
+        # LightOnOcrProcessor.replace_image_token: (H // 8) * (W // 8) image tokens, one run
+        h, w = (int(v) // 8 for v in inp["image_sizes"][b])
+        return [IMAGE_ID] * (h * w)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
+def _spec_qianfan_ocr() -> FamilySpec:
+    """Qianfan-OCR: InternVL's tiles + thumbnail (GotOcr2 tiling, 2x2 pixel shuffle) with a Qwen3 text model."""
+    vision = transformers.QianfanOCRVisionConfig(**_SMALL_VISION, image_size=[32, 32], patch_size=[4, 4],
+                                                 drop_path_rate=0.0)
+    text = dict(_SMALL_TEXT, model_type="qwen3", head_dim=8)
+    config = transformers.QianfanOCRConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                                           image_seq_length=16, downsample_ratio=0.5)
+    proc = transformers.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=6)
+
+    def block(inp: dict, b: int) -> list[int]:
+        # QianfanOCRProcessor (InternVL's): <img> + <IMG_CONTEXT> * image_seq_length * num_patches + </img>
+        return [WRAP_OPEN_ID] + [IMAGE_ID] * (16 * int(inp["num_patches"][b])) + [WRAP_CLOSE_ID]
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("num_patches",))
+
+
+def _spec_granite_docling(fine: bool = False) -> FamilySpec:
+    """Granite-Docling: 32 px tiles (8x8 patches) pixel-shuffled by 2 to 4x4 tokens, Idefics3's prompt layout.
+
+    ``fine``: the processor's ``fine_route=True`` (``tile_fine_mask``): shuffled by 1, 8x8 tokens per tile.
+    """
+    vision = dict(**_SMALL_VISION, image_size=32, patch_size=4, out_hidden_size=32, scale_factor=2,
+                  deepstack_visual_indexes=[0], use_fine_route=fine)
+    config = transformers.GraniteDoclingConfig(vision_config=vision, text_config=dict(_SMALL_TEXT),
+                                               image_token_id=IMAGE_ID, pad_token_id=PAD_ID)
+    proc = transformers.GraniteDoclingImageProcessorPil(size={"height": 32, "width": 32}, max_patches=6)
+    seq_len = 64 if fine else 16
+
+    def block(inp: dict, b: int) -> list[int]:
+        # GraniteDoclingProcessor.replace_image_token: <fake><row_i_col_j> + tokens per tile, "\n" per row, then
+        # "\n<fake><global-img>" + tokens + <fake> when the page has more than one tile
+        rows, cols = int(inp["rows"][b][0]), int(inp["cols"][b][0])
+        ids: list[int] = []
+        for r in range(rows):
+            for c in range(cols):
+                ids += [WRAP_OPEN_ID, ROW_COL_START + r * 6 + c] + [IMAGE_ID] * seq_len
+            ids.append(NEWLINE_ID)
+        if rows * cols > 1:
+            ids += [NEWLINE_ID, WRAP_OPEN_ID, WRAP_CLOSE_ID] + [IMAGE_ID] * seq_len + [WRAP_OPEN_ID]
+        return ids
+
+    return FamilySpec(config, proc, FREE_SIZES, block, drop_keys=("rows", "cols"),
+                      processor_kwargs={"fine_route": True} if fine else {})
 
 
 def _spec_vipllava() -> FamilySpec:
@@ -779,6 +867,12 @@ _SPECS: dict[str, Callable[[], FamilySpec]] = {
     "cohere_compass": _spec_cohere_compass,
     "cosmos3_edge": _spec_cosmos3_edge,
     "hunyuan_vl": _spec_hunyuan_vl,
+    "llava_pixtral": _spec_llava_pixtral,
+    "lighton_ocr": _spec_lighton_ocr,
+    "qianfan_ocr": _spec_qianfan_ocr,
+    "granite_docling": _spec_granite_docling,
+    # not in FAMILIES (one geometry test in test_image_layout.py): the fine connector path
+    "granite_docling_fine": lambda: _spec_granite_docling(fine=True),
 }
 
 
@@ -816,7 +910,7 @@ def build_inputs(
     if images is None:
         images = make_images(spec.image_sizes, seed)
     # Idefics3/SmolVLM processors take one list of images per example
-    nested = family in ("idefics3", "smolvlm")
+    nested = family in ("idefics3", "smolvlm", "granite_docling", "granite_docling_fine")
     image_inputs = dict(spec.image_processor(images=[[im] for im in images] if nested else images,
                                              return_tensors="pt", **spec.processor_kwargs))
     rng = np.random.default_rng(seed + 1)
