@@ -223,3 +223,45 @@ def test_bad_quantization_arguments_are_refused(bases, saved, fixtures_dir):
         FLMMForGrounding.from_lmm(loaded, use_sam=False, quantization_config=bnb_config())
     with pytest.raises(ValueError, match="a loaded model was given as lmm="):
         FLMMForGrounding.from_pretrained(saved, lmm=loaded, quantization_config=None)
+
+
+@needs_torchao
+def test_train_yaml_field_quantizes_the_frozen_lmm(bases, tmp_path, monkeypatch):
+    from flmm_hf.training import build_model, parse_arguments
+
+    config_file = tmp_path / "quantized.yaml"
+    config_file.write_text(
+        f"lmm_name_or_path: {bases / 'lmm'}\nlmm_dtype: float32\nuse_sam: false\nmask_head_channels: 8\n"
+        "quantization_config:\n  quant_method: torchao\n"
+        "  quant_type: {default: {_type: Int8WeightOnlyConfig, _version: 2, _data: {}}}\n"
+    )
+    argv = ["--config", str(config_file), "--output_dir", str(tmp_path / "out")]
+    model_args, _, _ = parse_arguments(argv)
+    model = build_model(model_args)
+    assert is_torchao_quantized(q_proj_weight(model))
+    assert model.config.lmm_quantization_config["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
+    # The command line overrides the file; bitsandbytes on a machine without a GPU fails before loading, naming the fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model_args, _, _ = parse_arguments(argv + ["--quantization_config", '{"quant_method": "bitsandbytes", "load_in_4bit": true}'])
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        build_model(model_args)
+    model_args, _, _ = parse_arguments(argv + ["--quantization_config", "nf4"])
+    with pytest.raises(ValueError, match="not a JSON object"):
+        build_model(model_args)
+
+
+@needs_torchao
+def test_demo_trains_on_a_quantized_backbone_and_its_save_loads_quantized(tmp_path):
+    """train.py end to end with the field on the command line: the Trainer trains the head over the int8 LMM, the
+    save holds only the head and records the quantization, and the saved folder loads quantized."""
+    from train import main
+
+    from test_train import TINY_DEMO
+
+    out = tmp_path / "demo"
+    quantization = json.dumps(quantization_dict(int8_config()))
+    metrics = main(["--output_dir", str(out)] + TINY_DEMO + ["--max_steps", "2", "--quantization_config", quantization])
+    assert metrics["train_loss"] > 0 and "eval_miou" in metrics
+    assert not any(key.startswith("lmm.") for key in load_file(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["lmm_quantization_config"] == json.loads(quantization)
+    assert is_torchao_quantized(q_proj_weight(FLMMForGrounding.from_pretrained(out)))
