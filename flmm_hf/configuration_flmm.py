@@ -8,8 +8,10 @@ import logging
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .attention_capture import ATTENTION_NUMERICS
+from .quantization import quantization_dict
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,13 @@ class FLMMConfig(PreTrainedConfig):
         lmm_revision (`str`, *optional*):
             Revision (branch, tag or commit) of `lmm_name_or_path`.
         lmm_config (`dict` or `PreTrainedConfig`, *optional*):
-            The LMM's own config. Required: every shape of the head derives from it.
+            The LMM's own config. Required: every shape of the head derives from it. It describes the
+            architecture only: how the LMM was quantized is `lmm_quantization_config`.
+        lmm_quantization_config (`dict` or `QuantizationConfigMixin`, *optional*):
+            How the frozen LMM is quantized (bitsandbytes 4-bit / 8-bit, torchao, ...), as
+            `QuantizationConfigMixin.to_dict()` writes it; `None` for an unquantized LMM. Recorded by
+            `from_lmm(..., quantization_config=...)`; `from_pretrained` quantizes the LMM the same way unless
+            it is given another `quantization_config` (or `quantization_config=None`: unquantized).
         use_sam (`bool`, *optional*, defaults to `True`):
             Whether to refine the coarse masks with the SAM refiner.
         sam_name_or_path (`str`, *optional*, defaults to `"facebook/sam-vit-large"`):
@@ -101,6 +109,7 @@ class FLMMConfig(PreTrainedConfig):
         lmm_name_or_path: str | None = None,
         lmm_revision: str | None = None,
         lmm_config: PreTrainedConfig | dict | None = None,
+        lmm_quantization_config: QuantizationConfigMixin | dict | None = None,
         use_sam: bool = True,
         sam_name_or_path: str | None = DEFAULT_SAM,
         sam_revision: str | None = None,
@@ -130,6 +139,7 @@ class FLMMConfig(PreTrainedConfig):
         self.lmm_name_or_path = lmm_name_or_path
         self.lmm_revision = lmm_revision
         self.lmm_config = _as_dict(lmm_config)
+        self.lmm_quantization_config = quantization_dict(lmm_quantization_config)
         self.use_sam = use_sam
         self.sam_name_or_path = sam_name_or_path
         self.sam_revision = sam_revision

@@ -5,6 +5,8 @@ records their names, revisions and configs, and `model.safetensors` holds only t
 (`FLMMHead.trained_modules()`, one source of truth for what is saved). Loading attaches the frozen parts with
 their own `from_pretrained` after checking that they have the recorded architecture and shapes.
 `save_mode="full"` also bundles them, as their own `save_pretrained` folders `lmm/` and `sam/`, for offline use.
+A quantized LMM is recorded by its quantization config (`FLMMConfig.lmm_quantization_config`), never by its
+quantized weights in an adapter save; loading quantizes it again (see `quantization`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel, SamConfig, SamModel
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .attention_capture import enable_capture
 from .configuration_flmm import DEFAULT_SAM, FLMMConfig
 from .image_layout import get_image_layout
 from .processing_flmm import check_folder_or_hub_id
+from .quantization import (
+    RECORDED,
+    check_quantization_backend,
+    is_recorded,
+    checkpoint_quantization,
+    model_quantization,
+    quantization_config_from,
+)
 
 # Subfolders of a `full` save holding the frozen LMM and SAM.
 LMM_SUBFOLDER = "lmm"
@@ -61,8 +72,10 @@ class FrozenPlaceholder(nn.Module):
 
 
 def recorded_lmm_config(lmm: PreTrainedModel) -> dict[str, Any]:
-    """The LMM's config as the F-LMM config records it: its dict plus the model class (checked on load)."""
+    """The LMM's config as the F-LMM config records it: its dict plus the model class (checked on load), without
+    its quantization (recorded apart, in `lmm_quantization_config`: `lmm_config` describes the architecture)."""
     config = lmm.config.to_dict()
+    config.pop("quantization_config", None)
     config["architectures"] = [type(lmm).__name__]
     return config
 
@@ -189,21 +202,64 @@ def frozen_source(
 
 
 def load_frozen_lmm(
-    config: Any, source: str, lmm: str | PreTrainedModel | None, hub_kwargs: dict, **load_kwargs: Any
+    config: Any,
+    source: str,
+    lmm: str | PreTrainedModel | None,
+    hub_kwargs: dict,
+    quantization_config: Any = RECORDED,
+    **load_kwargs: Any,
 ) -> PreTrainedModel:
     """The frozen LMM: given, bundled (full save) or by recorded name and revision; checked against `config`.
 
-    `load_kwargs` (`dtype`, `device_map`, `attn_implementation`; `None` values dropped) go to its `from_pretrained`.
+    `quantization_config`: `RECORDED` (quantize as `config.lmm_quantization_config` records), `None` (unquantized)
+    or a quantization config / its dict; see `lmm_quantization`. `load_kwargs` (`dtype`, `device_map`,
+    `attn_implementation`; `None` values dropped) go to its `from_pretrained`.
     """
     if isinstance(lmm, PreTrainedModel):
+        if not is_recorded(quantization_config):
+            raise ValueError(
+                "quantization_config applies to an LMM that from_pretrained loads, but a loaded model was given as "
+                "lmm= (it is used as it is). Fix: load that model with from_pretrained(..., quantization_config=...) "
+                "yourself, or pass lmm=<its name or folder> together with quantization_config."
+            )
         check_backbone("LMM", config.lmm_config, lmm.config, f"the given {type(lmm).__name__}", LMM_FIX)
         return lmm
     name, kwargs, found = frozen_source("LMM", lmm, config, source, hub_kwargs, LMM_FIX)
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    quantization = lmm_quantization(config.lmm_quantization_config, quantization_config, found, repr(name))
+    if quantization is not None:
+        load_kwargs["quantization_config"] = quantization
     return load_weights_naming_files(
         AutoModelForImageTextToText.from_pretrained, "the frozen LMM", name, kwargs.get("subfolder"),
         name, config=found, **kwargs, **load_kwargs,
     )
+
+
+def lmm_quantization(recorded: dict | None, given: Any, found: PreTrainedConfig, where: str) -> Any:
+    """The `quantization_config` to load the frozen LMM with (None: pass none), checked against this machine.
+
+    `given` is `RECORDED` (use `recorded`), None (unquantized) or a quantization config / its dict. A checkpoint that
+    is itself quantized (`found` carries a `quantization_config`: a full save of a quantized F-LMM, or a quantized
+    Hub checkpoint) loads as it is stored: with `RECORDED` nothing is passed, and None is refused (its weights are
+    stored quantized).
+    """
+    stored = checkpoint_quantization(found)
+    if stored is not None:
+        if given is None:
+            raise ValueError(
+                f"the LMM checkpoint {where} is itself quantized (its config.json has a {stored.get('quant_method')} "
+                "quantization_config), so quantization_config=None cannot load it unquantized. Fix: pass "
+                "lmm=<the unquantized base model> with quantization_config=None."
+            )
+        if is_recorded(given):
+            check_quantization_backend(stored)
+            return None
+    if is_recorded(given):
+        given = recorded
+    quantization = quantization_config_from(given)
+    if quantization is not None:
+        check_quantization_backend(quantization)
+    return quantization
 
 
 def load_frozen_sam(config: Any, source: str, sam: str | SamModel | None, hub_kwargs: dict, dtype: Any) -> SamModel:
@@ -380,15 +436,31 @@ def new_config(
     sam: str | SamModel | SamConfig | None,
     lmm_revision: str | None = None,
     sam_revision: str | None = None,
+    quantization_config: Any = None,
+    lmm_load_kwargs: dict | None = None,
     **config_overrides: Any,
 ) -> tuple[FLMMConfig, PreTrainedModel, SamModel | None]:
-    """`FLMMForGrounding.from_lmm`: the frozen parts (loaded by name when given as names) and the config that
-    records them. Returns `(config, lmm, sam)`; `sam` is None with `use_sam=False`."""
+    """`FLMMForGrounding.from_lmm`: the frozen parts (loaded by name when given as names, the LMM with
+    `quantization_config` and `lmm_load_kwargs`) and the config that records them, the LMM's quantization included.
+    Returns `(config, lmm, sam)`; `sam` is None with `use_sam=False`."""
     lmm_name = lmm if isinstance(lmm, str) else None
     if isinstance(lmm, str):
-        lmm = AutoModelForImageTextToText.from_pretrained(lmm, revision=lmm_revision)
+        load_kwargs = {k: v for k, v in (lmm_load_kwargs or {}).items() if v is not None}
+        quantization = quantization_config_from(quantization_config)
+        if quantization is not None:
+            check_quantization_backend(quantization)
+            load_kwargs["quantization_config"] = quantization
+        lmm = AutoModelForImageTextToText.from_pretrained(lmm, revision=lmm_revision, **load_kwargs)
     elif not isinstance(lmm, PreTrainedModel):
         raise TypeError(f"lmm must be a model name/path or a PreTrainedModel, got {type(lmm).__name__}")
+    elif quantization_config is not None or any(v is not None for v in (lmm_load_kwargs or {}).values()):
+        given = ["quantization_config"] if quantization_config is not None else []
+        given += [k for k, v in (lmm_load_kwargs or {}).items() if v is not None]
+        raise ValueError(
+            f"{', '.join(given)} apply to an LMM that from_lmm loads by name, but a loaded model was given (it is used "
+            "as it is, and its own quantization is recorded). Fix: pass lmm=<its Hub id or folder>, or load it "
+            "yourself with from_pretrained(..., quantization_config=...)."
+        )
     sam_name, sam_model = None, None
     if config_overrides.get("use_sam", True):
         sam = DEFAULT_SAM if sam is None else sam
@@ -413,6 +485,7 @@ def new_config(
         lmm_name_or_path=_absolute_if_folder(lmm_name or getattr(lmm, "name_or_path", None) or None),
         lmm_revision=lmm_revision,
         lmm_config=recorded_lmm_config(lmm),
+        lmm_quantization_config=model_quantization(lmm),
         sam_name_or_path=_absolute_if_folder(sam_name),
         sam_revision=sam_revision,
         sam_config=sam_model.config if sam_model is not None else None,
@@ -439,6 +512,7 @@ def load_flmm(
     dtype: Any = None,
     device_map: Any = None,
     attn_implementation: str | None = None,
+    quantization_config: Any = RECORDED,
     **kwargs: Any,
 ) -> tuple[Any, dict]:
     """`FLMMForGrounding.from_pretrained`: `load_weights` is `PreTrainedModel.from_pretrained` bound to the class,
@@ -468,7 +542,7 @@ def load_flmm(
     if kwargs:
         raise TypeError(f"unexpected arguments to FLMMForGrounding.from_pretrained: {sorted(kwargs)}")
     lmm_load_kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
-    lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, **lmm_load_kwargs)
+    lmm_model = load_frozen_lmm(config, source, lmm, hub_kwargs, quantization_config, **lmm_load_kwargs)
     sam_model = load_frozen_sam(config, source, sam, hub_kwargs, sam_dtype) if config.use_sam else None
     model, loading_info = load_weights_naming_files(
         load_weights, "the trained F-LMM head", source, hub_kwargs.get("subfolder"),
@@ -513,6 +587,9 @@ class FrozenPartsMixin:
         *,
         lmm_revision: str | None = None,
         sam_revision: str | None = None,
+        quantization_config: QuantizationConfigMixin | dict | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
         **config_overrides: Any,
     ):
         """
@@ -527,9 +604,24 @@ class FrozenPartsMixin:
             lmm: Hub id / local folder of an image-text-to-text model, or a loaded model.
             sam: Hub id / folder of a SAM checkpoint, a loaded `SamModel`, or a `SamConfig` (random SAM, for
                 tests). `None` means `facebook/sam-vit-large`; pass `use_sam=False` to build without the refiner.
+            quantization_config (*optional*): quantize the LMM while it loads by name, as QLoRA's base: a
+                `BitsAndBytesConfig` (4-bit / 8-bit, CUDA GPU), a `TorchAoConfig` (e.g. `Int8WeightOnlyConfig()`,
+                which runs on CPU) or such a config's dict. It is recorded in `config.lmm_quantization_config`
+                (so is the quantization of a loaded `lmm` that is already quantized), and `from_pretrained`
+                quantizes the LMM the same way. Saves stay adapter-sized: the quantized weights are never written
+                (but by `save_mode="full"`).
+            dtype, device_map: passed to the LMM's `from_pretrained` when it is loaded by name.
             config_overrides: any `FLMMConfig` field (`attention_layers`, `merge`, `mode`, ...).
+
+        Raises:
+            RuntimeError / ImportError: the quantization cannot run here (bitsandbytes without a CUDA GPU, or its
+                package missing); the message names the fix.
+            ValueError: `quantization_config`, `dtype` or `device_map` given with an already loaded `lmm`.
         """
-        config, lmm, sam = new_config(lmm, sam, lmm_revision=lmm_revision, sam_revision=sam_revision, **config_overrides)
+        config, lmm, sam = new_config(
+            lmm, sam, lmm_revision=lmm_revision, sam_revision=sam_revision, quantization_config=quantization_config,
+            lmm_load_kwargs={"dtype": dtype, "device_map": device_map}, **config_overrides,
+        )
         return cls(config, lmm=lmm, sam=sam)
 
     def save_pretrained(
@@ -564,6 +656,7 @@ class FrozenPartsMixin:
         device_map: Any = None,
         attn_implementation: str | None = None,
         sam_dtype: torch.dtype | str = torch.float32,
+        quantization_config: QuantizationConfigMixin | dict | str | None = RECORDED,
         **kwargs: Any,
     ):
         """
@@ -581,19 +674,26 @@ class FrozenPartsMixin:
                 the LMM's first device.
             sam_dtype: SAM's dtype (default float32: the refiner runs SAM in one dtype, and its trained prompt
                 encoder and mask decoder are float32).
+            quantization_config: how to quantize the LMM as it loads. `"recorded"` (the default): as the saved
+                config's `lmm_quantization_config` records (unquantized when it records none); `None`: unquantized,
+                whatever was recorded; or a `BitsAndBytesConfig` / `TorchAoConfig` / such a dict. A `full` save of
+                a quantized model stores the LMM quantized and loads as stored. Not allowed with a loaded `lmm=`.
             kwargs: Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `subfolder`, ...) for
                 this folder, and `output_loading_info`.
 
         Raises:
             OSError: the recorded base LMM or SAM cannot be found (the message says how to fix it).
             ValueError: the base found is of another architecture or shape than the recorded one.
+            RuntimeError / ImportError: the recorded or given quantization cannot run on this machine
+                (bitsandbytes without a CUDA GPU, or its package missing); the message names the fix.
         """
         if model_args:
             raise TypeError("FLMMForGrounding.from_pretrained takes no positional model arguments")
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = load_flmm(
             super().from_pretrained, cls.config_class, str(pretrained_model_name_or_path), config, lmm, sam, sam_dtype,
-            dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, **kwargs,
+            dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+            quantization_config=quantization_config, **kwargs,
         )
         return (model, loading_info) if output_loading_info else model
 
@@ -608,6 +708,7 @@ class FrozenPartsMixin:
         self.lmm = freeze_lmm(lmm)
         self.layout = get_image_layout(lmm.config)
         self.config.lmm_config = recorded_lmm_config(lmm)
+        self.config.lmm_quantization_config = model_quantization(lmm)  # what is attached, quantized or not
         self.head.to(lmm.device)
         if sam is not None:
             # One dtype and one attention implementation for all of SAM: the loaded SAM receives the trained parts.

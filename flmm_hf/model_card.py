@@ -47,6 +47,7 @@ small U-Net head{{ refine_text }}. Only the head was trained; the LMM keeps its 
 {{ sam_row }}
 
 - Save mode: `{{ save_mode }}` ({{ save_mode_text }})
+- Frozen LMM weights: {{ quantization_text }}
 - Prompt and preprocessing: `{{ mode }}` mode ({{ mode_text }})
 - Head: U-Net over {{ in_channels }} attention channels{{ layers_text }}
 
@@ -164,9 +165,25 @@ def build_model_card(
             else "the backbone's own processor and chat template"
         ),
         in_channels=_in_channels(config),
+        quantization_text=_quantization_text(_get(config, "lmm_quantization_config")),
         layers_text=f" (decoder layers {layers})" if layers is not None else " (all decoder layers)",
         results_text=_results_table(eval_results),
     )
+
+
+def _quantization_text(quantization: Mapping[str, Any] | None) -> str:
+    if not quantization:
+        return "unquantized"
+    method = quantization.get("quant_method", "unknown")
+    if method == "bitsandbytes":
+        bits = "4-bit" if quantization.get("load_in_4bit") else "8-bit" if quantization.get("load_in_8bit") else ""
+        kind = quantization.get("bnb_4bit_quant_type") if quantization.get("load_in_4bit") else None
+        method = " ".join(part for part in ("bitsandbytes", bits, kind) if part)
+    elif method == "torchao":
+        kinds = [v.get("_type") for v in (quantization.get("quant_type") or {}).values() if isinstance(v, dict)]
+        method = " ".join(["torchao", *[k for k in kinds if k]])
+    return (f"quantized while loading ({method}; recorded in `lmm_quantization_config`, so `from_pretrained` "
+            "quantizes them the same way; pass `quantization_config=None` to load them unquantized)")
 
 
 def _default_title(lmm_name: str, lmm_type: str) -> str:

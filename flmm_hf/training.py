@@ -33,6 +33,7 @@ from .data import WithQuestion
 from .modeling_flmm import FLMMOutput
 from .demo import (
     build_demo_backbone_for,
+    demo_backbone_folder,
     demo_backbone_reference,
     mean_mask_baseline,
     save_prediction_overlay,
@@ -121,6 +122,14 @@ def config_argument_fields(
 _TRAINING_ONLY_FIELDS: list[tuple[str, Any, dataclasses.Field]] = [
     ("lmm_dtype", str, field(
         default="bfloat16", metadata={"help": "dtype of the frozen LMM weights (paper: bfloat16): bfloat16, float16, float32."}
+    )),
+    ("quantization_config", str | None, field(
+        default=None,
+        metadata={"help": "Quantize the frozen LMM as it loads (as QLoRA's base): a transformers quantization config "
+                  "as a YAML mapping or a JSON string, e.g. {quant_method: bitsandbytes, load_in_4bit: true, "
+                  "bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16} (CUDA GPU) or {quant_method: torchao, "
+                  "quant_type: {default: {_type: Int8WeightOnlyConfig, _version: 2, _data: {}}}} (runs on CPU). "
+                  "The saved model records it and loads quantized. None: unquantized."},
     )),
     # FLMMProcessor settings (saved with the processor, so evaluation and inference prompt alike).
     ("question", str | None, field(
@@ -663,26 +672,50 @@ def head_config_overrides(model_args: ModelArguments) -> dict[str, Any]:
     return {name: getattr(model_args, name) for name in CONFIG_ARGUMENTS if name not in FROZEN_PART_ARGUMENTS}
 
 
+def parse_quantization_config(value: str | dict | None) -> dict | None:
+    """`ModelArguments.quantization_config` (a JSON string: the YAML mapping arrives as one) as a dict, or None."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"quantization_config {value!r} is not a JSON object ({error}). Fix: give a YAML mapping in the config "
+            "file, or on the command line a JSON object such as "
+            '\'{"quant_method": "bitsandbytes", "load_in_4bit": true}\'.'
+        ) from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"quantization_config must be a mapping (a transformers quantization config), got {parsed!r}")
+    return parsed
+
+
 def build_model(model_args: ModelArguments, lmm: Any = None, sam: Any = None):
-    """A new F-LMM around a frozen backbone: `lmm` given (a model) or loaded by `lmm_name_or_path`.
+    """A new F-LMM around a frozen backbone: `lmm` given (a model, used as is, or a folder / Hub id) or loaded by
+    `lmm_name_or_path`; by name it loads in `lmm_dtype` and quantized by `quantization_config`.
 
     `sam` (a `SamModel`/`SamConfig`) overrides `sam_name_or_path` (tests build a tiny one).
     """
-    from transformers import AutoModelForImageTextToText
-
     from .modeling_flmm import FLMMForGrounding
 
+    load_kwargs: dict[str, Any] = {}
     if lmm is None:
         if model_args.lmm_name_or_path is None:
             raise ValueError("lmm_name_or_path is required (or build the demo backbone)")
-        lmm = AutoModelForImageTextToText.from_pretrained(
-            model_args.lmm_name_or_path, revision=model_args.lmm_revision, dtype=DTYPES[model_args.lmm_dtype]
+        lmm = model_args.lmm_name_or_path
+    if isinstance(lmm, (str, os.PathLike)):
+        lmm = str(lmm)
+        load_kwargs = {"dtype": DTYPES[model_args.lmm_dtype],
+                       "quantization_config": parse_quantization_config(model_args.quantization_config)}
+    elif model_args.quantization_config is not None:
+        raise ValueError(
+            "quantization_config quantizes an LMM loaded by name, but build_model was given a loaded model. Fix: pass "
+            "its folder or Hub id instead."
         )
     if sam is None and model_args.use_sam:
         sam = model_args.sam_name_or_path
     return FLMMForGrounding.from_lmm(
         lmm, sam=sam, lmm_revision=model_args.lmm_revision, sam_revision=model_args.sam_revision,
-        **head_config_overrides(model_args),
+        **load_kwargs, **head_config_overrides(model_args),
     )
 
 
@@ -724,6 +757,9 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, trainin
             )
         extras["metrics"].update({f"backbone_{k}": v for k, v in stats.items()})
         set_seed(training_args.seed)  # the head's initialisation must not depend on the backbone's cache state
+        if model_args.quantization_config is not None:
+            # quantized as it loads: from the folder it was just saved to (`from_lmm` quantizes models it loads)
+            lmm = str(demo_backbone_folder(model_args, training_args.output_dir).resolve())
         model, processor = build_model(model_args, lmm=lmm), build_processor(model_args, lmm_processor)
         model.config.lmm_name_or_path = demo_backbone_reference(model_args, training_args.output_dir)
     else:

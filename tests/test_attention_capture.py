@@ -129,6 +129,37 @@ def test_capture_matches_eager_llava(padding, tmp_path):
     assert capture.query_counts.tolist() == [9, 9] and capture.key_counts.tolist() == [N_IMAGE, N_IMAGE]
 
 
+def test_capture_matches_eager_of_the_same_torchao_quantized_llava(tmp_path):
+    """With torchao int8 weight-only Linear layers (tensor subclasses in place of the q/k/v weights), the capture
+    still equals the eager attention of the SAME quantized model; both differ from the unquantized model's maps."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'flmm-hf[quant]')")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    tiny_llava().save_pretrained(tmp_path)
+    quantization = TorchAoConfig(Int8WeightOnlyConfig())
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path, quantization_config=quantization).eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=quantization, attn_implementation="eager"
+    ).eval()
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    weight = model.model.language_model.layers[0].self_attn.k_proj.weight
+    assert type(weight).__module__.startswith("torchao")  # the projections really are quantized
+    enable_capture(model)
+    inputs = llava_batch("left")
+    key_mask = inputs["input_ids"] == IMAGE_ID
+    query_mask = last_tokens(inputs["attention_mask"], 6)
+    layers = [0, 1, 2, 3]
+    with torch.no_grad(), AttentionCapture(model, layers, query_mask, key_mask) as capture:
+        model(**inputs)
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True).attentions
+        unquantized = plain(**inputs, output_attentions=True).attentions
+    assert max_abs_diff(capture.attentions, eager_rows(reference, layers, query_mask, key_mask)) <= TOL
+    # int8 weights move the maps a little: the comparison above is with the quantized model, not the original
+    assert 1e-6 < max_abs_diff(capture.attentions, eager_rows(unquantized, layers, query_mask, key_mask)) < 1e-2
+
+
 def test_capture_examples_with_different_counts():
     """Examples select different numbers of rows and columns (batched gather with padding)."""
     model = enable_capture(tiny_llava())
