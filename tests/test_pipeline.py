@@ -221,3 +221,17 @@ def test_pipeline_save_pretrained_writes_a_folder_the_pipeline_loads_from(pipe, 
     config = json.loads((tmp_path / "pipe" / "config.json").read_text())
     assert config["custom_pipelines"] == {TASK: CUSTOM_PIPELINE_ENTRY}
     assert {"pipeline_flmm.py", "processor_config.json", "flmm_processor_config.json"} <= set(os.listdir(tmp_path / "pipe"))
+
+
+def test_installed_pipeline_class_loads_a_folder_without_remote_code(trained, processor, saved, image):
+    """With flmm_hf installed, `pipeline_class=ReferringSegmentationPipeline` loads a saved folder with the
+    installed classes (no remote code); without it or `trust_remote_code`, transformers asks for remote code."""
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline(TASK, model=str(saved))
+    pipe = pipeline(TASK, model=str(saved), pipeline_class=ReferringSegmentationPipeline)
+    assert type(pipe.model).__module__ == "flmm_hf.modeling_flmm"
+    assert type(pipe.processor).__module__ == "flmm_hf.processing_flmm"
+    pil_image = Image.open(image)
+    probabilities = trained.ground(pil_image, TEXT, PHRASES, processor=processor, return_probabilities=True)
+    for entry, label, probs in zip(pipe(pil_image, text=TEXT, phrases=PHRASES), PHRASES, probabilities):
+        _check_entry(entry, label, probs)
