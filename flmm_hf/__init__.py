@@ -11,9 +11,18 @@ __version__ = "0.1.0"
 # folder's config.json (the backbone's tokenizer loader, for one) recognise model type "flmm".
 # (Not in configuration_flmm.py / modeling_flmm.py: those files are copied into saved folders as remote code.)
 from transformers import AutoConfig, AutoModel  # noqa: E402
+from transformers.pipelines import PIPELINE_REGISTRY  # noqa: E402
+
+from .pipeline_flmm import TASK as _PIPELINE_TASK, ReferringSegmentationPipeline  # noqa: E402
 
 AutoConfig.register(FLMMConfig.model_type, FLMMConfig, exist_ok=True)
 AutoModel.register(FLMMConfig, FLMMForGrounding, exist_ok=True)
+# `pipeline("referring-segmentation", model=<FLMMForGrounding>, processor=...)` for a model in memory. (A saved
+# folder records the pipeline in config.json's `custom_pipelines`, which transformers reads before this registry.)
+if _PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
+    PIPELINE_REGISTRY.register_pipeline(
+        _PIPELINE_TASK, pipeline_class=ReferringSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 
 def __getattr__(name: str):
@@ -32,4 +41,5 @@ __all__ = [
     "FLMMForGrounding",
     "FLMMOutput",
     "FLMMProcessor",
+    "ReferringSegmentationPipeline",
 ]

@@ -22,6 +22,7 @@ _GENERIC_KEYS = {
     "name_or_path", "_commit_hash", "attn_implementation", "_attn_implementation", "output_attentions",
     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
     "problem_type", "num_labels", "tie_word_embeddings", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+    "custom_pipelines",  # read by `transformers.pipeline` (save_pretrained records the referring-segmentation one)
 }
 
 

@@ -366,6 +366,7 @@ def save_flmm(
     # The saved config says how this folder was saved; the model's own config is left as it is.
     config = copy.deepcopy(model.config)
     config.save_mode = save_mode
+    save_pipeline_code(config, save_directory)
     config.save_pretrained(save_directory)
     if save_mode == "adapter" and config.lmm_name_or_path and is_relative_folder(config.lmm_name_or_path):
         carry_relative_lmm(model, config.lmm_name_or_path, save_directory)
@@ -379,6 +380,19 @@ def save_flmm(
         write_model_card(save_directory, config, save_mode=save_mode)
     if push_to_hub:
         _upload(save_directory, **hub_kwargs)
+
+
+def save_pipeline_code(config: Any, save_directory: str | os.PathLike) -> None:
+    """Copy the `referring-segmentation` pipeline's code into the folder and record it in `config.custom_pipelines`,
+    so that `pipeline("referring-segmentation", model=folder, trust_remote_code=True)` finds it (transformers
+    loads the class named there from the folder, with its relative-import siblings, as it does the model code)."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    # Imported here, relatively: with remote code this is the dynamic module's copy, whose file is the one to copy.
+    from .pipeline_flmm import CUSTOM_PIPELINE_ENTRY, TASK, ReferringSegmentationPipeline
+
+    custom_object_save(ReferringSegmentationPipeline, save_directory)
+    config.custom_pipelines = {**(getattr(config, "custom_pipelines", None) or {}), TASK: copy.deepcopy(CUSTOM_PIPELINE_ENTRY)}
 
 
 def carry_relative_lmm(model: Any, relative: str, save_directory: str | os.PathLike) -> None:

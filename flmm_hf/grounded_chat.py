@@ -29,7 +29,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .attention_capture import AttentionCapture
-from .processing_flmm import FLMMProcessor, backbone_image_inputs, backbone_inputs, match_phrases, sam_preprocess, to_rgb
+from .processing_flmm import (
+    FLMMProcessor,
+    backbone_image_inputs,
+    backbone_inputs,
+    check_threshold,
+    match_phrases,
+    sam_preprocess,
+    to_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,8 @@ class GroundedAnswer:
         missing (`list[str]`): explicit phrases that were not found in the answer (with `on_missing="skip"`).
         selector (`str`): how the phrases were chosen: `"explicit"`, `"noun_chunks"`, `"lmm"` or `"none"`.
         selector_reply (`str`, *optional*): the LMM's own list of objects when `selector="lmm"` was used.
+        probabilities (`torch.FloatTensor` of shape `[len(phrases), H, W]`, *optional*): the foreground
+            probabilities the masks were thresholded from, with `chat(..., return_probabilities=True)`.
     """
 
     text: str
@@ -82,6 +92,7 @@ class GroundedAnswer:
     missing: list[str] = field(default_factory=list)
     selector: str = "explicit"
     selector_reply: str | None = None
+    probabilities: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -668,6 +679,7 @@ def chat(
     threshold: float = 0.5,
     use_refiner: bool = True,
     on_missing: str = "raise",
+    return_probabilities: bool = False,
     **generate_kwargs: Any,
 ) -> GroundedAnswer:
     """
@@ -687,6 +699,7 @@ def chat(
         use_refiner: refine with SAM when the model has the refiner.
         on_missing: explicit phrases not in the answer: `"raise"` a [`PhraseNotFoundError`] (default) or
             `"skip"` them (listed in `GroundedAnswer.missing`).
+        return_probabilities: also return the masks' foreground probabilities (`GroundedAnswer.probabilities`).
         generate_kwargs: passed to `generate` (`max_new_tokens` defaults to 128; greedy unless `do_sample=True`).
 
     Returns:
@@ -696,6 +709,7 @@ def chat(
         raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
+    check_threshold(threshold)  # before generating, not after
     processor = model.resolve_processor(processor)
     if phrases is None and selector == "noun_chunks":
         _require_spacy()  # fail before generating, not after
@@ -705,7 +719,8 @@ def chat(
     spans, missing, used, reply = select_phrases(model, image, answer.text, phrases, selector, processor, on_missing)
     logits = ground_generated(model, answer, spans, image, use_refiner=refine)
     size = answer.inputs["original_sizes"]
-    masks = FLMMProcessor.post_process_masks([logits], size, threshold=threshold)[0].cpu()
+    probabilities = FLMMProcessor.post_process_masks([logits], size, return_probabilities=True)[0].cpu()
+    masks = probabilities > threshold  # post_process_masks' rule, from the same probabilities
     return GroundedAnswer(
         text=answer.text,
         phrases=[answer.text[s:e] for s, e in spans],
@@ -714,6 +729,7 @@ def chat(
         missing=missing,
         selector=used,
         selector_reply=reply,
+        probabilities=probabilities if return_probabilities else None,
     )
 
 

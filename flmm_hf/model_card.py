@@ -65,6 +65,17 @@ masks = model.ground(image, "two cats lying on a pink blanket.", ["two cats", "a
 # masks: BoolTensor [phrases, height, width] at the image's size
 ```
 
+Or as a transformers pipeline (one dict per phrase, as the `image-segmentation` pipeline gives):
+
+```python
+from transformers import pipeline
+
+pipe = pipeline("referring-segmentation", model="{{ repo_id }}", trust_remote_code=True)
+pipe("cats.jpg", text="two cats lying on a pink blanket.", phrases=["two cats", "a pink blanket"])
+# [{"label": "two cats", "mask": <PIL.Image mode=L>, "score": ...}, ...]
+pipe("cats.jpg", question="What is in the picture?")  # {"answer": ..., "segments": [...], "missing": []}
+```
+
 The frozen parts are loaded with their own `from_pretrained`; `dtype`, `device_map` and
 `attn_implementation` given to `AutoModel.from_pretrained` are passed to the LMM.
 {{ results_text }}

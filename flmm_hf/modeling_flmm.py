@@ -332,12 +332,18 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         processor: Any | None = None,
         threshold: float = 0.5,
         use_refiner: bool = True,
-    ) -> torch.BoolTensor:
+        return_probabilities: bool = False,
+    ) -> torch.Tensor:
         """
         Ground `phrases` (substrings of `text`, or character spans) in `image`.
 
+        Args:
+            return_probabilities: return the foreground probabilities (float32) instead of the masks
+                `probabilities > threshold`.
+
         Returns:
-            `torch.BoolTensor` of shape `[len(phrases), H, W]` at the original image size.
+            `torch.BoolTensor` (or `torch.FloatTensor` with `return_probabilities`) of shape `[len(phrases), H, W]`
+            at the original image size.
         """
         processor = self.resolve_processor(processor)
         check_threshold(threshold)  # before the forward, not after it
@@ -346,7 +352,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         output = self(**inputs, refine=refine)
         logits = output.refined_logits if refine else output.coarse_logits
-        return processor.post_process_masks(logits, inputs["original_sizes"], threshold=threshold)[0]
+        return processor.post_process_masks(
+            logits, inputs["original_sizes"], threshold=threshold, return_probabilities=return_probabilities
+        )[0]
 
     def chat(self, image: Any, question: str, phrases: list[str] | None = None, processor: Any | None = None, **kwargs: Any):
         """The frozen LMM answers `question` about `image`, and the phrases of its answer are grounded.
