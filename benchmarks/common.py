@@ -391,9 +391,14 @@ def use_device(device: str) -> str:
     if not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: torch.cuda.is_available() is False (no GPU visible, or its driver "
                            "does not load); run on a machine with a GPU or use --device cpu")
-    if ":" in device:
-        torch.cuda.set_device(device)
-    return torch.cuda.get_device_name(device)
+    try:
+        if ":" in device:
+            torch.cuda.set_device(device)
+        return torch.cuda.get_device_name(device)
+    except RuntimeError as error:
+        raise RuntimeError(f"--device {device}: CUDA did not initialise in this measurement process ({error}); "
+                           "if it was forked (--fork, the suite's default), run again without --fork (suite: "
+                           "--no-fork)") from error
 
 
 def measure_in_child(step, reps: int, device: str = "cpu") -> dict:

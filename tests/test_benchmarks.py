@@ -143,3 +143,20 @@ def test_cuda_on_a_cpu_only_torch_is_refused_before_measuring():
     proc = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--device", "cuda", "--size", "7b"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "built without CUDA" in proc.stderr, proc.stderr[-2000:]
+
+
+def _writes_payload(payload: dict, out_path: str) -> None:
+    common.write_child(out_path, {"echo": payload["value"]})
+
+
+def _fails(payload: dict, out_path: str) -> None:
+    raise ValueError(f"bad payload {payload['value']}")
+
+
+def test_forked_child_results_and_errors():
+    """A forked measurement returns what its child wrote, or its error with the message and traceback."""
+    ok = common.run_forked(_writes_payload, {"value": 7}, mem_cap_gb=8)
+    assert ok["status"] == "ok" and ok["echo"] == 7 and ok["watchdog_max_rss_mb"] >= 0
+    failed = common.run_forked(_fails, {"value": 3}, mem_cap_gb=8)
+    assert failed["status"] == "error" and failed["error"] == "ValueError: bad payload 3"
+    assert "Traceback" in failed["log"]
