@@ -7,14 +7,17 @@ and peak memory of
       the phrase rows + U-Net head), and
   (c) the original's approach (eager attention, `output_attentions=True`, `output_hidden_states=True`,
       slicing the full maps afterwards, head per example),
-each configuration in fresh child processes (see common.py), interleaved over rounds.
+each configuration in fresh child processes (see common.py), interleaved over rounds, on the CPU
+or a CUDA device (`--device cuda`: synchronised timing, torch.cuda.max_memory_allocated, bf16).
 
     python benchmarks/bench_forward.py --json OUT.json            # default size, < 5 min here
     python benchmarks/bench_forward.py --tiny --rounds 1 --json OUT.json   # smoke test size
+    python benchmarks/bench_forward.py --device cuda --size 7b --json OUT.json   # LLaVA-1.5-7B's shapes
 
 The JSON holds per configuration the medians/min/max and, per batch size and overall (the
-largest batch), `time_ratio_b_a`, `mem_ratio_b_a`, `mem_ratio_c_b` (memory = activation memory,
-peak RSS minus the RSS before the step) plus the same ratios on total peak RSS.
+largest batch), `time_ratio_b_a`, `mem_ratio_b_a`, `mem_ratio_c_b` (memory = activation memory:
+the peak minus the memory before the step, RSS on the CPU, allocated memory on CUDA) plus the
+same ratios on the total peak.
 """
 
 from __future__ import annotations
@@ -29,11 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import InputSpec, ModelSpec  # noqa: E402
 
-# The default size: what finishes in < 5 minutes on 2 shared CPU cores (see BENCHMARKS.md).
-DEFAULT = ModelSpec(layers=8, hidden=512, heads=8, kv_heads=8, intermediate=1408)
-# A larger LLaVA-shaped size for BENCHMARKS.md runs (`--size large`): ~4x the compute.
-LARGE = ModelSpec(layers=8, hidden=1024, heads=16, kv_heads=16, intermediate=2816)
-
 
 def child_main(payload: dict, out_path: str) -> None:
     import torch
@@ -41,48 +39,57 @@ def child_main(payload: dict, out_path: str) -> None:
     spec = ModelSpec(**payload["model"])
     inp = InputSpec(**payload["inputs"])
     implementation, fn = common.VARIANTS[payload["variant"]]
+    device = payload.get("device", "cpu")
     torch.set_num_threads(payload.get("threads") or torch.get_num_threads())
-    model = common.build_model(spec)
+    device_name = common.use_device(device)
+    model = common.build_model(spec, device=device)
     common.set_text_attention(model, implementation)
-    inputs = common.build_inputs(spec, inp)
+    inputs = common.to_device(common.build_inputs(spec, inp), device)
 
     def step():
         with torch.no_grad():
             return fn(model, inputs)
 
-    result = common.measure_in_child(None, step, payload["reps"])
+    result = common.measure_in_child(step, payload["reps"], device)
     if payload["variant"] == "b_ours_capture":
         # decomposition of (b): the LMM forward with capture (phrase_attention) and the head's U-Net + crop alone
         import time
 
         with torch.no_grad():
+            common.synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
             maps = model.phrase_attention(**inputs)
+            common.synchronize(device)
             result["info_capture_forward_s"] = time.perf_counter() - t0
             result["info_capture_forward_cpu_s"] = time.process_time() - c0
             t0, c0 = time.perf_counter(), time.process_time()
             model.head.coarse_logits(maps, inputs["canvas_sizes"], inputs["content_boxes"])
+            common.synchronize(device)
             result["info_head_s"] = time.perf_counter() - t0
             result["info_head_cpu_s"] = time.process_time() - c0
         result["info_captured_maps_bytes"] = sum(m.numel() * m.element_size() for m in maps)
     result["info_seq_len"] = int(inputs["input_ids"].shape[1])
     result["info_query_rows"] = int((inputs["phrase_ids"] >= 0).sum())
     result["info_threads"] = torch.get_num_threads()
+    result["info_device"] = device_name
     common.write_child(out_path, result)
 
 
 def run_variants(model: ModelSpec, inp: InputSpec, variants: list[str], rounds: int, reps: int,
-                 mem_cap_gb: float, threads: int | None = None, label: str = "") -> dict:
+                 mem_cap_gb: float, threads: int | None = None, label: str = "", device: str = "cpu",
+                 fork: bool = False) -> dict:
     """Interleaved rounds of fresh children, one per variant; returns aggregated results per variant."""
     script = str(Path(__file__).resolve())
 
     def run_one(variant: str, r: int) -> dict:
-        if variant == "c_original_eager":
+        # the cap guards host RSS; on CUDA the maps live on the device, where running out is reported as out_of_memory
+        if variant == "c_original_eager" and not common.is_cuda(device):
             est = estimate_eager_maps_gb(model, inp)
             if est > mem_cap_gb:
                 return dict(status="skipped_estimate", estimated_eager_maps_gb=est, cap_gb=mem_cap_gb)
-        payload = dict(model=asdict(model), inputs=asdict(inp), variant=variant, reps=reps, threads=threads)
-        return common.run_child([script, "--child", json.dumps(payload)], mem_cap_gb)
+        payload = dict(model=asdict(model), inputs=asdict(inp), variant=variant, reps=reps, threads=threads,
+                       device=device)
+        return common.run_measurement(script, child_main, payload, mem_cap_gb, fork)
 
     print(f"[{label}] batch={inp.batch} text={inp.text_tokens} phrases={inp.phrases}", file=sys.stderr, flush=True)
     runs = common.interleaved(variants, rounds, run_one)
@@ -105,16 +112,15 @@ def ratios(res: dict) -> dict:
         mem_ratio_b_a=common.ratio(b, a, "activation_mb"),
         mem_ratio_c_b=common.ratio(c, b, "activation_mb"),
         time_ratio_c_b=common.ratio(c, b, "time_s"),
-        total_mem_ratio_b_a=common.ratio(b, a, "peak_rss_mb"),
-        total_mem_ratio_c_b=common.ratio(c, b, "peak_rss_mb"),
+        total_mem_ratio_b_a=common.ratio(b, a, "peak_mb"),
+        total_mem_ratio_c_b=common.ratio(c, b, "peak_mb"),
     )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
-    parser.add_argument("--size", choices=["default", "large"], default="default")
+    common.add_model_args(parser)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
@@ -127,23 +133,23 @@ def main(argv=None) -> dict:
     common.add_run_args(parser, common.VARIANTS, rounds=3)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(json.loads(args.child), args.child_out)
+        common.child_entry(child_main, json.loads(args.child), args.child_out)
         return {}
 
-    model = common.TINY if args.tiny else (LARGE if args.size == "large" else DEFAULT)
+    model = common.check_args(parser, args)
     overrides = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate") if getattr(args, k)}
     if "heads" in overrides:
         overrides["kv_heads"] = overrides["heads"]
     model = ModelSpec(**(asdict(model) | overrides))
-    text_tokens = [min(t, 40) for t in args.text_tokens] if args.tiny else args.text_tokens
+    text_tokens = [min(t, 40) for t in args.text_tokens] if args.size == "tiny" else args.text_tokens
 
-    out = dict(benchmark="forward", command=" ".join(["python", "benchmarks/bench_forward.py", *sys.argv[1:]]),
-               environment=common.environment(), model=asdict(model), rounds=args.rounds, reps=args.reps,
-               threads=args.threads, by_batch={})
+    out = dict(benchmark="forward", command=common.command("bench_forward.py", argv),
+               environment=common.environment(args.device), device=args.device, model=asdict(model),
+               rounds=args.rounds, reps=args.reps, threads=args.threads, by_batch={})
     for batch in args.batch_sizes:
         inp = InputSpec(batch=batch, text_tokens=text_tokens, phrases=args.phrases, phrase_len=args.phrase_len)
         res = run_variants(model, inp, args.variants, args.rounds, args.reps, args.mem_cap_gb, threads=args.threads,
-                           label=f"B={batch}")
+                           label=f"B={batch}", device=args.device, fork=args.fork)
         out["by_batch"][str(batch)] = dict(inputs=asdict(inp), results=res, **ratios(res))
     # headline ratios: the largest batch
     headline = out["by_batch"][str(max(args.batch_sizes))]
@@ -153,7 +159,7 @@ def main(argv=None) -> dict:
     out["headline_batch"] = max(args.batch_sizes)
     for batch, entry in out["by_batch"].items():
         meds = {v: (r.get("time_s", {}).get("median"), r.get("activation_mb", {}).get("median"),
-                    r.get("peak_rss_mb", {}).get("median")) for v, r in entry["results"].items()}
+                    r.get("peak_mb", {}).get("median")) for v, r in entry["results"].items()}
         print(f"B={batch}: " + "  ".join(f"{v}: t={m[0]} act={m[1]} peak={m[2]}" for v, m in meds.items()),
               file=sys.stderr)
         print(f"B={batch}: b/a time {entry['time_ratio_b_a']}, b/a cpu {entry['cpu_ratio_b_a']}, "

@@ -1,119 +1,174 @@
-"""What quantizing the frozen LMM saves and changes: weight memory and mask agreement, torchao int8 vs unquantized.
+"""Benchmark 5: weight memory of the frozen LMM quantized with transformers' own API, versus unquantized.
 
-The random LLaVA-1.5-shaped model of the other benchmarks (8 layers, hidden 512, 8 heads, MLP 1408, llava-1.5's
-32064-token vocabulary, 576 image tokens) is saved to a temporary folder and loaded three ways with
-`FLMMForGrounding.from_lmm(folder, ...)`: float32, bfloat16, and torchao weight-only int8 (`Int8WeightOnlyConfig`,
-the CPU-runnable quantization; it quantizes every `nn.Linear` of the LMM, not the embeddings), the rest in float32,
-and for the memory also int8 with the rest in bfloat16. The F-LMM head is the same (seeded) in every model and has
-no SAM refiner.
+A random LLaVA of `--size` (built on the device in its dtype, bf16 on CUDA; never downloaded) is
+saved to a temporary folder and loaded back with
+`LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=...)`:
+  bnb-4bit      `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=<dtype>)` (bitsandbytes, CUDA)
+  torchao-int8  `TorchAoConfig(Int8WeightOnlyConfig())` (torchao, CPU or CUDA)
+  auto          bnb-4bit on CUDA, torchao-int8 on the CPU (the default)
+Weight memory is measured twice: the bytes of all parameters and buffers, counted through tensor
+subclasses (torchao's quantized weights are int8 data plus scales), and on CUDA also
+`torch.cuda.memory_allocated()` with each model alone on the device, which counts everything the
+weights hold there (bitsandbytes' block scales too) and gives the ratio on CUDA. Both models run in
+one child process (see common.py), the unquantized one deleted before the quantized one is loaded.
+The 7b size writes its 14 GB of bf16 weights to the temporary folder (`--tmp-dir`).
 
-Weight memory: `flmm_hf.quantization.weight_memory_bytes` of the LMM, and of its decoder layers alone (where a 7B
-model's weights are: the embeddings of this small model are a large share of it, of a 7B model about 4 %).
-Mask agreement (float32 LMM vs int8 LMM, the same inputs: a left-padded batch of 4, 3 phrases each): the phrase
-maps the head receives (max |difference| and the maps' max), the coarse mask logits, and the masks (logits > 0):
-pixel agreement and mean IoU over the 12 phrases.
+    python benchmarks/bench_quantized.py --json OUT.json                           # torchao int8, CPU
+    python benchmarks/bench_quantized.py --device cuda --size 7b --json OUT.json   # bitsandbytes 4-bit
 
-    python benchmarks/bench_quantized.py --json benchmarks/results/quantized.json
+The JSON holds `quantized_weight_mem_ratio` (quantized / unquantized weight memory), `method`,
+`measured_by`, both sizes in MB, and which linear layers transformers left unquantized.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from common import ModelSpec  # noqa: E402
 
-from flmm_hf import FLMMForGrounding  # noqa: E402
-from flmm_hf.quantization import weight_memory_bytes  # noqa: E402
-
-SPEC = common.ModelSpec(layers=8, hidden=512, heads=8, kv_heads=8, intermediate=1408)
-INPUTS = common.InputSpec(batch=4, text_tokens=[50, 120, 200, 80], phrases=3, phrase_len=3)
+METHODS = {"bnb-4bit": "bitsandbytes", "torchao-int8": "torchao"}
 
 
-def load(folder: str, **kwargs) -> FLMMForGrounding:
-    torch.manual_seed(0)  # the same head in every model
-    return FLMMForGrounding.from_lmm(folder, use_sam=False, mask_head_channels=SPEC.mask_head_channels, **kwargs).eval()
+def resolve_method(method: str, device: str) -> str:
+    """`--quant-method` with `auto` resolved; a ValueError with the fix when it cannot run here."""
+    if method == "auto":
+        method = "bnb-4bit" if common.is_cuda(device) else "torchao-int8"
+    if method not in METHODS:
+        raise ValueError(f"--quant-method {method!r}: choose auto, {', '.join(METHODS)}")
+    if method == "bnb-4bit" and not common.is_cuda(device):
+        raise ValueError("--quant-method bnb-4bit needs --device cuda (bitsandbytes' 4-bit kernels); on the CPU use "
+                         "--quant-method torchao-int8")
+    if importlib.util.find_spec(METHODS[method]) is None:
+        alternative = " or --quant-method torchao-int8" if method == "bnb-4bit" else ""
+        raise ValueError(f"--quant-method {method} needs the {METHODS[method]} package: pip install "
+                         f"{METHODS[method]}{alternative}")
+    return method
 
 
-def memory(model: FLMMForGrounding) -> dict[str, float]:
-    return {
-        "lmm_mb": weight_memory_bytes(model.lmm) / 2**20,
-        "decoder_layers_mb": weight_memory_bytes(model.lmm.model.language_model.layers) / 2**20,
-    }
+def quantization_config(method: str, dtype: str):
+    """transformers' quantization config of `method`; 4-bit layers compute in `dtype`."""
+    import torch
 
+    if method == "bnb-4bit":
+        from transformers import BitsAndBytesConfig
 
-def timed_forward(model: FLMMForGrounding, inputs: dict) -> tuple[object, list[torch.Tensor], float]:
-    with torch.no_grad():
-        model(**inputs)  # warm-up
-        start = time.perf_counter()
-        output = model(**inputs)
-        seconds = time.perf_counter() - start
-        maps = model.phrase_attention(**inputs)
-    return output, maps, seconds
-
-
-def main() -> None:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, dtype))
     from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import LlavaForConditionalGeneration, TorchAoConfig
+    from transformers import TorchAoConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        LlavaForConditionalGeneration(common.llava_config(SPEC)).save_pretrained(folder)
-        plain = load(folder, dtype=torch.float32)
-        bf16 = load(folder, dtype=torch.bfloat16)
-        mem = {"float32": memory(plain), "bfloat16": memory(bf16)}
-        int8 = load(folder, dtype=torch.float32, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
-        mem["int8"] = memory(int8)
-        del bf16
-        # int8 Linear layers, the rest (embeddings, norms, vision tower's convolution) in bfloat16 as the paper runs
-        int8_bf16 = load(folder, dtype=torch.bfloat16, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
-        mem["int8_rest_bfloat16"] = memory(int8_bf16)
-        del int8_bf16
-        inputs = common.build_inputs(SPEC, INPUTS)
-        ref_out, ref_maps, ref_s = timed_forward(plain, inputs)
-        q_out, q_maps, q_s = timed_forward(int8, inputs)
-    map_diff = max((a - b).abs().max().item() for a, b in zip(q_maps, ref_maps))
-    map_max = max(a.abs().max().item() for a in ref_maps)
-    logit_diff = max((a - b).abs().max().item() for a, b in zip(q_out.coarse_logits, ref_out.coarse_logits))
-    logit_max = max(a.abs().max().item() for a in ref_out.coarse_logits)
-    agree, ious = [], []
-    for a, b in zip(q_out.coarse_logits, ref_out.coarse_logits):
-        for qa, rb in zip(a > 0, b > 0):
-            agree.append((qa == rb).float().mean().item())
-            union = (qa | rb).sum().item()
-            ious.append((qa & rb).sum().item() / union if union else 1.0)
-    results = {
-        "model": common.asdict(SPEC),
-        "inputs": common.asdict(INPUTS),
-        "weight_memory": mem,
-        "ratio_int8_vs_float32": {k: mem["int8"][k] / mem["float32"][k] for k in mem["int8"]},
-        "ratio_int8_rest_bfloat16_vs_bfloat16": {
-            k: mem["int8_rest_bfloat16"][k] / mem["bfloat16"][k] for k in mem["int8"]
-        },
-        "phrase_maps_max_abs_diff": map_diff,
-        "phrase_maps_max": map_max,
-        "coarse_logits_max_abs_diff": logit_diff,
-        "coarse_logits_max": logit_max,
-        "mask_pixel_agreement_mean": sum(agree) / len(agree),
-        "mask_pixel_agreement_min": min(agree),
-        "mask_iou_mean": sum(ious) / len(ious),
-        "mask_iou_min": min(ious),
-        "forward_seconds": {"float32": ref_s, "int8": q_s},
-        "environment": common.environment(),
-    }
-    print(json.dumps({k: v for k, v in results.items() if k not in ("model", "inputs", "environment")}, indent=2))
-    if args.json:
-        common.write_results(args.json, results)
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def storage_bytes(model) -> int:
+    """Bytes of `model`'s parameters and buffers; a tensor subclass (torchao's quantized weights) counts the tensors
+    it is made of (`__tensor_flatten__`: int8 data, scales), not its logical shape at its logical dtype."""
+    import torch
+
+    def count(t) -> int:
+        if t is None:
+            return 0
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(count(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    return sum(count(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def linear_layers(model) -> dict:
+    """How many `nn.Linear` layers hold a quantized weight (a tensor subclass), and the names of those that do not."""
+    import torch
+
+    plain = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and type(m.weight) in (torch.Tensor, torch.nn.Parameter)]
+    total = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    return dict(linear_layers=total, quantized_linear_layers=total - len(plain), unquantized_linear_layers=plain[:20],
+                unquantized_linear_layers_count=len(plain))
+
+
+def child_main(payload: dict, out_path: str) -> None:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    spec, device, method = ModelSpec(**payload["model"]), payload["device"], payload["method"]
+    if payload.get("threads"):
+        torch.set_num_threads(payload["threads"])
+    device_name = common.use_device(device)
+    cuda = common.is_cuda(device)
+
+    def allocated() -> int | None:
+        common.synchronize(device)
+        return torch.cuda.memory_allocated(device) if cuda else None
+
+    config = quantization_config(method, spec.dtype)
+    start = allocated()
+    lmm = common.build_lmm(spec, device=device)
+    unquantized = dict(storage_bytes=storage_bytes(lmm), cuda_allocated_bytes=allocated() - start if cuda else None)
+    with tempfile.TemporaryDirectory(prefix="flmm-bench-", dir=payload.get("tmp_dir")) as folder:
+        t0 = time.perf_counter()
+        lmm.save_pretrained(folder, max_shard_size="2GB")  # shards bound the host memory of the copy
+        save_s = time.perf_counter() - t0
+        del lmm
+        common.release_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+        start = allocated()
+        t0 = time.perf_counter()
+        quantized = LlavaForConditionalGeneration.from_pretrained(
+            folder, quantization_config=config, dtype=getattr(torch, spec.dtype), device_map=device)
+        load_s = time.perf_counter() - t0
+        quantized_bytes = dict(storage_bytes=storage_bytes(quantized), cuda_allocated_bytes=allocated() - start if cuda else None)
+    common.write_child(out_path, dict(
+        unquantized=unquantized, quantized=quantized_bytes, save_s=save_s, load_quantized_s=load_s,
+        info_device=device_name, **linear_layers(quantized),
+    ))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None)
+    common.add_model_args(parser)
+    common.add_child_args(parser)
+    parser.add_argument("--quant-method", default="auto", help="auto (default), bnb-4bit or torchao-int8")
+    parser.add_argument("--tmp-dir", default=None, help="where the unquantized weights are saved (default: the system's)")
+    args = parser.parse_args(argv)
+    if args.child:
+        common.child_entry(child_main, json.loads(args.child), args.child_out)
+        return {}
+
+    model = common.check_args(parser, args)
+    try:
+        method = resolve_method(args.quant_method, args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    payload = dict(model=asdict(model), device=args.device, method=method, threads=args.threads, tmp_dir=args.tmp_dir)
+    res = common.run_measurement(str(Path(__file__).resolve()), child_main, payload, args.mem_cap_gb, args.fork)
+    print(f"  quantized ({method}): {common.short(res) if res.get('status') != 'ok' else 'ok'}", file=sys.stderr)
+    measured_by = "cuda_memory_allocated" if common.is_cuda(args.device) else "tensor_storage_bytes"
+    key = "cuda_allocated_bytes" if common.is_cuda(args.device) else "storage_bytes"
+    ok = res.get("status") == "ok"
+    before, after = (res["unquantized"][key], res["quantized"][key]) if ok else (None, None)
+    out = dict(
+        benchmark="quantized", command=common.command("bench_quantized.py", argv),
+        environment=common.environment(args.device), device=args.device, model=asdict(model), method=method,
+        reference_dtype=model.dtype, measured_by=measured_by, result=res,
+        unquantized_weight_mb=before / 2**20 if ok else None, quantized_weight_mb=after / 2**20 if ok else None,
+        quantized_weight_mem_ratio=after / before if ok and before else None,
+    )
+    print(f"quantized ({method}) / {model.dtype} weight memory: {out['quantized_weight_mem_ratio']}", file=sys.stderr)
+    common.write_results(args.json, out)
+    return out
 
 
 if __name__ == "__main__":

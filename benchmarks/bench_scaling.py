@@ -10,6 +10,7 @@ Eager runs whose full attention maps alone would exceed `--mem-cap-gb` are not s
 (`skipped_estimate`); a run whose RSS passes the cap is killed (`exceeded_cap`).
 
     python benchmarks/bench_scaling.py --json OUT.json
+    python benchmarks/bench_scaling.py --device cuda --size 7b --json OUT.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_forward import DEFAULT, LARGE, ratios, run_variants  # noqa: E402
+from bench_forward import ratios, run_variants  # noqa: E402
 from common import InputSpec, ModelSpec  # noqa: E402
 
 
@@ -34,33 +35,33 @@ def grid_for_length(length: int) -> int:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--size", choices=["default", "large"], default="default")
+    common.add_model_args(parser)
     parser.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--phrases", type=int, nargs="*", default=[1, 4, 16, 48])
     common.add_run_args(parser, common.VARIANTS, rounds=2)
     args = parser.parse_args(argv)
 
-    base = common.TINY if args.tiny else (LARGE if args.size == "large" else DEFAULT)
-    out = dict(benchmark="scaling", command=" ".join(["python", "benchmarks/bench_scaling.py", *sys.argv[1:]]),
-               environment=common.environment(), model=asdict(base), rounds=args.rounds, reps=args.reps,
+    base = common.check_args(parser, args)
+    tiny = args.size == "tiny"
+    out = dict(benchmark="scaling", command=common.command("bench_scaling.py", argv),
+               environment=common.environment(args.device), device=args.device, model=asdict(base), rounds=args.rounds, reps=args.reps,
                mem_cap_gb=args.mem_cap_gb, threads=args.threads, by_length={}, by_phrases={})
     for length in args.lengths:
-        grid = grid_for_length(length) if not args.tiny else 4
+        grid = grid_for_length(length) if not tiny else 4
         model = ModelSpec(**(asdict(base) | dict(image_size=grid * base.patch,
                                                  max_positions=max(base.max_positions, length + 8))))
         text = length - 1 - common.PREFIX_TOKENS - model.image_tokens
         inp = InputSpec(batch=1, text_tokens=[text], phrases=3, phrase_len=3)
         res = run_variants(model, inp, args.variants, args.rounds, args.reps, args.mem_cap_gb, threads=args.threads,
-                          label=f"L={length}")
+                          label=f"L={length}", device=args.device, fork=args.fork)
         out["by_length"][str(length)] = dict(image_tokens=model.image_tokens, text_tokens=text, results=res,
                                              **ratios(res))
     for k in args.phrases:
-        text = 40 if args.tiny else 200
-        inp = InputSpec(batch=1, text_tokens=[text], phrases=k, phrase_len=3 if not args.tiny else 1)
+        text = 40 if tiny else 200
+        inp = InputSpec(batch=1, text_tokens=[text], phrases=k, phrase_len=3 if not tiny else 1)
         variants = [v for v in args.variants if v != "a_bare_sdpa"] if k != args.phrases[0] else args.variants
         res = run_variants(base, inp, variants, args.rounds, args.reps, args.mem_cap_gb, threads=args.threads,
-                          label=f"K={k}")
+                          label=f"K={k}", device=args.device, fork=args.fork)
         out["by_phrases"][str(k)] = dict(results=res, **ratios(res))
     common.write_results(args.json, out)
     for key in ("by_length", "by_phrases"):

@@ -12,9 +12,11 @@ phrases each, random ground-truth masks), with AdamW over the trained parameters
                       which separates the effect of batching from that of eager attention
 No SAM refiner (its image encoder is frozen and per-example in both; not what is compared).
 Each configuration runs in fresh child processes (see common.py), rounds interleaved; the
-first step of each process gives the peak memory, the next `--reps` steps the time.
+first step of each process gives the peak memory, the next `--reps` steps the time (on CUDA, after
+one warm-up step; see common.py).
 
     python benchmarks/bench_train.py --json OUT.json
+    python benchmarks/bench_train.py --device cuda --size 7b --json OUT.json
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_forward import DEFAULT, LARGE  # noqa: E402
 from common import InputSpec, ModelSpec  # noqa: E402
 
 VARIANTS = ["batched_ours", "loop_original_eager", "loop_ours"]
@@ -48,7 +49,7 @@ def make_step(variant: str, model, inputs: dict, optimizer):
         out = model(**inputs)
         out.loss.backward()
         optimizer.step()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     def loop_ours():
         optimizer.zero_grad(set_to_none=True)
@@ -59,7 +60,7 @@ def make_step(variant: str, model, inputs: dict, optimizer):
         loss = loss / total_phrases
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     def loop_original():
         optimizer.zero_grad(set_to_none=True)
@@ -79,7 +80,7 @@ def make_step(variant: str, model, inputs: dict, optimizer):
         loss = loss / total_phrases
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return {"batched_ours": batched, "loop_ours": loop_ours, "loop_original_eager": loop_original}[variant]
 
@@ -90,46 +91,49 @@ def child_main(payload: dict, out_path: str) -> None:
     spec = ModelSpec(**payload["model"])
     inp = InputSpec(**payload["inputs"])
     variant = payload["variant"]
+    device = payload.get("device", "cpu")
     if payload.get("threads"):
         torch.set_num_threads(payload["threads"])
-    model = common.build_model(spec)
+    device_name = common.use_device(device)
+    model = common.build_model(spec, device=device)
     model.train()
     common.set_text_attention(model, "eager" if variant == "loop_original_eager" else "flmm_sdpa")
     if variant == "loop_original_eager":
         model.head.mask_head.channels_last_training = False  # the original's mmseg U-Net trains in NCHW
-    inputs = common.build_inputs(spec, inp)
+    inputs = common.to_device(common.build_inputs(spec, inp), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     step = make_step(variant, model, inputs, optimizer)
-    result = common.measure_in_child(None, step, payload["reps"])
+    result = common.measure_in_child(step, payload["reps"], device)
     result["info_examples"] = inp.batch
     result["info_threads"] = torch.get_num_threads()
     result["info_trained_params"] = sum(p.numel() for p in params)
+    result["info_device"] = device_name
     common.write_child(out_path, result)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--size", choices=["default", "large"], default="default")
+    common.add_model_args(parser)
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--text-tokens", type=int, nargs="+", default=[50, 120, 200, 80, 160, 60, 180, 100])
     parser.add_argument("--phrases", type=int, default=3)
     common.add_run_args(parser, VARIANTS, rounds=3)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(json.loads(args.child), args.child_out)
+        common.child_entry(child_main, json.loads(args.child), args.child_out)
         return {}
 
-    model = common.TINY if args.tiny else (LARGE if args.size == "large" else DEFAULT)
-    text_tokens = [min(t, 40) for t in args.text_tokens] if args.tiny else args.text_tokens
+    model = common.check_args(parser, args)
+    text_tokens = [min(t, 40) for t in args.text_tokens] if args.size == "tiny" else args.text_tokens
     inp = InputSpec(batch=args.examples, text_tokens=text_tokens, phrases=args.phrases, with_masks=True)
     script = str(Path(__file__).resolve())
 
     def run_one(variant: str, r: int) -> dict:
-        payload = dict(model=asdict(model), inputs=asdict(inp), variant=variant, reps=args.reps, threads=args.threads)
-        return common.run_child([script, "--child", json.dumps(payload)], args.mem_cap_gb)
+        payload = dict(model=asdict(model), inputs=asdict(inp), variant=variant, reps=args.reps, threads=args.threads,
+                       device=args.device)
+        return common.run_measurement(script, child_main, payload, args.mem_cap_gb, args.fork)
 
     runs = common.interleaved(args.variants, args.rounds, run_one)
     results = {}
@@ -149,8 +153,8 @@ def main(argv=None) -> dict:
             return None
 
     out = dict(
-        benchmark="train", command=" ".join(["python", "benchmarks/bench_train.py", *sys.argv[1:]]),
-        environment=common.environment(), model=asdict(model), inputs=asdict(inp), rounds=args.rounds,
+        benchmark="train", command=common.command("bench_train.py", argv),
+        environment=common.environment(args.device), device=args.device, model=asdict(model), inputs=asdict(inp), rounds=args.rounds,
         reps=args.reps, threads=args.threads, results=results,
         speedup_batched_vs_original=(eps("batched_ours") / eps("loop_original_eager"))
         if eps("batched_ours") and eps("loop_original_eager") else None,

@@ -10,7 +10,7 @@ Per example, with L tokens (image + text), n_img image tokens, n_q phrase-token 
       plus, transiently in each layer, the fp32 scores of the selected rows: heads * n_q * L * 4
   both: the merged per-phrase maps the head gets: K * layers * heads * n_img * 4
 
-    python benchmarks/projection.py --json OUT.json [--forward-json FORWARD.json]
+    python benchmarks/projection.py --json OUT.json [--forward-json FORWARD.json] [--device cuda]
 
 The check builds small random LLaVA models in this process and compares the formulas with the
 bytes of the tensors eager attention returns and the capture keeps (they must be equal). With
@@ -60,7 +60,7 @@ def project_7b(lengths, query_rows, phrases=3) -> list[dict]:
     return rows
 
 
-def check_small(specs: list[tuple[ModelSpec, InputSpec]]) -> list[dict]:
+def check_small(specs: list[tuple[ModelSpec, InputSpec]], device: str = "cpu") -> list[dict]:
     """Measured bytes of eager's returned maps and of the capture versus the formulas."""
     import torch
 
@@ -68,8 +68,8 @@ def check_small(specs: list[tuple[ModelSpec, InputSpec]]) -> list[dict]:
 
     checks = []
     for spec, inp in specs:
-        model = common.build_model(spec)
-        inputs = common.build_inputs(spec, inp)
+        model = common.build_model(spec, device=device)
+        inputs = common.to_device(common.build_inputs(spec, inp), device)
         lmm_in = common.lmm_inputs(inputs)
         length = inputs["input_ids"].shape[1]
         image_mask = inputs["input_ids"] == model.image_token_id
@@ -130,7 +130,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="check on the tiny model only")
     parser.add_argument("--forward-json", default=None)
+    common.add_device_arg(parser)
     args = parser.parse_args(argv)
+    common.check_args(parser, args)
+    common.use_device(args.device)
 
     if args.tiny:
         specs = [(common.TINY, InputSpec(batch=2, text_tokens=[20, 30]))]
@@ -140,8 +143,8 @@ def main(argv=None) -> dict:
         specs = [(small, InputSpec(batch=1, text_tokens=[120])),
                  (small, InputSpec(batch=2, text_tokens=[50, 200], phrases=5)),
                  (gqa, InputSpec(batch=1, text_tokens=[100]))]
-    out = dict(benchmark="projection", command=" ".join(["python", "benchmarks/projection.py", *sys.argv[1:]]),
-               environment=common.environment(), checks=check_small(specs),
+    out = dict(benchmark="projection", command=common.command("projection.py", argv),
+               environment=common.environment(args.device), device=args.device, checks=check_small(specs, args.device),
                projection_7b=project_7b([700, 1024, 2048, 4096], [9, 30, 150]))
     if args.forward_json:
         out["forward_check"] = check_forward_json(args.forward_json)

@@ -1,6 +1,7 @@
 """Markdown tables from the JSON files the benchmarks write (used to fill BENCHMARKS.md).
 
     python benchmarks/report.py --forward F.json --train T.json --scaling S.json --projection P.json
+    python benchmarks/report.py --suite SUITE.json          # the one-command suite (benchmarks/suite.py)
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ def fnum(x, fmt="{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def peak(r: dict) -> dict | None:
+    """The total peak memory of a result (`peak_mb`; `peak_rss_mb` in files written before the CUDA support)."""
+    return r.get("peak_mb", r.get("peak_rss_mb"))
+
+
+def memory_name(data: dict) -> str:
+    return "CUDA max allocated" if str(data.get("device", "cpu")).startswith("cuda") else "peak RSS"
+
+
 def forward_tables(data: dict) -> str:
     lines = []
     for batch, entry in data["by_batch"].items():
         lines.append(f"\nBatch {batch} (padded length {next(iter(entry['results'].values())).get('info_seq_len')}):\n")
-        lines.append("| variant | CPU s, median [min-max] | wall s | activation MB | peak RSS MB |")
+        lines.append(f"| variant | CPU s, median [min-max] | wall s | activation MB | {memory_name(data)} MB |")
         lines.append("|---|---|---|---|---|")
         for v, r in entry["results"].items():
             if r.get("status") != "ok":
@@ -35,7 +45,7 @@ def forward_tables(data: dict) -> str:
                 continue
             lines.append(f"| {NAMES.get(v, v)} | {spread(r.get('cpu_s'))} | {spread(r['time_s'])} | "
                          f"{spread(r['activation_mb'], '{:.0f}')} | "
-                         f"{spread(r['peak_rss_mb'], '{:.0f}')} |")
+                         f"{spread(peak(r), '{:.0f}')} |")
         b = entry["results"].get("b_ours_capture", {})
         if "info_head_s" in b:
             lines.append(f"\n(b) split, CPU s, median over processes: LMM forward with capture "
@@ -45,13 +55,14 @@ def forward_tables(data: dict) -> str:
         lines.append(f"\nRatios (medians): b/a CPU time **{fnum(entry.get('cpu_ratio_b_a'))}**, c/b CPU time "
                      f"{fnum(entry.get('cpu_ratio_c_b'))}, b/a wall {fnum(entry['time_ratio_b_a'])}, b/a activation memory "
                      f"**{fnum(entry['mem_ratio_b_a'])}**, c/b activation memory **{fnum(entry['mem_ratio_c_b'])}**, "
-                     f"c/b wall {fnum(entry['time_ratio_c_b'])}; on total peak RSS: b/a "
+                     f"c/b wall {fnum(entry['time_ratio_c_b'])}; on the total peak ({memory_name(data)}): b/a "
                      f"{fnum(entry['total_mem_ratio_b_a'], '{:.3f}')}, c/b {fnum(entry['total_mem_ratio_c_b'], '{:.3f}')}.")
     return "\n".join(lines)
 
 
 def train_table(data: dict) -> str:
-    lines = ["| variant | examples per CPU s, median [min-max] | step CPU s | examples/s wall | activation MB | peak RSS MB |",
+    lines = ["| variant | examples per CPU s, median [min-max] | step CPU s | examples/s wall | activation MB | "
+             f"{memory_name(data)} MB |",
              "|---|---|---|---|---|---|"]
     for v, r in data["results"].items():
         if r.get("status") != "ok":
@@ -59,7 +70,7 @@ def train_table(data: dict) -> str:
             continue
         lines.append(f"| {v} | {spread(r.get('examples_per_cpu_s'), '{:.3f}')} | {spread(r.get('cpu_s'))} | "
                      f"{spread(r['examples_per_s'], '{:.3f}')} | "
-                     f"{spread(r['activation_mb'], '{:.0f}')} | {spread(r['peak_rss_mb'], '{:.0f}')} |")
+                     f"{spread(r['activation_mb'], '{:.0f}')} | {spread(peak(r), '{:.0f}')} |")
     lines.append(f"\nSpeed-up (CPU time) batched / original loop: **{fnum(data.get('cpu_speedup_batched_vs_original'))}x**, "
                  f"batched / our own loop: {fnum(data.get('cpu_speedup_batched_vs_loop_ours'))}x; wall clock: "
                  f"{fnum(data['speedup_batched_vs_original'])}x and "
@@ -126,13 +137,49 @@ def projection_tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def suite_table(data: dict) -> str:
+    """The headline values of a `benchmarks/suite.py` run, each with its issue #16 goal where it has one."""
+    model, env = data["model"], data.get("environment", {})
+    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus") or []) or env.get("cpu", "?")
+    goals = data.get("goals", {})
+
+    def goal(key: str) -> str:
+        g = goals.get(key)
+        if not g:
+            return "-"
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        return f"{g['goal']} ({'met: ' + met if g['applies'] else 'applies to ' + g['setting']})"
+
+    batch = data.get("forward_headline_batch")
+    rows = [
+        (f"forward time, ours / bare (b/a, wall clock, batch {batch})", fnum(data["time_ratio_b_a"]), goal("time_ratio_b_a")),
+        (f"forward activation memory, ours / bare (b/a, batch {batch})", fnum(data["mem_ratio_b_a"]), "-"),
+        (f"forward activation memory, original eager / ours (c/b, batch {batch})", fnum(data["mem_ratio_c_b"]), "-"),
+        (f"training examples/s, batched / original loop ({data['plan']['train_examples']} examples)",
+         fnum(data["train_speedup_batched_vs_original"]), goal("train_speedup_batched_vs_original")),
+        (f"weight memory, {data['quantized_method']} / {data['quantized_reference_dtype']} "
+         f"({fnum(data['quantized_weight_mb'], '{:.0f}')} / {fnum(data['unquantized_weight_mb'], '{:.0f}')} MB, "
+         f"{data['quantized_measured_by']})", fnum(data["quantized_weight_mem_ratio"], "{:.3f}"), "-"),
+    ]
+    elapsed = data.get("elapsed_s", {})
+    lines = [f"Size `{data['size']}` ({model['layers']} layers, hidden {model['hidden']}, {model['heads']} heads, "
+             f"{model['dtype']}) on `{data['device']}` ({gpus}); {fnum(elapsed.get('total'), '{:.0f}')} s in all "
+             f"(forward {fnum(elapsed.get('forward'), '{:.0f}')} s, training {fnum(elapsed.get('train'), '{:.0f}')} s, "
+             f"quantized {fnum(elapsed.get('quantized'), '{:.0f}')} s).", "",
+             "| measure | value | goal |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {g} |" for name, value, g in rows]
+    if data.get("missing"):
+        lines.append(f"\nNot measured: {', '.join(data['missing'])} (see the statuses in the JSON).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("forward", "train", "scaling", "projection"):
+    for name in ("forward", "train", "scaling", "projection", "suite"):
         parser.add_argument(f"--{name}", default=None)
     args = parser.parse_args()
     for name, fn in (("forward", forward_tables), ("train", train_table), ("scaling", scaling_tables),
-                     ("projection", projection_tables)):
+                     ("projection", projection_tables), ("suite", suite_table)):
         path = getattr(args, name)
         if path and Path(path).exists():
             data = json.loads(Path(path).read_text())
