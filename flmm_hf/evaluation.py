@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from .metrics import MaskIoUAccumulator, recall_curve
+from .quantization import RECORDED, model_quantization, parse_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,14 @@ class EvaluationArguments:
             "choices": list(LMM_DTYPES),
         },
     )
+    quantization_config: str = field(
+        default="recorded",
+        metadata={
+            "help": "How the frozen LMM is quantized: 'recorded' (default: as the saved model records it), 'none' "
+            "(unquantized), or a transformers quantization config as a JSON object, e.g. "
+            '\'{"quant_method": "bitsandbytes", "load_in_4bit": true}\'. Ignored for a model passed in memory.'
+        },
+    )
     output_dir: str = field(default="eval_output", metadata={"help": "Where the JSON results and plots are written."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
     seed: int = field(
@@ -174,8 +183,17 @@ class EvaluationArguments:
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
         if not self.protocols:
             raise ValueError(f"protocols is empty: RES would evaluate nothing; choose from {PROTOCOLS}")
+        self.lmm_quantization()  # refuse a malformed --quantization_config before anything is loaded
         if self.datasets():
             self.selected_splits()  # refuse a bad --splits at parse time, before any model is loaded
+
+    def lmm_quantization(self) -> str | dict | None:
+        """``quantization_config`` as ``FLMMForGrounding.from_pretrained`` takes it: ``"recorded"``, None or a dict."""
+        if self.quantization_config == RECORDED:
+            return RECORDED
+        if self.quantization_config.strip().lower() == "none":
+            return None
+        return parse_quantization_config(self.quantization_config)
 
     def datasets(self) -> dict[str, str]:
         """Benchmark key -> dataset folder / Hub id, for the benchmarks given."""
@@ -761,7 +779,8 @@ def evaluate_task(
 # ---------------------------------------------------------------------------------------------
 def load_model_and_processor(args: EvaluationArguments):
     """``FLMMForGrounding`` and ``FLMMProcessor`` from ``args.model_name_or_path`` (folder or Hub id); the frozen
-    LMM in ``args.lmm_dtype`` (bf16 by default, as the paper ran it)."""
+    LMM in ``args.lmm_dtype`` (bf16 by default, as the paper ran it), quantized as ``args.quantization_config``
+    says (by default as the saved model records)."""
     from transformers import set_seed
 
     from .modeling_flmm import FLMMForGrounding
@@ -771,7 +790,10 @@ def load_model_and_processor(args: EvaluationArguments):
         raise ValueError("model_name_or_path is required (or pass a model to run_evaluation)")
     set_seed(args.seed)
     model = FLMMForGrounding.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, dtype=LMM_DTYPES[args.lmm_dtype]
+        args.model_name_or_path,
+        revision=args.model_revision,
+        dtype=LMM_DTYPES[args.lmm_dtype],
+        quantization_config=args.lmm_quantization(),
     )
     processor_kwargs: dict[str, Any] = {"trust_remote_code": False}  # our class is imported: no remote code
     if args.processor_name_or_path is None and args.model_revision:
@@ -841,6 +863,7 @@ def run_evaluation(
             # what ran, also for a model passed in memory (which `lmm_dtype` does not change)
             "lmm_dtype": str(model.lmm.dtype).removeprefix("torch."),
             "attention_numerics": getattr(model.config, "attention_numerics", None),
+            "lmm_quantization": model_quantization(model.lmm),
         },
         "results": results,
         "plots": {},

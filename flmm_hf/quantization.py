@@ -150,3 +150,21 @@ def weight_memory_bytes(model: nn.Module) -> int:
             seen.add(id(tensor))
             total += stored(tensor)
     return total
+
+
+def parse_quantization_config(value: str | dict | None) -> dict | None:
+    """A `quantization_config` given as text (train.py's YAML mapping arrives as a JSON string, evaluate.py's
+    `--quantization_config` is one) as a dict, or None."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"quantization_config {value!r} is not a JSON object ({error}). Fix: give a YAML mapping in the config "
+            "file, or on the command line a JSON object such as "
+            '\'{"quant_method": "bitsandbytes", "load_in_4bit": true}\'.'
+        ) from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"quantization_config must be a mapping (a transformers quantization config), got {parsed!r}")
+    return parsed

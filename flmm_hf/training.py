@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from .configuration_flmm import FLMMConfig
 from .data import WithQuestion
 from .modeling_flmm import FLMMOutput
+from .quantization import parse_quantization_config
 from .demo import (
     build_demo_backbone_for,
     demo_backbone_folder,
@@ -670,23 +671,6 @@ def head_config_overrides(model_args: ModelArguments) -> dict[str, Any]:
     """The `FLMMConfig` fields of `model_args` other than those naming the frozen parts
     (`FROZEN_PART_ARGUMENTS`), as keyword arguments of `FLMMForGrounding.from_lmm`."""
     return {name: getattr(model_args, name) for name in CONFIG_ARGUMENTS if name not in FROZEN_PART_ARGUMENTS}
-
-
-def parse_quantization_config(value: str | dict | None) -> dict | None:
-    """`ModelArguments.quantization_config` (a JSON string: the YAML mapping arrives as one) as a dict, or None."""
-    if value is None or isinstance(value, dict):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"quantization_config {value!r} is not a JSON object ({error}). Fix: give a YAML mapping in the config "
-            "file, or on the command line a JSON object such as "
-            '\'{"quant_method": "bitsandbytes", "load_in_4bit": true}\'.'
-        ) from error
-    if not isinstance(parsed, dict):
-        raise ValueError(f"quantization_config must be a mapping (a transformers quantization config), got {parsed!r}")
-    return parsed
 
 
 def build_model(model_args: ModelArguments, lmm: Any = None, sam: Any = None):

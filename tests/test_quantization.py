@@ -265,3 +265,24 @@ def test_demo_trains_on_a_quantized_backbone_and_its_save_loads_quantized(tmp_pa
     assert not any(key.startswith("lmm.") for key in load_file(out / "model.safetensors"))
     assert json.loads((out / "config.json").read_text())["lmm_quantization_config"] == json.loads(quantization)
     assert is_torchao_quantized(q_proj_weight(FLMMForGrounding.from_pretrained(out)))
+
+
+@needs_torchao
+def test_evaluate_loads_as_recorded_or_as_its_quantization_flag_says(saved, bases, tmp_path):
+    from flmm_hf.evaluation import EvaluationArguments, load_model_and_processor
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved, folder)
+    FLMMProcessor(AutoProcessor.from_pretrained(bases / "lmm")).save_pretrained(folder)
+
+    def load(flag: str | None) -> FLMMForGrounding:
+        extra = {} if flag is None else {"quantization_config": flag}
+        model, _ = load_model_and_processor(EvaluationArguments(model_name_or_path=str(folder), lmm_dtype="float32", **extra))
+        return model
+
+    assert is_torchao_quantized(q_proj_weight(load(None)))  # default: as recorded
+    assert type(q_proj_weight(load("none"))) is torch.nn.Parameter
+    requantized = load(json.dumps(int8_config().to_dict()))
+    assert is_torchao_quantized(q_proj_weight(requantized))
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        EvaluationArguments(model_name_or_path=str(folder), quantization_config="int8")
