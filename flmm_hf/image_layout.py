@@ -27,7 +27,16 @@ LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_imag
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
 ``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``); :func:`example_image_inputs` picks them
-from a batch. One image per example is supported.
+from a batch.
+
+Several images per example. ``grids`` lays out ONE image. An example may hold several images (a reference and
+a target); then the batch carries ``num_images`` ([B], images per example, in sequence order) and
+``image_index`` ([B], the image each example's phrases are grounded in; FLMMProcessor's default is the last
+image), the per-image keys of :data:`PER_IMAGE_KEYS` hold one row per image of the whole batch (all images of
+example 0, then example 1, ...), and :meth:`ImageLayout.example_grids` finds the grounded image's block among the
+example's image blocks (:meth:`ImageLayout.image_blocks`, counted by the family's placeholder structure) and lays
+out that block alone; the other images' tokens stay in the sequence as context. Families whose blocks cannot be
+told apart yet (:data:`SEVERAL_IMAGES` lists those that can) refuse several images with a ValueError.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
 factory (``config -> ImageLayout``; None when F-LMM has no adapter for it yet) and the traits
@@ -69,6 +78,14 @@ PER_EXAMPLE_KEYS = (
     "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
 )
 
+# keys with one row per IMAGE of the batch (images of all examples concatenated in order); the others of
+# PER_EXAMPLE_KEYS have one row per example (original_sizes: the grounded image's size; Idefics3's rows/cols are
+# nested per example)
+PER_IMAGE_KEYS = ("image_sizes", "image_grid_thw", "image_rows", "image_cols", "tile_grid", "image_merge_sizes")
+
+# a token id no vocabulary has: other images' tokens are masked with it so that grids() sees one image
+_MASKED_ID = -1
+
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -91,7 +108,8 @@ def _row(value) -> list[int]:
     if t.dim() > 1:
         if t.shape[0] != 1:
             raise ValueError(
-                f"Got image inputs for {t.shape[0]} images in one example; only one image per example is supported."
+                f"Got image inputs for {t.shape[0]} images in one example where one image per example is laid out; "
+                "several images need num_images and image_index (FLMMProcessor gives them)."
             )
         t = t[0]
     return [int(v) for v in t.reshape(-1).tolist()]
@@ -110,7 +128,8 @@ def _check_count(model_type: str, found: int, expected: int, detail: str = "") -
     if expected > 0 and found > expected and found % expected == 0:
         raise ValueError(
             f"{model_type}: the example has {found} image tokens, {found // expected} times the {expected} "
-            "of one image; only one image per example is supported."
+            "of one image; one image per example is laid out unless the inputs give num_images (FLMMProcessor "
+            "does for several images per example)."
         )
     raise ValueError(
         f"{model_type}: token count mismatch: input_ids hold {found} image tokens but the image inputs "
@@ -169,17 +188,80 @@ def stack_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> to
     return torch.cat(out, dim=1)
 
 
-def example_image_inputs(inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-    """Example ``index``'s row of the per-example image inputs a layout reads (see PER_EXAMPLE_KEYS).
+def images_per_example(inputs: Mapping[str, Any], batch_size: int) -> list[int]:
+    """How many images each example of a batch holds: ``inputs["num_images"]``, else one each.
 
-    Only valid with one image per example (then per-image rows are per-example rows).
+    Checks that every per-image key (:data:`PER_IMAGE_KEYS`) has one row per image, so that a batch with
+    several images per example but no ``num_images`` is refused instead of read with the wrong rows.
+    """
+    given = inputs.get("num_images")
+    counts = [1] * batch_size if given is None else [int(n) for n in torch.as_tensor(given).reshape(-1).tolist()]
+    if len(counts) != batch_size or min(counts, default=1) < 1:
+        raise ValueError(f"num_images must give each of the {batch_size} examples at least one image, got {counts}")
+    for key in PER_IMAGE_KEYS:
+        value = inputs.get(key)
+        if value is not None and len(value) != sum(counts):
+            hint = ("several images per example need num_images ([B], images per example; FLMMProcessor gives it)"
+                    if given is None else "num_images does not match the image inputs")
+            raise ValueError(
+                f"the batch holds {len(value)} rows of {key} for {sum(counts)} images ({batch_size} examples): {hint}."
+            )
+    return counts
+
+
+def example_image_inputs(
+    inputs: Mapping[str, Any], index: int, num_images: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Example ``index``'s image inputs that a layout reads (see PER_EXAMPLE_KEYS).
+
+    Args:
+        inputs: the batch (per-image keys with one row per image, others one row per example).
+        index: the example.
+        num_images: images per example (:func:`images_per_example`); None: one image per example.
+
+    Returns:
+        the example's row of every per-example key; with ``num_images``, its images' rows ``[n, ...]`` of every
+        per-image key plus ``num_images`` (n) and ``image_index`` (the grounded image, in ``[0, n)``; from
+        ``inputs["image_index"]``, default the last image), which :meth:`ImageLayout.example_grids` reads.
     """
     out = {}
+    if num_images is None:
+        for key in PER_EXAMPLE_KEYS:
+            value = inputs.get(key)
+            if value is not None:
+                out[key] = torch.as_tensor(value)[index]
+        return out
+    start, n = sum(num_images[:index]), num_images[index]
     for key in PER_EXAMPLE_KEYS:
         value = inputs.get(key)
         if value is not None:
-            out[key] = torch.as_tensor(value)[index]
+            value = torch.as_tensor(value)
+            out[key] = value[start : start + n] if key in PER_IMAGE_KEYS else value[index]
+    chosen = inputs.get("image_index")
+    k = n - 1 if chosen is None else int(torch.as_tensor(chosen).reshape(-1)[index])
+    if not -n <= k < n:
+        raise ValueError(f"example {index}: image_index {k} is out of range for its {n} image(s)")
+    out["num_images"], out["image_index"] = torch.tensor(n), torch.tensor(k % n)
     return out
+
+
+def _split_by_counts(pos: torch.Tensor, counts: Sequence[int], model_type: str) -> list[torch.Tensor]:
+    """An example's image-token positions cut into consecutive blocks of the given sizes, one per image."""
+    if sum(counts) != pos.numel():
+        raise ValueError(
+            f"{model_type}: token count mismatch: input_ids hold {pos.numel()} image tokens but the "
+            f"{len(counts)} images' inputs give {' + '.join(map(str, counts))} = {sum(counts)}."
+        )
+    return list(pos.split(list(counts)))
+
+
+def _runs(input_ids: torch.Tensor, token_id: int) -> list[torch.Tensor]:
+    """Positions of each maximal run of consecutive image tokens, in order."""
+    pos = _image_positions(input_ids, token_id)
+    if pos.numel() == 0:
+        return []
+    breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    return list(pos.tensor_split(breaks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,8 +288,43 @@ class ImageLayout:
         self.image_token_id = image_token_id(config)
 
     def grids(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Sequence positions of one example's image tokens: ``num_grids`` LongTensors [h_g, w_g]."""
+        """Sequence positions of one example's image tokens (ONE image): ``num_grids`` LongTensors [h_g, w_g]."""
         raise NotImplementedError
+
+    def example_grids(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """:meth:`grids` of the grounded image of one example that may hold several images.
+
+        ``image_inputs`` as :func:`example_image_inputs` gives them: without ``num_images`` (or with 1) this is
+        :meth:`grids`. With several images, the example's image tokens are cut into one block per image
+        (:meth:`image_blocks`), the other images' tokens are hidden from :meth:`grids` and the per-image keys cut
+        to the grounded image's row, so the returned positions are those of image ``image_index`` alone.
+        """
+        image_inputs = dict(image_inputs or {})
+        n = int(image_inputs.pop("num_images", 1))
+        k = int(image_inputs.pop("image_index", n - 1))
+        if n == 1:
+            return self.grids(input_ids, image_inputs)
+        blocks = self.image_blocks(input_ids, image_inputs, n)
+        if len(blocks) != n:
+            raise ValueError(f"{self.model_type}: found {len(blocks)} image blocks in an example with {n} images")
+        masked = input_ids.clone()
+        others = torch.cat([b for i, b in enumerate(blocks) if i != k])
+        masked[others] = _MASKED_ID
+        one = {key: (value[k] if key in PER_IMAGE_KEYS else value) for key, value in image_inputs.items()}
+        return self.grids(masked, one)
+
+    def image_blocks(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor], num_images: int) -> list[torch.Tensor]:
+        """Sequence positions of each image's tokens (``num_images`` LongTensors, in sequence order).
+
+        ``image_inputs`` hold the example's ``[num_images, ...]`` rows of the per-image keys. The base class
+        refuses several images: a family that can tell its image blocks apart overrides this.
+        """
+        raise ValueError(
+            f"{self.model_type}: an example with {num_images} images, but {type(self).__name__} cannot tell one "
+            f"image's tokens from another's yet; only one image per example is supported for this family "
+            f"(several images: the families of {', '.join(several_image_layouts())}). Fix: give each example one "
+            "image."
+        )
 
     def stack(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
         """:func:`stack_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
@@ -217,6 +334,17 @@ class ImageLayout:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r}, grids={self.grid_names}, main={self.main_grid})"
+
+
+def several_image_layouts() -> list[str]:
+    """Names of the layout classes that tell several images of one example apart (override ``image_blocks``)."""
+    found, todo = [], list(ImageLayout.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if "image_blocks" in vars(cls):
+            found.append(cls.__name__)
+    return found
 
 
 class SquareLayout(ImageLayout):
@@ -244,6 +372,13 @@ class SquareLayout(ImageLayout):
         if _count_runs(input_ids, self.image_token_id) != 1:
             raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is supported.")
         return [pos[self.n_extra_leading :].view(side, side)]
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # every image gives the same count, in order (LLaVA, Gemma3, PaliGemma: image blocks may even touch)
+        if self.side is None:
+            return super().image_blocks(input_ids, image_inputs, num_images)
+        pos = _image_positions(input_ids, self.image_token_id)
+        return _split_by_counts(pos, [self.side * self.side + self.n_extra_leading] * num_images, self.model_type)
 
 
 def _llava_side(config) -> int:
@@ -328,6 +463,17 @@ class LlavaNextLayout(ImageLayout):
         """(h, w) of the high-res grid (newlines excluded) for an original image size (H, W)."""
         return _llava_next_unpadded_shape(self.config, image_size)
 
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # each image: base grid + high-res grid with its newlines (the base-only case is single-image only)
+        if "image_sizes" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_sizes'] (one row per image)")
+        base = _llava_side(self.config) ** 2
+        counts = []
+        for hw in torch.as_tensor(image_inputs["image_sizes"]).view(-1, 2).tolist():
+            h, w = self.high_res_shape(hw)
+            counts.append(base + h * (w + 1))
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
+
 
 class LlavaOnevisionLayout(LlavaNextLayout):
     """LLaVA-OneVision: LLaVA-NeXT's [base, un-padded high-res] grids, the high-res grid capped.
@@ -382,6 +528,16 @@ class QwenVLLayout(ImageLayout):
         """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
         return self.config.vision_config.spatial_merge_size
 
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # image i gives t*h*w / m**2 tokens (its row of image_grid_thw), in the order of the rows
+        if "image_grid_thw" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_grid_thw'] (one row per image)")
+        counts = []
+        for i, thw in enumerate(torch.as_tensor(image_inputs["image_grid_thw"]).view(-1, 3).tolist()):
+            one = {key: (value[i] if key in PER_IMAGE_KEYS else value) for key, value in image_inputs.items()}
+            counts.append(thw[0] * thw[1] * thw[2] // self.merge_size(one) ** 2)
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
+
 
 class VideoLlama3Layout(QwenVLLayout):
     """VideoLLaMA3: Qwen-VL's grid, with the merge size given per image in ``image_merge_sizes``.
@@ -419,6 +575,14 @@ class Mistral3Layout(ImageLayout):
         if _count_runs(input_ids, self.image_token_id) != h:
             raise ValueError(f"mistral3: expected {h} rows of image tokens separated by [IMG_BREAK]")
         return [pos.view(h, w)]
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # image i gives (H / s) x (W / s) tokens (its row of image_sizes)
+        if "image_sizes" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_sizes'] (one row per image)")
+        s = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        counts = [(H // s) * (W // s) for H, W in torch.as_tensor(image_inputs["image_sizes"]).view(-1, 2).tolist()]
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
 
 
 class TiledLayout(ImageLayout):
@@ -512,6 +676,14 @@ class InternVLLayout(TiledLayout):
         if _count_runs(input_ids, self.image_token_id) > 1:
             raise ValueError("internvl: several runs of image tokens; only one image per example is supported.")
         return super().grids(input_ids, image_inputs)
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # one <img> ... </img> run per image (its tiles and thumbnail are contiguous inside it)
+        runs = _runs(input_ids, self.image_token_id)
+        if len(runs) != num_images:
+            raise ValueError(f"{self.model_type}: {len(runs)} runs of image tokens for {num_images} images; each "
+                             "image must be one <img> ... </img> run.")
+        return runs
 
 
 class Ovis2Layout(ImageLayout):

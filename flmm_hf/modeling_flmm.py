@@ -26,7 +26,7 @@ from .attention_capture import AttentionCapture
 from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
 from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
-from .image_layout import example_image_inputs, get_image_layout
+from .image_layout import example_image_inputs, get_image_layout, images_per_example
 from .processing_flmm import backbone_image_inputs, check_threshold
 from .sam_refiner import TextProjection
 
@@ -214,13 +214,16 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             attentions: per example `[layers, heads, n_b, n_image]`, the rows of the tokens with `phrase_ids >= 0`.
             input_ids, phrase_ids: `[B, L]`; phrase k's tokens have id k (ids 0..K_b-1, no gaps).
             layout_inputs: the batch's per-image inputs the layout reads (`image_sizes`, `image_grid_thw`,
-                `original_sizes`, ...).
+                `original_sizes`, ...); with several images per example also `num_images` and `image_index`
+                ([B] each: the maps are laid on image `image_index` of each example, default its last image).
 
         Returns:
             per example `[K_b, C, h, w]` float32, C = `config.mask_head_in_channels` (grid-major, then layer, head).
         """
+        counts = images_per_example(layout_inputs, input_ids.shape[0])
         return [
-            self._example_phrase_maps(attentions[b], input_ids[b], phrase_ids[b], example_image_inputs(layout_inputs, b))
+            self._example_phrase_maps(attentions[b], input_ids[b], phrase_ids[b],
+                                      example_image_inputs(layout_inputs, b, counts))
             for b in range(input_ids.shape[0])
         ]
 
@@ -245,7 +248,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)
         column_of_position[image_positions] = torch.arange(len(image_positions), device=input_ids.device)
-        grids = self.layout.grids(input_ids, layout_inputs)
+        # the grounded image's grids; the tokens of the example's other images are context (columns never laid out)
+        grids = self.layout.example_grids(input_ids, layout_inputs)
         return self.layout.stack([merged[:, :, column_of_position[grid]] for grid in grids])  # [K, C, h, w]
 
     def phrase_attention(
@@ -269,6 +273,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         sam_pixel_values: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
         refine: bool = True,
+        num_images: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         **image_inputs: Any,
     ) -> FLMMOutput:
         r"""
@@ -283,6 +289,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             sam_pixel_values (`torch.FloatTensor` of shape `[B, 3, 1024, 1024]`, *optional*): SAM's input; required with SAM.
             masks (`list[torch.BoolTensor]`, *optional*): `[K_b, H_b, W_b]` ground truth at the original size.
             refine (`bool`, *optional*, defaults to `True`): run the SAM refiner (when the model has one).
+            num_images (`torch.LongTensor` of shape `[B]`, *optional*): images per example (default one each); the
+                per-image inputs (`image_grid_thw`, `image_sizes`, ...) then hold one row per image of the batch.
+            image_index (`torch.LongTensor` of shape `[B]`, *optional*): the image of each example its phrases are
+                grounded in (default: the last); the geometry, `sam_pixel_values` and `masks` are that image's.
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
         given = {"phrase_ids": phrase_ids, "original_sizes": original_sizes, "canvas_sizes": canvas_sizes,
@@ -298,7 +308,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         refine = refine and self.head.has_refiner
         attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine, **image_inputs)
-        maps = self.phrase_maps(attentions, input_ids, phrase_ids, dict(image_inputs, original_sizes=original_sizes))
+        layout_inputs = dict(image_inputs, original_sizes=original_sizes, num_images=num_images, image_index=image_index)
+        maps = self.phrase_maps(attentions, input_ids, phrase_ids, {k: v for k, v in layout_inputs.items() if v is not None})
         coarse = self.head.coarse_logits(maps, canvas_sizes, content_boxes)
         refined = None
         if refine:

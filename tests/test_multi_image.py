@@ -1,0 +1,147 @@
+"""Several images per prompt: the phrases are grounded in one chosen image; the others are context.
+
+The geometry test paints a square into the CHOSEN image only (vision encoder made identity, as in
+``test_image_layout``): the most-changed token of every grid ``example_grids`` returns must be the cell that
+covers the square, and the other images' tokens must not change (so the grid is the chosen image's block).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_image_layout import _cell_at, _deep_point, _identity_vision_encoder, _lm_input_embeds, _paint
+
+import tiny_models as tm
+from flmm_hf import FLMMForGrounding
+from flmm_hf.image_layout import (
+    PER_IMAGE_KEYS,
+    example_image_inputs,
+    get_image_layout,
+    images_per_example,
+    several_image_layouts,
+)
+
+# a fixed grid, a dynamic grid with several image_grid_thw rows, a tiled family, and two more
+SEVERAL = ["llava", "qwen2_vl", "internvl", "llava_next", "mistral3"]
+GROUNDED = [0, 1]  # example 0 is grounded in its first image, example 1 in its second (the default: last)
+
+
+def _two_image_examples(family: str, seed: int = 3):
+    """Two examples of two images each ((s0, s1) and (s1, s0) of the family's sizes) and their grounded sizes."""
+    s0, s1 = tm.image_sizes(family)
+    a, b, c, d = tm.make_images([s0, s1, s1, s0], seed=seed)
+    per_example = [[a, b], [c, d]]
+    sizes = [[s0, s1], [s1, s0]]
+    grounded_sizes = [sizes[e][k] for e, k in enumerate(GROUNDED)]
+    return per_example, sizes, grounded_sizes
+
+
+def _with_choice(inputs: dict, grounded_sizes) -> dict:
+    return dict(inputs, image_index=torch.tensor(GROUNDED), original_sizes=torch.tensor(grounded_sizes))
+
+
+def _layout_inputs(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+
+
+@pytest.mark.parametrize("family", SEVERAL)
+def test_painted_square_in_the_chosen_image_lands_in_its_cell(family: str):
+    model, _ = tm.build_tiny(family)
+    layout = get_image_layout(model.config)
+    per_example, _, grounded_sizes = _two_image_examples(family)
+    inputs = _with_choice(tm.build_inputs(family, images=per_example), grounded_sizes)
+    counts = images_per_example(inputs, 2)
+    assert counts == [2, 2]
+    grids = [layout.example_grids(inputs["input_ids"][b], example_image_inputs(inputs, b, counts)) for b in range(2)]
+
+    points, painted = [], [list(ims) for ims in per_example]
+    for b, k in enumerate(GROUNDED):
+        fy, fx, margin = _deep_point([tuple(g.shape) for g in grids[b]], corner=b)
+        assert margin > 0.2
+        H, W = grounded_sizes[b]
+        finest = max(max(g.shape[0] / H, g.shape[1] / W) for g in grids[b])
+        points.append((fy, fx))
+        painted[b][k] = _paint(per_example[b][k], fy, fx, half=0.5 * margin / finest)
+    painted_inputs = tm.build_inputs(family, images=painted)
+    assert torch.equal(painted_inputs["input_ids"], inputs["input_ids"])
+
+    model_keys = [k for k in painted_inputs if k != "num_images"]
+    handles = _identity_vision_encoder(model)
+    try:
+        clean = _lm_input_embeds(model, {k: inputs[k] for k in model_keys})
+        dirty = _lm_input_embeds(model, {k: painted_inputs[k] for k in model_keys})
+    finally:
+        for h in handles:
+            h.remove()
+    change = (dirty - clean).norm(dim=-1)  # [B, L]
+    for b, (fy, fx) in enumerate(points):
+        H, W = grounded_sizes[b]
+        in_grids = torch.zeros_like(change[b], dtype=torch.bool)
+        for g, grid in enumerate(grids[b]):
+            in_grids[grid.flatten()] = True
+            row, col = _cell_at(fy * H, fx * W, tuple(grid.shape), (H, W))
+            got = divmod(int(change[b, grid].argmax()), grid.shape[1])
+            assert change[b, grid].max() > 0, f"{family} example {b}: grid {g} is not the painted image's block"
+            assert got == (row, col), f"{family} example {b} grid {g}: expected cell {(row, col)}, got {got}"
+        # only the chosen image was painted: no token outside its block changes (LLaVA-NeXT's newlines aside)
+        other_images = (inputs["input_ids"][b] == tm.IMAGE_ID) & ~in_grids
+        if family != "llava_next":
+            assert change[b, other_images].max() == 0
+
+
+def _example_alone(family: str, inputs: dict, per_example, b: int) -> dict:
+    """Example ``b`` of a batch as a batch of its own: its real tokens, and its images through the processor."""
+    keep = inputs["attention_mask"][b].bool()
+    alone = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    alone.update(tm.image_inputs_of(family, per_example[b]))
+    alone.update(num_images=inputs["num_images"][b : b + 1], image_index=inputs["image_index"][b : b + 1],
+                 original_sizes=inputs["original_sizes"][b : b + 1])
+    return alone
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+def test_batch_of_several_images_equals_per_example(family: str):
+    lmm, _ = tm.build_tiny(family)
+    torch.manual_seed(0)
+    model = FLMMForGrounding.from_lmm(lmm, use_sam=False, mask_head_channels=8)
+    per_example, _, grounded_sizes = _two_image_examples(family)
+    # the second example has one image only: num_images differ within the batch
+    per_example[1] = per_example[1][1:]
+    inputs = _with_choice(tm.build_inputs(family, images=per_example), grounded_sizes)
+    inputs["image_index"] = torch.tensor([0, 0])
+    phrase_ids = torch.where(tm.answer_mask(inputs), 0, -1)
+    batch_maps = model.phrase_attention(**inputs, phrase_ids=phrase_ids)
+    for b in range(2):
+        alone = _example_alone(family, inputs, per_example, b)
+        keep = inputs["attention_mask"][b].bool()
+        (maps,) = model.phrase_attention(**alone, phrase_ids=phrase_ids[b : b + 1, keep])
+        torch.testing.assert_close(batch_maps[b], maps, rtol=1e-4, atol=1e-6)
+    # example 0's maps lie on its FIRST image's grid (for qwen2_vl the second image's grid has another shape)
+    layout = get_image_layout(lmm.config)
+    first = tm.build_inputs(family, images=per_example[0][:1])
+    grids = layout.grids(first["input_ids"][0], dict(example_image_inputs(first, 0),
+                                                        original_sizes=torch.tensor(grounded_sizes[0])))
+    assert batch_maps[0].shape[-2:] == grids[layout.main_grid].shape
+
+
+def test_several_images_without_num_images_are_refused():
+    inputs = tm.build_inputs("qwen2_vl", images=[tm.make_images([(40, 60), (60, 30)]), tm.make_images([(40, 60)])])
+    inputs.pop("num_images")
+    with pytest.raises(ValueError, match="3 rows of image_grid_thw for 2 images.*need num_images"):
+        images_per_example(inputs, 2)
+    # LLaVA has no per-image rows: its layout sees twice the tokens of one image
+    llava = tm.build_inputs("llava", images=[tm.make_images([(40, 40), (40, 40)]), tm.make_images([(40, 40)])])
+    layout = get_image_layout(tm.tiny_config("llava"))
+    with pytest.raises(ValueError, match="2 times the 49 of one image.*num_images"):
+        layout.example_grids(llava["input_ids"][0], example_image_inputs(llava, 0))
+
+
+def test_family_without_image_blocks_refuses_several_images_and_bad_index():
+    inputs = tm.build_inputs("idefics3", images=[tm.make_images([(40, 60), (60, 30)])])
+    layout = get_image_layout(tm.tiny_config("idefics3"))
+    with pytest.raises(ValueError, match="idefics3: an example with 2 images.*one image per example"):
+        layout.example_grids(inputs["input_ids"][0], example_image_inputs(inputs, 0, [2]))
+    assert "Idefics3Layout" not in several_image_layouts() and "QwenVLLayout" in several_image_layouts()
+    qwen = tm.build_inputs("qwen2_vl", images=[tm.make_images([(40, 60), (60, 30)])])
+    with pytest.raises(ValueError, match="image_index 2 is out of range for its 2 image"):
+        example_image_inputs(dict(qwen, image_index=torch.tensor([2])), 0, [2])
+    assert set(PER_IMAGE_KEYS) >= {"image_grid_thw", "image_sizes"}
