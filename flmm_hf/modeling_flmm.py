@@ -343,17 +343,22 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         processor: Any | None = None,
         threshold: float = 0.5,
         use_refiner: bool = True,
+        ground_image: int | None = None,
     ) -> torch.BoolTensor:
         """
         Ground `phrases` (substrings of `text`, or character spans) in `image`.
 
+        `image` may be a list of images of one prompt (e.g. `[reference, target]`): they all reach the LMM, one
+        after the other, and the phrases are grounded in image `ground_image` (default: the last one).
+
         Returns:
-            `torch.BoolTensor` of shape `[len(phrases), H, W]` at the original image size.
+            `torch.BoolTensor` of shape `[len(phrases), H, W]` at the size of the (grounded) image.
         """
         processor = self.resolve_processor(processor)
         check_threshold(threshold)  # before the forward, not after it
         refine = use_refiner and self.head.has_refiner
-        inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine)
+        inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine,
+                           ground_image=ground_image)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         output = self(**inputs, refine=refine)
         logits = output.refined_logits if refine else output.coarse_logits

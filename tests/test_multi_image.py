@@ -145,3 +145,28 @@ def test_family_without_image_blocks_refuses_several_images_and_bad_index():
     with pytest.raises(ValueError, match="image_index 2 is out of range for its 2 image"):
         example_image_inputs(dict(qwen, image_index=torch.tensor([2])), 0, [2])
     assert set(PER_IMAGE_KEYS) >= {"image_grid_thw", "image_sizes"}
+
+
+def test_processor_and_ground_with_a_reference_and_a_target(fixtures_dir):
+    processor = tm.llava_flmm_processor(fixtures_dir)
+    reference, target = tm.make_images([(30, 50), (60, 40)], seed=1)
+    text = "the red square."
+    inputs = processor(images=[[reference, target], target], texts=[text, text], phrases=[["the red square"]] * 2,
+                       ground_image=0, return_sam_inputs=False)
+    assert inputs["num_images"].tolist() == [2, 1] and inputs["image_index"].tolist() == [0, 0]
+    assert inputs["original_sizes"].tolist() == [[30, 50], [60, 40]]  # the grounded images' sizes
+    assert inputs["pixel_values"].shape[0] == 3
+    n_image = (inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum(1)
+    assert n_image.tolist() == [2 * 576, 576]
+    one = processor(images=[reference, target], texts=[text, text], phrases=[["the red square"]] * 2,
+                    return_sam_inputs=False)
+    assert "num_images" not in one and "image_index" not in one  # one image per example: the batch is unchanged
+    with pytest.raises(ValueError, match="example 1: ground_image 1 is out of range for its 1 image"):
+        processor(images=[[reference, target], target], texts=[text, text], phrases=[["the red square"]] * 2,
+                  ground_image=1)
+
+    model = tm.tiny_flmm(fixtures_dir)
+    default = model.ground([reference, target], text, ["the red square"], processor=processor, use_refiner=False)
+    assert default.shape == (1, 60, 40)  # the last image
+    masks = model.ground([reference, target], text, ["the red square"], processor=processor, ground_image=0)
+    assert masks.shape == (1, 30, 50) and masks.dtype == torch.bool
