@@ -36,7 +36,14 @@ image), the per-image keys of :data:`PER_IMAGE_KEYS` hold one row per image of t
 example 0, then example 1, ...), and :meth:`ImageLayout.example_grids` finds the grounded image's block among the
 example's image blocks (:meth:`ImageLayout.image_blocks`, counted by the family's placeholder structure) and lays
 out that block alone; the other images' tokens stay in the sequence as context. Families whose blocks cannot be
-told apart yet (:data:`SEVERAL_IMAGES` lists those that can) refuse several images with a ValueError.
+told apart yet (:func:`several_image_layouts` names those that can) refuse several images with a ValueError.
+
+Video as time x grid. Qwen2-VL and Qwen2.5-VL (:data:`VIDEO_GRID_MODEL_TYPES`) lay a video's tokens out as
+``t`` temporal slices (each merging ``temporal_patch_size`` frames) of one ``(h / m) x (w / m)`` grid, from
+``video_grid_thw``. With ``video_frame`` t >= 0 an example's phrases are grounded in slice t of its one video
+(:meth:`ImageLayout.frame_grids`): one grid, so one mask per phrase for that frame group; ground every slice by
+asking once per t. Every other family refuses ``video_frame`` with a ValueError; their video tokens (another
+placeholder id) stay context when an image is grounded.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
 factory (``config -> ImageLayout``; None when F-LMM has no adapter for it yet) and the traits
@@ -76,6 +83,8 @@ PER_EXAMPLE_KEYS = (
     "cols",
     "tile_grid",
     "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
+    "video_grid_thw",  # Qwen-VL videos: (t, h, w) of the example's one video (read only with video_frame)
+    "video_frame",  # the temporal slice (frame group) of that video the phrases are grounded in; -1: none
 )
 
 # keys with one row per IMAGE of the batch (images of all examples concatenated in order); the others of
@@ -85,6 +94,9 @@ PER_IMAGE_KEYS = ("image_sizes", "image_grid_thw", "image_rows", "image_cols", "
 
 # a token id no vocabulary has: other images' tokens are masked with it so that grids() sees one image
 _MASKED_ID = -1
+
+# families whose videos are laid out as time x grid (frame_grids); tested with a painted frame in tests/
+VIDEO_GRID_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +249,8 @@ def example_image_inputs(
         if value is not None:
             value = torch.as_tensor(value)
             out[key] = value[start : start + n] if key in PER_IMAGE_KEYS else value[index]
+    if inputs.get("video_frame") is not None:
+        out["video_frame"] = torch.as_tensor(inputs["video_frame"]).reshape(-1)[index]
     chosen = inputs.get("image_index")
     k = n - 1 if chosen is None else int(torch.as_tensor(chosen).reshape(-1)[index])
     if not -n <= k < n:
@@ -312,6 +326,20 @@ class ImageLayout:
         masked[others] = _MASKED_ID
         one = {key: (value[k] if key in PER_IMAGE_KEYS else value) for key, value in image_inputs.items()}
         return self.grids(masked, one)
+
+    video_token_id: int | None = None
+    """The placeholder id of video tokens, for layouts that ground in video frames (:meth:`frame_grids`)."""
+
+    def frame_grids(self, input_ids: torch.Tensor, video_inputs: Mapping[str, torch.Tensor], frame: int) -> list[torch.Tensor]:
+        """Sequence positions of temporal slice ``frame`` of one example's video: ``num_grids`` LongTensors.
+
+        The base class refuses: only :data:`VIDEO_GRID_MODEL_TYPES` lay video tokens out per frame group.
+        """
+        raise ValueError(
+            f"{self.model_type}: grounding in a video frame (video_frame={frame}) is not supported; only "
+            f"{', '.join(VIDEO_GRID_MODEL_TYPES)} lay out video tokens as time x grid. Fix: ground in an image "
+            "(e.g. the frame itself, passed as an image), or drop video_frame (the video then stays context)."
+        )
 
     def image_blocks(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor], num_images: int) -> list[torch.Tensor]:
         """Sequence positions of each image's tokens (``num_images`` LongTensors, in sequence order).
@@ -524,9 +552,33 @@ class QwenVLLayout(ImageLayout):
         _check_count(self.model_type, pos.numel(), (h // m) * (w // m), f"image_grid_thw {(t, h, w)}, merge {m}")
         return [pos.view(h // m, w // m)]
 
+    def __init__(self, config):
+        super().__init__(config)
+        if self.model_type in VIDEO_GRID_MODEL_TYPES:
+            self.video_token_id = getattr(config, "video_token_id", None)
+
     def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
         """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
         return self.config.vision_config.spatial_merge_size
+
+    def frame_grids(self, input_ids, video_inputs, frame):
+        """Slice ``frame`` of the video's ``t x (h / m) x (w / m)`` tokens (``video_grid_thw`` = (t, h, w)):
+        the vision tower emits a video's merged tokens time-major, each slice row-major like an image."""
+        if self.video_token_id is None:
+            return super().frame_grids(input_ids, video_inputs, frame)
+        if "video_grid_thw" not in video_inputs:
+            raise ValueError(f"{self.model_type}: grounding in a video frame needs video_grid_thw (one row per video)")
+        t, h, w = _row(video_inputs["video_grid_thw"])
+        if not 0 <= frame < t:
+            raise ValueError(f"{self.model_type}: video_frame {frame} is out of range for a video of {t} temporal "
+                             "slices (video_grid_thw[0]; each slice merges temporal_patch_size frames)")
+        m = self.merge_size(video_inputs)
+        pos = _image_positions(input_ids, self.video_token_id)
+        if pos.numel() > t * (h // m) * (w // m):
+            raise ValueError(f"{self.model_type}: the example has {pos.numel()} video tokens, more than its one video "
+                             f"{(t, h, w)} gives; grounding in a frame supports one video per example.")
+        _check_count(self.model_type, pos.numel(), t * (h // m) * (w // m), f"video_grid_thw {(t, h, w)}, merge {m}")
+        return [pos.view(t, h // m, w // m)[frame]]
 
     def image_blocks(self, input_ids, image_inputs, num_images):
         # image i gives t*h*w / m**2 tokens (its row of image_grid_thw), in the order of the rows

@@ -145,6 +145,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         attention_mask: torch.Tensor,
         phrase_ids: torch.Tensor,
         with_hidden_states: bool = True,
+        *,
+        video_frame: torch.Tensor | None = None,
         **image_inputs: Any,
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
         """
@@ -153,6 +155,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         The attention is captured with `config.attention_numerics`: `"float32"` (the model runs SDPA; exact float32
         probabilities) or `"eager"` (the original's numerics: the language model runs eager attention in its dtype
         and the maps are its probabilities, in that dtype; see `attention_capture.eager_attention`).
+
+        `video_frame` ([B], optional): examples with `video_frame[b] >= 0` are grounded in a video frame, so their
+        video tokens are captured beside the image tokens (see `visual_token_mask`).
 
         Returns:
             per example the attention of its phrase tokens (`phrase_ids >= 0`) to its image tokens,
@@ -163,9 +168,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
         self._check_length(attention_mask)
-        image_mask = input_ids == self.image_token_id
+        image_mask = self.visual_token_mask(input_ids, video_frame)
         if not image_mask.any(dim=1).all():
-            raise ValueError("every example needs image tokens in input_ids; found an example without any")
+            raise ValueError("every example needs image tokens in input_ids (or video tokens, grounded with "
+                             "video_frame); found an example without any")
         # Without hidden states nothing after the deepest captured layer's attention is needed.
         stop_early = not with_hidden_states
         with torch.no_grad(), AttentionCapture(
@@ -183,6 +189,20 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         hidden_states = outputs.hidden_states[-self.num_text_layers :] if with_hidden_states else None
         return capture.attentions, hidden_states  # hidden states: decoder layer outputs, embeddings excluded
+
+    def visual_token_mask(self, input_ids: torch.Tensor, video_frame: torch.Tensor | None = None) -> torch.BoolTensor:
+        """`[B, L]` (or `[L]`): the tokens whose attention is captured and laid out: the image tokens, plus the
+        video tokens of the examples grounded in a video frame (`video_frame[b] >= 0`; layouts with a
+        `video_token_id`, see `image_layout.VIDEO_GRID_MODEL_TYPES`)."""
+        mask = input_ids == self.image_token_id
+        if video_frame is None:
+            return mask
+        grounded = torch.as_tensor(video_frame, device=input_ids.device).reshape(-1, *([1] * (input_ids.dim() - 1))) >= 0
+        if not grounded.any():
+            return mask
+        if self.layout.video_token_id is None:
+            self.layout.frame_grids(input_ids, {}, int(torch.as_tensor(video_frame).max()))  # raises the reason
+        return mask | ((input_ids == self.layout.video_token_id) & grounded)
 
     def _check_length(self, attention_mask: torch.Tensor) -> None:
         """Warn when a sequence is longer than the LMM's position limit: it runs (RoPE extrapolates), but the LMM
@@ -245,11 +265,14 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             else attentions.new_zeros(0, layers * heads, n_image, dtype=torch.float32)
         )  # [K, layers*heads, n_image]
         # Column j of the captured rows is the j-th image token; the layout's grids hold sequence positions.
-        image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
+        frame = int(layout_inputs.get("video_frame", -1))
+        image_positions = self.visual_token_mask(input_ids, torch.tensor(frame)).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)
         column_of_position[image_positions] = torch.arange(len(image_positions), device=input_ids.device)
-        # the grounded image's grids; the tokens of the example's other images are context (columns never laid out)
-        grids = self.layout.example_grids(input_ids, layout_inputs)
+        if frame >= 0:  # one temporal slice of the example's video
+            grids = self.layout.frame_grids(input_ids, layout_inputs, frame)
+        else:  # the grounded image's grids; the example's other images are context (columns never laid out)
+            grids = self.layout.example_grids(input_ids, layout_inputs)
         return self.layout.stack([merged[:, :, column_of_position[grid]] for grid in grids])  # [K, C, h, w]
 
     def phrase_attention(
@@ -258,7 +281,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """The maps the head receives, from the processor's output (keys the LMM does not take are ignored):
         per example `[K_b, C, h, w]` (see `phrase_maps`)."""
         image_inputs = backbone_image_inputs(inputs)
-        attentions, _ = self.capture_attention(input_ids, attention_mask, phrase_ids, False, **image_inputs)
+        attentions, _ = self.capture_attention(input_ids, attention_mask, phrase_ids, False,
+                                               video_frame=inputs.get("video_frame"), **image_inputs)
         return self.phrase_maps(attentions, input_ids, phrase_ids, dict(inputs, **image_inputs))
 
     # ---- 3. the whole method: attention -> maps -> head -> loss -------------------------------------
@@ -275,6 +299,7 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         refine: bool = True,
         num_images: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        video_frame: torch.Tensor | None = None,
         **image_inputs: Any,
     ) -> FLMMOutput:
         r"""
@@ -293,6 +318,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
                 per-image inputs (`image_grid_thw`, `image_sizes`, ...) then hold one row per image of the batch.
             image_index (`torch.LongTensor` of shape `[B]`, *optional*): the image of each example its phrases are
                 grounded in (default: the last); the geometry, `sam_pixel_values` and `masks` are that image's.
+            video_frame (`torch.LongTensor` of shape `[B]`, *optional*): ground example b in temporal slice
+                `video_frame[b]` of its one video (`video_grid_thw`, `pixel_values_videos`; -1: in its image), for the
+                families of `image_layout.VIDEO_GRID_MODEL_TYPES`; the geometry and `masks` are then the frames'.
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
         given = {"phrase_ids": phrase_ids, "original_sizes": original_sizes, "canvas_sizes": canvas_sizes,
@@ -307,8 +335,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         refine = refine and self.head.has_refiner
-        attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine, **image_inputs)
-        layout_inputs = dict(image_inputs, original_sizes=original_sizes, num_images=num_images, image_index=image_index)
+        attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine,
+                                                           video_frame=video_frame, **image_inputs)
+        layout_inputs = dict(image_inputs, original_sizes=original_sizes, num_images=num_images, image_index=image_index,
+                             video_frame=video_frame)
         maps = self.phrase_maps(attentions, input_ids, phrase_ids, {k: v for k, v in layout_inputs.items() if v is not None})
         coarse = self.head.coarse_logits(maps, canvas_sizes, content_boxes)
         refined = None

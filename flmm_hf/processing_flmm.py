@@ -63,7 +63,7 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 # Keys of the processor's output that only F-LMM reads (the frozen LMM's forward never receives them).
 FLMM_KEYS = ("phrase_ids", "original_sizes", "canvas_sizes", "content_boxes", "sam_pixel_values", "masks",
-             "num_images", "image_index")
+             "num_images", "image_index", "video_frame")
 # Keys of the processor's output that describe the batch rather than the backbone's image inputs.
 NON_IMAGE_KEYS = ("input_ids", "attention_mask") + FLMM_KEYS
 

@@ -170,3 +170,93 @@ def test_processor_and_ground_with_a_reference_and_a_target(fixtures_dir):
     assert default.shape == (1, 60, 40)  # the last image
     masks = model.ground([reference, target], text, ["the red square"], processor=processor, ground_image=0)
     assert masks.shape == (1, 30, 50) and masks.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------------------------
+# video as time x grid (Qwen2-VL / Qwen2.5-VL)
+# --------------------------------------------------------------------------------------------
+VIDEO_ID = tm.IMAGE_ID - 1  # the tiny Qwen configs' video_token_id
+
+
+def _video_inputs(family: str, frames) -> dict:
+    """One example holding one video of ``len(frames)`` temporal slices (each slice: one frame, shown twice)."""
+    per_frame = [tm.image_inputs_of(family, [frame]) for frame in frames]
+    t_h_w = per_frame[0]["image_grid_thw"][0].tolist()
+    grid_thw = torch.tensor([[len(frames), t_h_w[1], t_h_w[2]]])
+    n = len(frames) * t_h_w[1] * t_h_w[2] // 4  # merge 2 x 2
+    ids = [tm.BOS_ID, 17, 18, tm.WRAP_OPEN_ID] + [VIDEO_ID] * n + [tm.WRAP_CLOSE_ID, 19, 20, 21, 22, 23]
+    input_ids = torch.tensor([ids])
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == VIDEO_ID).long() * 2,  # 2: video
+        # a video's patches are its slices' patches, slice after slice (the image processor doubles a frame in time)
+        "pixel_values_videos": torch.cat([p["pixel_values"] for p in per_frame]), "video_grid_thw": grid_thw,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_square_painted_in_frame_t_is_found_in_slice_t(family: str):
+    model, _ = tm.build_tiny(family)
+    layout = get_image_layout(model.config)
+    H, W = tm.image_sizes(family)[0]
+    frames = tm.make_images([(H, W)] * 3, seed=5)
+    inputs = _video_inputs(family, frames)
+    slices = [layout.frame_grids(inputs["input_ids"][0], {"video_grid_thw": inputs["video_grid_thw"][0]}, t)
+              for t in range(3)]
+    (grid0,), (grid1,), (grid2,) = slices
+    assert grid0.shape == grid1.shape and grid0.max() < grid1.min() and grid1.max() < grid2.min()  # time-major
+    points = {}
+    painted = list(frames)
+    for t, corner in ((0, 0), (2, 1)):  # frames 0 and 2 painted at different places, frame 1 untouched
+        fy, fx, margin = _deep_point([tuple(grid0.shape)], corner=corner)
+        points[t] = (fy, fx)
+        painted[t] = _paint(frames[t], fy, fx, half=0.5 * margin * H / grid0.shape[0])
+    handles = _identity_vision_encoder(model)
+    try:
+        clean = _lm_input_embeds(model, inputs)
+        dirty = _lm_input_embeds(model, _video_inputs(family, painted))
+    finally:
+        for h in handles:
+            h.remove()
+    change = (dirty - clean).norm(dim=-1)[0]
+    assert change[slices[1][0]].max() == 0, "an unpainted frame changed"
+    for t, (fy, fx) in points.items():
+        (grid,) = slices[t]
+        row, col = _cell_at(fy * H, fx * W, tuple(grid.shape), (H, W))
+        assert divmod(int(change[grid].argmax()), grid.shape[1]) == (row, col), f"{family} slice {t}"
+        other = slices[2 - t][0]
+        assert change[other].argmax() != change[grid].argmax() or change[other].max() == 0
+
+    # the model grounds phrases in slice t: maps on one slice's grid, equal to the captured columns of that slice
+    torch.manual_seed(0)
+    flmm = FLMMForGrounding.from_lmm(model, use_sam=False, mask_head_channels=8)
+    phrase_ids = torch.full_like(inputs["input_ids"], -1)
+    phrase_ids[0, -3:] = 0
+    size = torch.tensor([[H, W]])
+    maps = {t: flmm.phrase_attention(**inputs, phrase_ids=phrase_ids, original_sizes=size,
+                                     video_frame=torch.tensor([t]))[0] for t in range(3)}
+    assert maps[1].shape == (1, flmm.config.mask_head_in_channels, *grid1.shape)
+    attentions, _ = flmm.capture_attention(inputs["input_ids"], inputs["attention_mask"], phrase_ids, False,
+                                           video_frame=torch.tensor([1]), pixel_values_videos=inputs["pixel_values_videos"],
+                                           video_grid_thw=inputs["video_grid_thw"],
+                                           mm_token_type_ids=inputs["mm_token_type_ids"])
+    columns = grid1 - int(grid0.min())  # the video tokens are the only captured columns here
+    expected = attentions[0].mean(2).flatten(0, 1)[:, columns]  # [C, h, w]
+    torch.testing.assert_close(maps[1][0], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(maps[0], maps[1])
+    output = flmm(**inputs, phrase_ids=phrase_ids, original_sizes=size, canvas_sizes=size,
+                  content_boxes=torch.tensor([[0, 0, H, W]]), video_frame=torch.tensor([2]),
+                  masks=[torch.zeros(1, H, W, dtype=torch.bool)])
+    assert torch.isfinite(output.loss) and output.coarse_logits[0].shape[0] == 1
+
+
+def test_video_frames_are_refused_where_no_time_x_grid_is_written():
+    for family in ("llava_next_video", "video_llava", "llava_onevision", "qwen3_vl"):
+        layout = get_image_layout(tm.tiny_config(family))
+        with pytest.raises(ValueError, match=f"{family}: grounding in a video frame .*not supported.*qwen2_vl"):
+            layout.frame_grids(torch.tensor([VIDEO_ID] * 8), {}, 0)
+    layout = get_image_layout(tm.tiny_config("qwen2_vl"))
+    with pytest.raises(ValueError, match="video_frame 3 is out of range for a video of 3 temporal slices"):
+        layout.frame_grids(torch.tensor([VIDEO_ID] * 12), {"video_grid_thw": torch.tensor([3, 4, 4])}, 3)
+    with pytest.raises(ValueError, match="one video per example"):
+        layout.frame_grids(torch.tensor([VIDEO_ID] * 24), {"video_grid_thw": torch.tensor([3, 4, 4])}, 0)
