@@ -370,7 +370,7 @@ def several_image_layouts() -> list[str]:
     while todo:
         cls = todo.pop(0)
         todo.extend(cls.__subclasses__())
-        if "image_blocks" in vars(cls):
+        if vars(cls).get("image_blocks") not in (None, ImageLayout.image_blocks):
             found.append(cls.__name__)
     return found
 
@@ -512,6 +512,9 @@ class LlavaOnevisionLayout(LlavaNextLayout):
     ``LlavaOnevisionModel.pack_image_features`` does); the resized grid still spans the whole
     image, so the canvas mapping is unchanged.
     """
+
+    # with several images per prompt the model skips the any-res patching (base features only): not written
+    image_blocks = ImageLayout.image_blocks
 
     def high_res_shape(self, image_size):
         h, w = _llava_next_unpadded_shape(self.config, image_size)

@@ -141,6 +141,11 @@ def test_family_without_image_blocks_refuses_several_images_and_bad_index():
     with pytest.raises(ValueError, match="idefics3: an example with 2 images.*one image per example"):
         layout.example_grids(inputs["input_ids"][0], example_image_inputs(inputs, 0, [2]))
     assert "Idefics3Layout" not in several_image_layouts() and "QwenVLLayout" in several_image_layouts()
+    onevision = tm.build_inputs("llava_onevision", images=[tm.make_images([(40, 60), (60, 30)])])
+    with pytest.raises(ValueError, match="llava_onevision: an example with 2 images"):
+        get_image_layout(tm.tiny_config("llava_onevision")).example_grids(
+            onevision["input_ids"][0], example_image_inputs(onevision, 0, [2]))
+    assert "LlavaOnevisionLayout" not in several_image_layouts()
     qwen = tm.build_inputs("qwen2_vl", images=[tm.make_images([(40, 60), (60, 30)])])
     with pytest.raises(ValueError, match="image_index 2 is out of range for its 2 image"):
         example_image_inputs(dict(qwen, image_index=torch.tensor([2])), 0, [2])
