@@ -27,7 +27,23 @@ LLaVA-NeXT's un-padded grid is exact up to the one-cell rounding of ``unpad_imag
 ``image_inputs`` of one example is a mapping holding that example's row of the per-image
 inputs the family needs (``image_sizes``, ``image_grid_thw``, ``original_sizes``,
 ``image_rows`` / ``image_cols``, ``tile_grid``, ``image_merge_sizes``, ``tile_fine_mask``); :func:`example_image_inputs` picks them
-from a batch. One image per example is supported.
+from a batch.
+
+Several images per example. ``grids`` lays out ONE image. An example may hold several images (a reference and
+a target); then the batch carries ``num_images`` ([B], images per example, in sequence order) and
+``image_index`` ([B], the image each example's phrases are grounded in; FLMMProcessor's default is the last
+image), the per-image keys of :data:`PER_IMAGE_KEYS` hold one row per image of the whole batch (all images of
+example 0, then example 1, ...), and :meth:`ImageLayout.example_grids` finds the grounded image's block among the
+example's image blocks (:meth:`ImageLayout.image_blocks`, counted by the family's placeholder structure) and lays
+out that block alone; the other images' tokens stay in the sequence as context. Families whose blocks cannot be
+told apart yet (:func:`several_image_layouts` names those that can) refuse several images with a ValueError.
+
+Video as time x grid. Qwen2-VL and Qwen2.5-VL (:data:`VIDEO_GRID_MODEL_TYPES`) lay a video's tokens out as
+``t`` temporal slices (each merging ``temporal_patch_size`` frames) of one ``(h / m) x (w / m)`` grid, from
+``video_grid_thw``. With ``video_frame`` t >= 0 an example's phrases are grounded in slice t of its one video
+(:meth:`ImageLayout.frame_grids`): one grid, so one mask per phrase for that frame group; ground every slice by
+asking once per t. Every other family refuses ``video_frame`` with a ValueError; their video tokens (another
+placeholder id) stay context when an image is grounded.
 
 Families. :data:`FAMILIES` maps a config's ``model_type`` to a :class:`Family`: its layout
 factory (``config -> ImageLayout``; None when F-LMM has no adapter for it yet) and the traits
@@ -68,7 +84,20 @@ PER_EXAMPLE_KEYS = (
     "tile_grid",
     "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
     "tile_fine_mask",  # Granite-Docling: the example's tiles take the fine connector path (4x the tokens)
+    "video_grid_thw",  # Qwen-VL videos: (t, h, w) of the example's one video (read only with video_frame)
+    "video_frame",  # the temporal slice (frame group) of that video the phrases are grounded in; -1: none
 )
+
+# keys with one row per IMAGE of the batch (images of all examples concatenated in order); the others of
+# PER_EXAMPLE_KEYS have one row per example (original_sizes: the grounded image's size; Idefics3's rows/cols are
+# nested per example)
+PER_IMAGE_KEYS = ("image_sizes", "image_grid_thw", "image_rows", "image_cols", "tile_grid", "image_merge_sizes")
+
+# a token id no vocabulary has: other images' tokens are masked with it so that grids() sees one image
+_MASKED_ID = -1
+
+# families whose videos are laid out as time x grid (frame_grids); tested with a painted frame in tests/
+VIDEO_GRID_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +121,8 @@ def _row(value) -> list[int]:
     if t.dim() > 1:
         if t.shape[0] != 1:
             raise ValueError(
-                f"Got image inputs for {t.shape[0]} images in one example; only one image per example is supported."
+                f"Got image inputs for {t.shape[0]} images in one example where one image per example is laid out; "
+                "several images need num_images and image_index (FLMMProcessor gives them)."
             )
         t = t[0]
     return [int(v) for v in t.reshape(-1).tolist()]
@@ -111,7 +141,8 @@ def _check_count(model_type: str, found: int, expected: int, detail: str = "") -
     if expected > 0 and found > expected and found % expected == 0:
         raise ValueError(
             f"{model_type}: the example has {found} image tokens, {found // expected} times the {expected} "
-            "of one image; only one image per example is supported."
+            "of one image; one image per example is laid out unless the inputs give num_images (FLMMProcessor "
+            "does for several images per example)."
         )
     raise ValueError(
         f"{model_type}: token count mismatch: input_ids hold {found} image tokens but the image inputs "
@@ -170,17 +201,82 @@ def stack_grids(maps_per_grid: Sequence[torch.Tensor], main_grid: int = 0) -> to
     return torch.cat(out, dim=1)
 
 
-def example_image_inputs(inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-    """Example ``index``'s row of the per-example image inputs a layout reads (see PER_EXAMPLE_KEYS).
+def images_per_example(inputs: Mapping[str, Any], batch_size: int) -> list[int]:
+    """How many images each example of a batch holds: ``inputs["num_images"]``, else one each.
 
-    Only valid with one image per example (then per-image rows are per-example rows).
+    Checks that every per-image key (:data:`PER_IMAGE_KEYS`) has one row per image, so that a batch with
+    several images per example but no ``num_images`` is refused instead of read with the wrong rows.
+    """
+    given = inputs.get("num_images")
+    counts = [1] * batch_size if given is None else [int(n) for n in torch.as_tensor(given).reshape(-1).tolist()]
+    if len(counts) != batch_size or min(counts, default=1) < 1:
+        raise ValueError(f"num_images must give each of the {batch_size} examples at least one image, got {counts}")
+    for key in PER_IMAGE_KEYS:
+        value = inputs.get(key)
+        if value is not None and len(value) != sum(counts):
+            hint = ("several images per example need num_images ([B], images per example; FLMMProcessor gives it)"
+                    if given is None else "num_images does not match the image inputs")
+            raise ValueError(
+                f"the batch holds {len(value)} rows of {key} for {sum(counts)} images ({batch_size} examples): {hint}."
+            )
+    return counts
+
+
+def example_image_inputs(
+    inputs: Mapping[str, Any], index: int, num_images: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Example ``index``'s image inputs that a layout reads (see PER_EXAMPLE_KEYS).
+
+    Args:
+        inputs: the batch (per-image keys with one row per image, others one row per example).
+        index: the example.
+        num_images: images per example (:func:`images_per_example`); None: one image per example.
+
+    Returns:
+        the example's row of every per-example key; with ``num_images``, its images' rows ``[n, ...]`` of every
+        per-image key plus ``num_images`` (n) and ``image_index`` (the grounded image, in ``[0, n)``; from
+        ``inputs["image_index"]``, default the last image), which :meth:`ImageLayout.example_grids` reads.
     """
     out = {}
+    if num_images is None:
+        for key in PER_EXAMPLE_KEYS:
+            value = inputs.get(key)
+            if value is not None:
+                out[key] = torch.as_tensor(value)[index]
+        return out
+    start, n = sum(num_images[:index]), num_images[index]
     for key in PER_EXAMPLE_KEYS:
         value = inputs.get(key)
         if value is not None:
-            out[key] = torch.as_tensor(value)[index]
+            value = torch.as_tensor(value)
+            out[key] = value[start : start + n] if key in PER_IMAGE_KEYS else value[index]
+    if inputs.get("video_frame") is not None:
+        out["video_frame"] = torch.as_tensor(inputs["video_frame"]).reshape(-1)[index]
+    chosen = inputs.get("image_index")
+    k = n - 1 if chosen is None else int(torch.as_tensor(chosen).reshape(-1)[index])
+    if not -n <= k < n:
+        raise ValueError(f"example {index}: image_index {k} is out of range for its {n} image(s)")
+    out["num_images"], out["image_index"] = torch.tensor(n), torch.tensor(k % n)
     return out
+
+
+def _split_by_counts(pos: torch.Tensor, counts: Sequence[int], model_type: str) -> list[torch.Tensor]:
+    """An example's image-token positions cut into consecutive blocks of the given sizes, one per image."""
+    if sum(counts) != pos.numel():
+        raise ValueError(
+            f"{model_type}: token count mismatch: input_ids hold {pos.numel()} image tokens but the "
+            f"{len(counts)} images' inputs give {' + '.join(map(str, counts))} = {sum(counts)}."
+        )
+    return list(pos.split(list(counts)))
+
+
+def _runs(input_ids: torch.Tensor, token_id: int) -> list[torch.Tensor]:
+    """Positions of each maximal run of consecutive image tokens, in order."""
+    pos = _image_positions(input_ids, token_id)
+    if pos.numel() == 0:
+        return []
+    breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    return list(pos.tensor_split(breaks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,8 +303,57 @@ class ImageLayout:
         self.image_token_id = image_token_id(config)
 
     def grids(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Sequence positions of one example's image tokens: ``num_grids`` LongTensors [h_g, w_g]."""
+        """Sequence positions of one example's image tokens (ONE image): ``num_grids`` LongTensors [h_g, w_g]."""
         raise NotImplementedError
+
+    def example_grids(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """:meth:`grids` of the grounded image of one example that may hold several images.
+
+        ``image_inputs`` as :func:`example_image_inputs` gives them: without ``num_images`` (or with 1) this is
+        :meth:`grids`. With several images, the example's image tokens are cut into one block per image
+        (:meth:`image_blocks`), the other images' tokens are hidden from :meth:`grids` and the per-image keys cut
+        to the grounded image's row, so the returned positions are those of image ``image_index`` alone.
+        """
+        image_inputs = dict(image_inputs or {})
+        n = int(image_inputs.pop("num_images", 1))
+        k = int(image_inputs.pop("image_index", n - 1))
+        if n == 1:
+            return self.grids(input_ids, image_inputs)
+        blocks = self.image_blocks(input_ids, image_inputs, n)
+        if len(blocks) != n:
+            raise ValueError(f"{self.model_type}: found {len(blocks)} image blocks in an example with {n} images")
+        masked = input_ids.clone()
+        others = torch.cat([b for i, b in enumerate(blocks) if i != k])
+        masked[others] = _MASKED_ID
+        one = {key: (value[k] if key in PER_IMAGE_KEYS else value) for key, value in image_inputs.items()}
+        return self.grids(masked, one)
+
+    video_token_id: int | None = None
+    """The placeholder id of video tokens, for layouts that ground in video frames (:meth:`frame_grids`)."""
+
+    def frame_grids(self, input_ids: torch.Tensor, video_inputs: Mapping[str, torch.Tensor], frame: int) -> list[torch.Tensor]:
+        """Sequence positions of temporal slice ``frame`` of one example's video: ``num_grids`` LongTensors.
+
+        The base class refuses: only :data:`VIDEO_GRID_MODEL_TYPES` lay video tokens out per frame group.
+        """
+        raise ValueError(
+            f"{self.model_type}: grounding in a video frame (video_frame={frame}) is not supported; only "
+            f"{', '.join(VIDEO_GRID_MODEL_TYPES)} lay out video tokens as time x grid. Fix: ground in an image "
+            "(e.g. the frame itself, passed as an image), or drop video_frame (the video then stays context)."
+        )
+
+    def image_blocks(self, input_ids: torch.Tensor, image_inputs: Mapping[str, torch.Tensor], num_images: int) -> list[torch.Tensor]:
+        """Sequence positions of each image's tokens (``num_images`` LongTensors, in sequence order).
+
+        ``image_inputs`` hold the example's ``[num_images, ...]`` rows of the per-image keys. The base class
+        refuses several images: a family that can tell its image blocks apart overrides this.
+        """
+        raise ValueError(
+            f"{self.model_type}: an example with {num_images} images, but {type(self).__name__} cannot tell one "
+            f"image's tokens from another's yet; only one image per example is supported for this family "
+            f"(several images: the families of {', '.join(several_image_layouts())}). Fix: give each example one "
+            "image."
+        )
 
     def stack(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
         """:func:`stack_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
@@ -218,6 +363,17 @@ class ImageLayout:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r}, grids={self.grid_names}, main={self.main_grid})"
+
+
+def several_image_layouts() -> list[str]:
+    """Names of the layout classes that tell several images of one example apart (override ``image_blocks``)."""
+    found, todo = [], list(ImageLayout.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if vars(cls).get("image_blocks") not in (None, ImageLayout.image_blocks):
+            found.append(cls.__name__)
+    return found
 
 
 class SquareLayout(ImageLayout):
@@ -245,6 +401,13 @@ class SquareLayout(ImageLayout):
         if _count_runs(input_ids, self.image_token_id) != 1:
             raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is supported.")
         return [pos[self.n_extra_leading :].view(side, side)]
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # every image gives the same count, in order (LLaVA, Gemma3, PaliGemma: image blocks may even touch)
+        if self.side is None:
+            return super().image_blocks(input_ids, image_inputs, num_images)
+        pos = _image_positions(input_ids, self.image_token_id)
+        return _split_by_counts(pos, [self.side * self.side + self.n_extra_leading] * num_images, self.model_type)
 
 
 def _llava_side(config) -> int:
@@ -329,6 +492,17 @@ class LlavaNextLayout(ImageLayout):
         """(h, w) of the high-res grid (newlines excluded) for an original image size (H, W)."""
         return _llava_next_unpadded_shape(self.config, image_size)
 
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # each image: base grid + high-res grid with its newlines (the base-only case is single-image only)
+        if "image_sizes" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_sizes'] (one row per image)")
+        base = _llava_side(self.config) ** 2
+        counts = []
+        for hw in torch.as_tensor(image_inputs["image_sizes"]).view(-1, 2).tolist():
+            h, w = self.high_res_shape(hw)
+            counts.append(base + h * (w + 1))
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
+
 
 class LlavaOnevisionLayout(LlavaNextLayout):
     """LLaVA-OneVision: LLaVA-NeXT's [base, un-padded high-res] grids, the high-res grid capped.
@@ -339,6 +513,9 @@ class LlavaOnevisionLayout(LlavaNextLayout):
     ``LlavaOnevisionModel.pack_image_features`` does); the resized grid still spans the whole
     image, so the canvas mapping is unchanged.
     """
+
+    # with several images per prompt the model skips the any-res patching (base features only): not written
+    image_blocks = ImageLayout.image_blocks
 
     def high_res_shape(self, image_size):
         h, w = _llava_next_unpadded_shape(self.config, image_size)
@@ -390,9 +567,48 @@ class QwenVLLayout(ImageLayout):
     def _grid_detail(self, image_inputs: Mapping[str, torch.Tensor]) -> str:
         return f"image_grid_thw {tuple(_row(image_inputs['image_grid_thw']))}, merge {self.merge_size(image_inputs)}"
 
+    def __init__(self, config):
+        super().__init__(config)
+        if self.model_type in VIDEO_GRID_MODEL_TYPES:
+            self.video_token_id = getattr(config, "video_token_id", None)
+
     def merge_size(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
         """Patches merged per token along each side: the vision config's ``spatial_merge_size``."""
         return self.config.vision_config.spatial_merge_size
+
+    def frame_grids(self, input_ids, video_inputs, frame):
+        """Slice ``frame`` of the video's ``t x (h / m) x (w / m)`` tokens (``video_grid_thw`` = (t, h, w)):
+        the vision tower emits a video's merged tokens time-major, each slice row-major like an image."""
+        if self.video_token_id is None:
+            return super().frame_grids(input_ids, video_inputs, frame)
+        if "video_grid_thw" not in video_inputs:
+            raise ValueError(f"{self.model_type}: grounding in a video frame needs video_grid_thw (one row per video)")
+        t, h, w = _row(video_inputs["video_grid_thw"])
+        if not 0 <= frame < t:
+            raise ValueError(f"{self.model_type}: video_frame {frame} is out of range for a video of {t} temporal "
+                             "slices (video_grid_thw[0]; each slice merges temporal_patch_size frames)")
+        m = self.merge_size(video_inputs)
+        pos = _image_positions(input_ids, self.video_token_id)
+        if pos.numel() > t * (h // m) * (w // m):
+            raise ValueError(f"{self.model_type}: the example has {pos.numel()} video tokens, more than its one video "
+                             f"{(t, h, w)} gives; grounding in a frame supports one video per example.")
+        _check_count(self.model_type, pos.numel(), t * (h // m) * (w // m), f"video_grid_thw {(t, h, w)}, merge {m}")
+        return [pos.view(t, h // m, w // m)[frame]]
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # image i gives t*h*w / m**2 tokens (its row of image_grid_thw), in the order of the rows
+        if "image_grid_thw" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_grid_thw'] (one row per image)")
+        counts = []
+        for i in range(torch.as_tensor(image_inputs["image_grid_thw"]).view(-1, 3).shape[0]):
+            one = {key: (value[i] if key in PER_IMAGE_KEYS else value) for key, value in image_inputs.items()}
+            counts.append(self.image_token_count(one))
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
+
+    def image_token_count(self, image_inputs: Mapping[str, torch.Tensor]) -> int:
+        """Image tokens of one image (its row of ``image_grid_thw``): the merged grid's cells."""
+        rows, cols = self.merged_shape(image_inputs)
+        return rows * cols
 
 
 class VideoLlama3Layout(QwenVLLayout):
@@ -430,6 +646,10 @@ class HunYuanVLLayout(QwenVLLayout):
                      f"{self._grid_detail(image_inputs)}: begin + {rows} rows of {cols} + newline + end")
         return [pos[1:-1].view(rows, cols + 1)[:, :-1]]
 
+    def image_token_count(self, image_inputs):
+        rows, cols = self.merged_shape(image_inputs)
+        return rows * (cols + 1) + 2  # begin + rows of (cols + newline) + end
+
 
 class PixtralGridLayout(ImageLayout):
     """Pixtral-tower grid: ``(H / s) x (W / s)`` with ``s = patch_size * merge``, ``(H, W)`` from ``image_sizes``.
@@ -465,6 +685,14 @@ class PixtralGridLayout(ImageLayout):
             raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is "
                              "supported.")
         return [pos.view(h, w)]
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # image i gives (H / s) x (W / s) tokens (its row of image_sizes)
+        if "image_sizes" not in image_inputs:
+            raise ValueError(f"{self.model_type}: several images need image_inputs['image_sizes'] (one row per image)")
+        s = self.stride
+        counts = [(H // s) * (W // s) for H, W in torch.as_tensor(image_inputs["image_sizes"]).view(-1, 2).tolist()]
+        return _split_by_counts(_image_positions(input_ids, self.image_token_id), counts, self.model_type)
 
 
 class Mistral3Layout(PixtralGridLayout):
@@ -572,6 +800,14 @@ class InternVLLayout(TiledLayout):
         if _count_runs(input_ids, self.image_token_id) > 1:
             raise ValueError("internvl: several runs of image tokens; only one image per example is supported.")
         return super().grids(input_ids, image_inputs)
+
+    def image_blocks(self, input_ids, image_inputs, num_images):
+        # one <img> ... </img> run per image (its tiles and thumbnail are contiguous inside it)
+        runs = _runs(input_ids, self.image_token_id)
+        if len(runs) != num_images:
+            raise ValueError(f"{self.model_type}: {len(runs)} runs of image tokens for {num_images} images; each "
+                             "image must be one <img> ... </img> run.")
+        return runs
 
 
 class GraniteDoclingLayout(TiledLayout):

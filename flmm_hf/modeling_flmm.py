@@ -26,7 +26,7 @@ from .attention_capture import AttentionCapture
 from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
 from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
-from .image_layout import example_image_inputs, get_image_layout
+from .image_layout import example_image_inputs, get_image_layout, images_per_example
 from .processing_flmm import backbone_image_inputs, check_threshold
 from .sam_refiner import TextProjection
 
@@ -145,6 +145,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         attention_mask: torch.Tensor,
         phrase_ids: torch.Tensor,
         with_hidden_states: bool = True,
+        *,
+        video_frame: torch.Tensor | None = None,
         **image_inputs: Any,
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
         """
@@ -153,6 +155,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         The attention is captured with `config.attention_numerics`: `"float32"` (the model runs SDPA; exact float32
         probabilities) or `"eager"` (the original's numerics: the language model runs eager attention in its dtype
         and the maps are its probabilities, in that dtype; see `attention_capture.eager_attention`).
+
+        `video_frame` ([B], optional): examples with `video_frame[b] >= 0` are grounded in a video frame, so their
+        video tokens are captured beside the image tokens (see `visual_token_mask`).
 
         Returns:
             per example the attention of its phrase tokens (`phrase_ids >= 0`) to its image tokens,
@@ -163,9 +168,10 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         if phrase_ids.shape != input_ids.shape:
             raise ValueError(f"phrase_ids {tuple(phrase_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
         self._check_length(attention_mask)
-        image_mask = input_ids == self.image_token_id
+        image_mask = self.visual_token_mask(input_ids, video_frame)
         if not image_mask.any(dim=1).all():
-            raise ValueError("every example needs image tokens in input_ids; found an example without any")
+            raise ValueError("every example needs image tokens in input_ids (or video tokens, grounded with "
+                             "video_frame); found an example without any")
         # Without hidden states nothing after the deepest captured layer's attention is needed.
         stop_early = not with_hidden_states
         with torch.no_grad(), AttentionCapture(
@@ -183,6 +189,20 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         hidden_states = outputs.hidden_states[-self.num_text_layers :] if with_hidden_states else None
         return capture.attentions, hidden_states  # hidden states: decoder layer outputs, embeddings excluded
+
+    def visual_token_mask(self, input_ids: torch.Tensor, video_frame: torch.Tensor | None = None) -> torch.BoolTensor:
+        """`[B, L]` (or `[L]`): the tokens whose attention is captured and laid out: the image tokens, plus the
+        video tokens of the examples grounded in a video frame (`video_frame[b] >= 0`; layouts with a
+        `video_token_id`, see `image_layout.VIDEO_GRID_MODEL_TYPES`)."""
+        mask = input_ids == self.image_token_id
+        if video_frame is None:
+            return mask
+        grounded = torch.as_tensor(video_frame, device=input_ids.device).reshape(-1, *([1] * (input_ids.dim() - 1))) >= 0
+        if not grounded.any():
+            return mask
+        if self.layout.video_token_id is None:
+            self.layout.frame_grids(input_ids, {}, int(torch.as_tensor(video_frame).max()))  # raises the reason
+        return mask | ((input_ids == self.layout.video_token_id) & grounded)
 
     def _check_length(self, attention_mask: torch.Tensor) -> None:
         """Warn when a sequence is longer than the LMM's position limit: it runs (RoPE extrapolates), but the LMM
@@ -214,13 +234,16 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             attentions: per example `[layers, heads, n_b, n_image]`, the rows of the tokens with `phrase_ids >= 0`.
             input_ids, phrase_ids: `[B, L]`; phrase k's tokens have id k (ids 0..K_b-1, no gaps).
             layout_inputs: the batch's per-image inputs the layout reads (`image_sizes`, `image_grid_thw`,
-                `original_sizes`, ...).
+                `original_sizes`, ...); with several images per example also `num_images` and `image_index`
+                ([B] each: the maps are laid on image `image_index` of each example, default its last image).
 
         Returns:
             per example `[K_b, C, h, w]` float32, C = `config.mask_head_in_channels` (grid-major, then layer, head).
         """
+        counts = images_per_example(layout_inputs, input_ids.shape[0])
         return [
-            self._example_phrase_maps(attentions[b], input_ids[b], phrase_ids[b], example_image_inputs(layout_inputs, b))
+            self._example_phrase_maps(attentions[b], input_ids[b], phrase_ids[b],
+                                      example_image_inputs(layout_inputs, b, counts))
             for b in range(input_ids.shape[0])
         ]
 
@@ -242,10 +265,14 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             else attentions.new_zeros(0, layers * heads, n_image, dtype=torch.float32)
         )  # [K, layers*heads, n_image]
         # Column j of the captured rows is the j-th image token; the layout's grids hold sequence positions.
-        image_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
+        frame = int(layout_inputs.get("video_frame", -1))
+        image_positions = self.visual_token_mask(input_ids, torch.tensor(frame)).nonzero().squeeze(1)
         column_of_position = torch.full_like(input_ids, -1)
         column_of_position[image_positions] = torch.arange(len(image_positions), device=input_ids.device)
-        grids = self.layout.grids(input_ids, layout_inputs)
+        if frame >= 0:  # one temporal slice of the example's video
+            grids = self.layout.frame_grids(input_ids, layout_inputs, frame)
+        else:  # the grounded image's grids; the example's other images are context (columns never laid out)
+            grids = self.layout.example_grids(input_ids, layout_inputs)
         return self.layout.stack([merged[:, :, column_of_position[grid]] for grid in grids])  # [K, C, h, w]
 
     def phrase_attention(
@@ -254,7 +281,8 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         """The maps the head receives, from the processor's output (keys the LMM does not take are ignored):
         per example `[K_b, C, h, w]` (see `phrase_maps`)."""
         image_inputs = backbone_image_inputs(inputs)
-        attentions, _ = self.capture_attention(input_ids, attention_mask, phrase_ids, False, **image_inputs)
+        attentions, _ = self.capture_attention(input_ids, attention_mask, phrase_ids, False,
+                                               video_frame=inputs.get("video_frame"), **image_inputs)
         return self.phrase_maps(attentions, input_ids, phrase_ids, dict(inputs, **image_inputs))
 
     # ---- 3. the whole method: attention -> maps -> head -> loss -------------------------------------
@@ -269,6 +297,9 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         sam_pixel_values: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
         refine: bool = True,
+        num_images: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        video_frame: torch.Tensor | None = None,
         **image_inputs: Any,
     ) -> FLMMOutput:
         r"""
@@ -283,6 +314,13 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             sam_pixel_values (`torch.FloatTensor` of shape `[B, 3, 1024, 1024]`, *optional*): SAM's input; required with SAM.
             masks (`list[torch.BoolTensor]`, *optional*): `[K_b, H_b, W_b]` ground truth at the original size.
             refine (`bool`, *optional*, defaults to `True`): run the SAM refiner (when the model has one).
+            num_images (`torch.LongTensor` of shape `[B]`, *optional*): images per example (default one each); the
+                per-image inputs (`image_grid_thw`, `image_sizes`, ...) then hold one row per image of the batch.
+            image_index (`torch.LongTensor` of shape `[B]`, *optional*): the image of each example its phrases are
+                grounded in (default: the last); the geometry, `sam_pixel_values` and `masks` are that image's.
+            video_frame (`torch.LongTensor` of shape `[B]`, *optional*): ground example b in temporal slice
+                `video_frame[b]` of its one video (`video_grid_thw`, `pixel_values_videos`; -1: in its image), for the
+                families of `image_layout.VIDEO_GRID_MODEL_TYPES`; the geometry and `masks` are then the frames'.
             image_inputs: `pixel_values` and whatever else the backbone takes (`image_sizes`, `image_grid_thw`, ...).
         """
         given = {"phrase_ids": phrase_ids, "original_sizes": original_sizes, "canvas_sizes": canvas_sizes,
@@ -297,8 +335,11 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
             )
         image_inputs = {k: v for k, v in image_inputs.items() if v is not None}
         refine = refine and self.head.has_refiner
-        attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine, **image_inputs)
-        maps = self.phrase_maps(attentions, input_ids, phrase_ids, dict(image_inputs, original_sizes=original_sizes))
+        attentions, hidden_states = self.capture_attention(input_ids, attention_mask, phrase_ids, refine,
+                                                           video_frame=video_frame, **image_inputs)
+        layout_inputs = dict(image_inputs, original_sizes=original_sizes, num_images=num_images, image_index=image_index,
+                             video_frame=video_frame)
+        maps = self.phrase_maps(attentions, input_ids, phrase_ids, {k: v for k, v in layout_inputs.items() if v is not None})
         coarse = self.head.coarse_logits(maps, canvas_sizes, content_boxes)
         refined = None
         if refine:
@@ -333,9 +374,13 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
         threshold: float = 0.5,
         use_refiner: bool = True,
         return_probabilities: bool = False,
+        ground_image: int | None = None,
     ) -> torch.Tensor:
         """
         Ground `phrases` (substrings of `text`, or character spans) in `image`.
+
+        `image` may be a list of images of one prompt (e.g. `[reference, target]`): they all reach the LMM, one
+        after the other, and the phrases are grounded in image `ground_image` (default: the last one).
 
         Args:
             return_probabilities: return the foreground probabilities (float32) instead of the masks
@@ -343,12 +388,13 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
 
         Returns:
             `torch.BoolTensor` (or `torch.FloatTensor` with `return_probabilities`) of shape `[len(phrases), H, W]`
-            at the original image size.
+            at the size of the (grounded) image.
         """
         processor = self.resolve_processor(processor)
         check_threshold(threshold)  # before the forward, not after it
         refine = use_refiner and self.head.has_refiner
-        inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine)
+        inputs = processor(images=[image], texts=[text], phrases=[phrases], return_sam_inputs=refine,
+                           ground_image=ground_image)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         output = self(**inputs, refine=refine)
         logits = output.refined_logits if refine else output.coarse_logits

@@ -62,7 +62,8 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 # Keys of the processor's output that only F-LMM reads (the frozen LMM's forward never receives them).
-FLMM_KEYS = ("phrase_ids", "original_sizes", "canvas_sizes", "content_boxes", "sam_pixel_values", "masks")
+FLMM_KEYS = ("phrase_ids", "original_sizes", "canvas_sizes", "content_boxes", "sam_pixel_values", "masks",
+             "num_images", "image_index", "video_frame")
 # Keys of the processor's output that describe the batch rather than the backbone's image inputs.
 NON_IMAGE_KEYS = ("input_ids", "attention_mask") + FLMM_KEYS
 
@@ -613,12 +614,17 @@ class FLMMProcessor:
             )
         return token
 
-    def build_prompt(self, question: str | None = None) -> str:
-        """The prompt up to and including the assistant's generation prompt (`prompt_template` or the chat template)."""
+    def build_prompt(self, question: str | None = None, num_images: int = 1) -> str:
+        """The prompt up to and including the assistant's generation prompt (`prompt_template` or the chat template).
+
+        With `num_images` > 1 the images come one after the other where the one image would be (`{image}` of the
+        template becomes that many image tokens; the chat template gets that many image entries).
+        """
         question = self.question if question is None else question
         if self.prompt_template is not None:
-            return self.prompt_template.format(image=self.image_token, question=question)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.prompt_template.format(image=self.image_token * num_images, question=question)
+        images = [{"type": "image"} for _ in range(num_images)]
+        messages = [{"role": "user", "content": images + [{"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @staticmethod
@@ -642,6 +648,7 @@ class FLMMProcessor:
         return_tensors: str = "pt",
         pieces: Sequence[PieceSpec] | Sequence[Sequence[PieceSpec] | None] | None = None,
         encoding: str | None = None,
+        ground_image: int | Sequence[int] | None = None,
     ) -> BatchFeature:
         """Build a padded batch of model inputs.
 
@@ -655,7 +662,10 @@ class FLMMProcessor:
 
         Args:
             images: one image or a list (PIL, or uint8 numpy arrays); non-RGB modes are converted
-                (alpha composited on the mean colour, see `to_rgb`).
+                (alpha composited on the mean colour, see `to_rgb`). An entry of the list may itself be a
+                list of images: several images of one prompt (e.g. `[[reference, target]]`), placed one after
+                the other in the prompt; the phrases are grounded in one of them (`ground_image`) and the
+                others are context.
             texts: the answer text(s), appended after the assistant prompt. `None`: prompt only
                 (for generation); then `phrases`, `masks` and `pieces` must be `None` too.
             phrases: the grounded phrases of each answer: substrings of it or `(start, end)`
@@ -676,13 +686,19 @@ class FLMMProcessor:
             encoding: `"pieces"` (reproduction mode's) or `"joint"` (native mode's: prompt, separator
                 and answer tokenised as one string); `None`: the mode's. `"joint"` serves a text that
                 the original appended to its prompt string, such as VisCoT's forced answer start.
+            ground_image: with several images per prompt, the index of the image the phrases are grounded in
+                (negative counts from the end): one int for every example or one per example; `None`: the last
+                image (the target after its references). The masks, `original_sizes`, the geometry and the SAM
+                inputs are that image's.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `phrase_ids` [B, L] (-1 or phrase
             index), the backbone's image inputs (`pixel_values`, ...), `original_sizes` [B, 2]
             (H, W), `canvas_sizes` [B, 2], `content_boxes` [B, 4] (top, left, bottom, right) in
             the canvas's pixel units, optionally `sam_pixel_values`, and `masks` (list of
-            BoolTensor [K_b, H_b, W_b]) when masks are given.
+            BoolTensor [K_b, H_b, W_b]) when masks are given. With several images in some prompt also
+            `num_images` [B] (images per example) and `image_index` [B] (the grounded image, in `[0, num_images)`);
+            the backbone's per-image inputs (`image_grid_thw`, `image_sizes`, ...) then hold one row per image.
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
@@ -691,9 +707,11 @@ class FLMMProcessor:
         images, texts, phrases, masks = _batch_arguments(images, texts, phrases, masks)
         questions = _per_example_questions(question, len(images))
         pieces = _per_example_pieces(pieces, texts, len(images))
-        rgb_images, lmm_images, geometry = self._prepare_images(images)
+        images = [list(example) if isinstance(example, (list, tuple)) else [example] for example in images]
+        chosen = _ground_image_indices(ground_image, [len(example) for example in images])
+        rgb_images, lmm_images, geometry = self._prepare_images(images, chosen)
         examples = [
-            _Text(self.build_prompt(q), answer, resolve_phrase_spans(answer, example_phrases, example=b),
+            _Text(self.build_prompt(q, len(images[b])), answer, resolve_phrase_spans(answer, example_phrases, example=b),
                   as_pieces(answer, example_pieces, example=b))
             for b, (q, answer, example_phrases, example_pieces) in enumerate(zip(questions, texts, phrases, pieces))
         ]
@@ -704,6 +722,9 @@ class FLMMProcessor:
         else:
             data = self._encode_joint(lmm_images, examples, max_length)
         data.update(geometry)
+        if any(len(example) > 1 for example in images):
+            data["num_images"] = torch.tensor([len(example) for example in images], dtype=torch.long)
+            data["image_index"] = torch.tensor(chosen, dtype=torch.long)
         if return_sam_inputs:
             data["sam_pixel_values"] = torch.stack([sam_preprocess(image) for image in rgb_images])
         if masks is not None:
@@ -711,22 +732,29 @@ class FLMMProcessor:
             data["masks"] = [_to_mask_tensor(m, sizes[b], len(examples[b].spans), b) for b, m in enumerate(masks)]
         return BatchFeature(data=data)
 
-    def _prepare_images(self, images: list[Any]) -> tuple[list[Image.Image], list[Image.Image], dict[str, torch.Tensor]]:
-        """RGB images, the images the LMM sees (letterboxed or not), and the geometry tensors."""
+    def _prepare_images(
+        self, images: list[list[Any]], chosen: list[int]
+    ) -> tuple[list[Image.Image], list[list[Image.Image]], dict[str, torch.Tensor]]:
+        """Per example: the grounded image in RGB, the images the LMM sees (letterboxed or not), and the grounded
+        image's geometry tensors."""
         rgb_images, lmm_images = [], []
         geometry: dict[str, list] = {"original_sizes": [], "canvas_sizes": [], "content_boxes": []}
-        for b, image in enumerate(images):
-            self._check_image_size(image, b)
-            image = to_rgb(image, background=self.pad_color)
-            lmm_image, canvas, box = self.lmm_image(image)
-            rgb_images.append(image)
-            lmm_images.append(lmm_image)
-            geometry["original_sizes"].append((image.height, image.width))
-            geometry["canvas_sizes"].append(canvas)
-            geometry["content_boxes"].append(box)
+        for b, example in enumerate(images):
+            seen = []
+            for i, image in enumerate(example):
+                self._check_image_size(image, b if len(example) == 1 else f"{b}.{i}")
+                image = to_rgb(image, background=self.pad_color)
+                lmm_image, canvas, box = self.lmm_image(image)
+                seen.append(lmm_image)
+                if i == chosen[b]:
+                    rgb_images.append(image)
+                    geometry["original_sizes"].append((image.height, image.width))
+                    geometry["canvas_sizes"].append(canvas)
+                    geometry["content_boxes"].append(box)
+            lmm_images.append(seen)
         return rgb_images, lmm_images, {key: torch.tensor(value, dtype=torch.long) for key, value in geometry.items()}
 
-    def _check_image_size(self, image: Any, index: int) -> None:
+    def _check_image_size(self, image: Any, index: int | str) -> None:
         """Refuse images above `max_image_pixels` before any copy is made (masks come back at this size)."""
         size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", (0, 0))[:2][::-1]
         width, height = (int(v) for v in size)
@@ -738,20 +766,20 @@ class FLMMProcessor:
                 "processor.max_image_pixels (None: no limit)."
             )
 
-    def _backbone_encode(self, lmm_images: list[Image.Image], texts: list[str]) -> dict[str, Any]:
-        """The backbone processor on (image, text) pairs: image-token expansion, image tensors, padding."""
+    def _backbone_encode(self, lmm_images: list[list[Image.Image]], texts: list[str]) -> dict[str, Any]:
+        """The backbone processor on (images, text) pairs: image-token expansion, image tensors, padding."""
         encoded = self.processor(
-            images=[[image] for image in lmm_images],
+            images=[list(example) for example in lmm_images],
             text=texts,
             padding=True,
             return_tensors="pt",
             **self.image_processor_kwargs(),
         )
         data = dict(encoded)
-        data.update(self.reproduction_image_inputs(lmm_images))
+        data.update(self.reproduction_image_inputs([image for example in lmm_images for image in example]))
         return data
 
-    def _encode_piecewise(self, lmm_images: list[Image.Image], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
+    def _encode_piecewise(self, lmm_images: list[list[Image.Image]], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
         """Reproduction mode: the backbone encodes each prompt (with its image); the answer's pieces are appended."""
         data = self._backbone_encode(lmm_images, [example.prompt for example in examples])
         keys = token_aligned_keys(data)
@@ -772,7 +800,7 @@ class FLMMProcessor:
         data.update(pack_rows(rows, self._pad_values(), left=self.tokenizer.padding_side == "left"))
         return data
 
-    def _encode_joint(self, lmm_images: list[Image.Image], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
+    def _encode_joint(self, lmm_images: list[list[Image.Image]], examples: list[_Text], max_length: int | None) -> dict[str, Any]:
         """Native mode: prompt + answer tokenised as one string by the backbone; phrase ids placed on its tail."""
         full_texts, answer_starts = [], []
         for example in examples:
@@ -1034,6 +1062,19 @@ def _batch_arguments(
     if phrases is None:
         phrases = [[] for _ in images]
     return images, texts, phrases, masks
+
+
+def _ground_image_indices(ground_image: Any, counts: list[int]) -> list[int]:
+    """`ground_image` as one index in `[0, n_b)` per example (`None`: each example's last image)."""
+    if ground_image is None:
+        return [n - 1 for n in counts]
+    given = [ground_image] * len(counts) if isinstance(ground_image, (int, np.integer)) else list(ground_image)
+    if len(given) != len(counts) or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in given):
+        raise ValueError(f"ground_image must be an int or one int per example ({len(counts)}), got {ground_image!r}")
+    for b, (k, n) in enumerate(zip(given, counts)):
+        if not -n <= k < n:
+            raise ValueError(f"example {b}: ground_image {k} is out of range for its {n} image(s)")
+    return [int(k) % n for k, n in zip(given, counts)]
 
 
 def _per_example_questions(question: Any, batch: int) -> list[str | None]:

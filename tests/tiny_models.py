@@ -903,16 +903,19 @@ def build_inputs(
     seed: int = 0,
     padding_side: str = "left",
 ) -> dict[str, torch.Tensor]:
-    """The padded processor-like batch of ``family`` for ``images`` (default: two random images)."""
+    """The padded processor-like batch of ``family`` for ``images`` (default: two random images).
+
+    ``images`` may hold one list of images per example (several images per prompt): their blocks follow one
+    another, one text token apart, the per-image inputs hold one row per image, and ``num_images`` is added.
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     spec = _SPECS[family]()
     if images is None:
         images = make_images(spec.image_sizes, seed)
-    # Idefics3/SmolVLM processors take one list of images per example
-    nested = family in ("idefics3", "smolvlm", "granite_docling", "granite_docling_fine")
-    image_inputs = dict(spec.image_processor(images=[[im] for im in images] if nested else images,
-                                             return_tensors="pt", **spec.processor_kwargs))
+    several = isinstance(images[0], (list, tuple))
+    per_example = [list(ims) for ims in images] if several else [[im] for im in images]
+    image_inputs = image_inputs_of(family, [im for ims in per_example for im in ims], keep_all=True)
     rng = np.random.default_rng(seed + 1)
 
     def text(n: int) -> list[int]:
@@ -920,7 +923,10 @@ def build_inputs(
 
     rows = []
     for b in range(len(images)):
-        block = spec.image_block(image_inputs, b)
+        first = sum(len(ims) for ims in per_example[:b])  # flat index of the example's first image
+        block = []
+        for i in range(len(per_example[b])):
+            block += (text(1) if i else []) + spec.image_block(image_inputs, first + i)
         prefix = text(2 + 3 * b)  # different lengths -> padding
         tail = text(2) + text(N_ANSWER)
         if spec.image_first:
@@ -943,7 +949,20 @@ def build_inputs(
     for key, value in image_inputs.items():
         if key not in spec.drop_keys:
             inputs[key] = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if several:
+        inputs["num_images"] = torch.tensor([len(ims) for ims in per_example])
     return inputs
+
+
+def image_inputs_of(family: str, images: list[Image.Image], keep_all: bool = False) -> dict:
+    """The family's image-processor output for a flat list of images (the keys the model does not take dropped,
+    unless ``keep_all``)."""
+    spec = _SPECS[family]()
+    # Idefics3/SmolVLM processors take one list of images per example
+    nested = family in ("idefics3", "smolvlm", "granite_docling", "granite_docling_fine")
+    out = dict(spec.image_processor(images=[[im] for im in images] if nested else images, return_tensors="pt",
+                                    **spec.processor_kwargs))
+    return out if keep_all else {k: torch.as_tensor(v) for k, v in out.items() if k not in spec.drop_keys}
 
 
 def build_tiny(
