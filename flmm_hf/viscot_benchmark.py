@@ -55,6 +55,8 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .evaluation import QUANTIZATION_HELP, lmm_quantization
+from .quantization import RECORDED
 from .visual_cot import VERSIONS, VisualCoTRecipe, resolve_recipe, visual_cot
 
 logger = logging.getLogger(__name__)
@@ -596,6 +598,7 @@ class VisCoTBenchmarkArguments:
         metadata={"help": "dtype of the frozen LMM (the original ran it in bf16), as evaluate.py's --lmm_dtype.",
                   "choices": ["bfloat16", "float16", "float32", "auto"]},
     )
+    quantization_config: str = field(default=RECORDED, metadata={"help": QUANTIZATION_HELP})
     device: str | None = field(default=None, metadata={"help": "Device of the model (default: cuda if available, else cpu)."})
     seed: int = field(default=0, metadata={"help": "Seed set before loading."})
     version: str = field(default="v1", metadata={"help": "VisCoT version: v1, v2 or baseline."})
@@ -623,6 +626,7 @@ class VisCoTBenchmarkArguments:
         if self.version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
         resolve_recipe(self.recipe)
+        lmm_quantization(self.quantization_config)
         if self.judge not in (None, "gpt", "local"):
             raise ValueError(f"judge must be 'gpt' or 'local', got {self.judge!r}")
         if self.judge == "local" and not self.judge_model:
