@@ -328,6 +328,46 @@ def load_weights_naming_files(load: Callable[..., Any], what: str, source: str, 
 
 
 # ---- saving --------------------------------------------------------------------------------------
+def fsdp_wrapped_class(cls: type) -> type | None:
+    """The model class that FSDP2's `fully_shard` wrapped, when `cls` is the class it made at run time
+    (`FSDPFLMMForGrounding`, defined in torch, with bases `(FSDPModule, FLMMForGrounding)`); else None."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule as fsdp_module
+    except ImportError:  # a torch without FSDP2
+        return None
+    if not issubclass(cls, fsdp_module):
+        return None
+    return next(c for c in cls.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, fsdp_module))
+
+
+class _InstanceOf:
+    """Stands for an instance of `cls` in transformers' `custom_object_save`, which reads only the object's class,
+    module and auto class."""
+
+    def __init__(self, cls: type):
+        self._cls = cls
+        self.__module__ = cls.__module__
+        self._auto_class = cls._auto_class
+
+    @property
+    def __class__(self) -> type:  # noqa: D401 - what custom_object_save reads as the object's class
+        return self._cls
+
+
+def save_custom_code(model: Any, save_directory: str | os.PathLike) -> None:
+    """Copy the model's Hub code (its module file and relative-import siblings) to `save_directory` and record
+    it in `model.config.auto_map`, for a model that FSDP2 wrapped: transformers' own copy would take FSDP2's
+    wrapper class, i.e. torch's `_fsdp_*.py` files and an `auto_map` naming `_fsdp_init.FSDPFLMMForGrounding`
+    (it is skipped for such models: `FrozenPartsMixin.is_remote_code`)."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    cls = fsdp_wrapped_class(type(model))
+    if cls is not None and cls._auto_class is not None:
+        custom_object_save(_InstanceOf(cls), save_directory, config=model.config)
+
+
 def trained_state_dict(model: Any, state_dict: dict | None = None) -> dict:
     """The weights an adapter-sized save holds: the state of the head's trained modules, under `head.`.
 
@@ -363,6 +403,7 @@ def save_flmm(
     save_weights(save_directory, state_dict=state_dict, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
+    save_custom_code(model, save_directory)  # an FSDP2-wrapped model's (before the config records auto_map)
     # The saved config says how this folder was saved; the model's own config is left as it is.
     config = copy.deepcopy(model.config)
     config.save_mode = save_mode
@@ -579,6 +620,23 @@ def mark_initialized(module: nn.Module) -> None:
         m._is_hf_initialized = True
 
 
+def present_no_split_modules(model: nn.Module) -> set[str]:
+    """The `_no_split_modules` of `model` and of every `PreTrainedModel` inside it, keeping only the classes that are
+    present in `model`.
+
+    These names are what accelerate's FSDP `TRANSFORMER_BASED_WRAP` shards as units and what `device_map` keeps on
+    one device. transformers collects them from each sub-model's class, so a LLaVA whose vision tower is
+    `CLIPVisionModel` lists `CLIPTextEmbeddings` (from `CLIPModel`), which accelerate refuses ("Could not find the
+    transformer layer class CLIPTextEmbeddings in the model").
+    """
+    present = {type(module).__name__ for module in model.modules()}
+    listed: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            listed.update(module._no_split_modules or ())
+    return listed & present
+
+
 def freeze_lmm(lmm: PreTrainedModel) -> PreTrainedModel:
     """Make `lmm` F-LMM's frozen part, in place: its language model runs the capturing `"flmm_sdpa"` attention,
     every parameter gets `requires_grad=False`, and it is put in eval mode. Returns `lmm`."""
@@ -637,6 +695,12 @@ class FrozenPartsMixin:
             lmm_load_kwargs={"dtype": dtype, "device_map": device_map}, **config_overrides,
         )
         return cls(config, lmm=lmm, sam=sam)
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        """transformers' test for copying the Hub code on save; False for FSDP2's run-time wrapper class, whose
+        module is torch's (`save_flmm` copies the wrapped class's code instead, see `save_custom_code`)."""
+        return super().is_remote_code() and fsdp_wrapped_class(cls) is None
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, save_mode: str | None = None, model_card: bool = True, **kwargs: Any
@@ -720,6 +784,7 @@ class FrozenPartsMixin:
         if sam is not None:
             check_backbone("SAM", self.config.sam_config, sam.config, "the given SamModel", SAM_FIX)
         self.lmm = freeze_lmm(lmm)
+        self._no_split_modules = present_no_split_modules(self)  # the attached LMM's layers (FSDP units)
         self.layout = get_image_layout(lmm.config)
         self.config.lmm_config = recorded_lmm_config(lmm)
         self.config.lmm_quantization_config = model_quantization(lmm)  # what is attached, quantized or not

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from .attention_capture import AttentionCapture
 from .configuration_flmm import FLMMConfig
 from .flmm_head import FLMMHead
-from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized
+from .frozen_parts import FrozenPartsMixin, FrozenPlaceholder, freeze_lmm, mark_initialized, present_no_split_modules
 from .image_layout import example_image_inputs, get_image_layout, images_per_example
 from .processing_flmm import backbone_image_inputs, check_threshold
 from .sam_refiner import TextProjection
@@ -130,8 +130,16 @@ class FLMMForGrounding(FrozenPartsMixin, FLMMPreTrainedModel):
                 self.head.sam_refiner.sam.shared_image_embedding = FrozenPlaceholder("SAM's positional embedding")
             mark_initialized(self.head.sam_refiner.sam)
         self.post_init()
+        # Only classes present: accelerate's FSDP wrap policy refuses a listed class it cannot find.
+        self._no_split_modules = present_no_split_modules(self)
         if not _defer_frozen and self.lmm.device.type != "meta":
             self.head.to(self.lmm.device)  # the head sits on the LMM's first device, as after from_pretrained
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The frozen LMM's token embeddings (accelerate's FSDP2 shards them as a unit of their own)."""
+        if isinstance(self.lmm, FrozenPlaceholder):
+            raise NotImplementedError("the frozen LMM is not attached yet: it has no input embeddings")
+        return self.lmm.get_input_embeddings()
 
     @property
     def image_token_id(self) -> int:

@@ -401,6 +401,37 @@ def resolve_resume_checkpoint(
     return str(resume)
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def check_distributed_backend(args: TrainingArguments, distributed_type: Any) -> None:
+    """Refuse a run whose FSDP or DeepSpeed request accelerate did not set up.
+
+    `accelerate launch` with an FSDP or DeepSpeed config (or `--fsdp` / `--deepspeed`) asks for them, but
+    accelerate 1.15 enables them only on accelerators (CUDA, XPU, NPU, ...): on CPU processes it silently trains
+    with plain data parallelism instead, every process holding the whole frozen LMM.
+
+    Raises:
+        ValueError: naming what was asked, what accelerate set up, and the fix.
+    """
+    from accelerate.utils import DistributedType
+
+    asked = {
+        DistributedType.FSDP: _flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None)),
+        DistributedType.DEEPSPEED: _flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None)),
+    }
+    for wanted, requested in asked.items():
+        if requested and distributed_type != wanted:
+            raise ValueError(
+                f"{wanted.value} was requested (accelerate config distributed_type: {wanted.value}, or the "
+                f"--{wanted.value.lower()} argument) but accelerate set up {getattr(distributed_type, 'value', distributed_type)}: "
+                "accelerate runs FSDP and DeepSpeed only on accelerators (CUDA, XPU, NPU, ...) and would train "
+                "every process with the whole LMM instead. Fix: launch on GPUs, or on CPU processes use "
+                "configs/accelerate/cpu_2proc.yaml (data parallel)."
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +460,7 @@ class FLMMTrainer(Trainer):
 
     def __init__(self, *args: Any, sentence_field: str = "raw_sentences", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        check_distributed_backend(self.args, self.accelerator.distributed_type)
         self.sentence_field = sentence_field
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
