@@ -16,7 +16,8 @@ The 7b size writes its 14 GB of bf16 weights to the temporary folder (`--tmp-dir
     python benchmarks/bench_quantized.py --json OUT.json                           # torchao int8, CPU
     python benchmarks/bench_quantized.py --device cuda --size 7b --json OUT.json   # bitsandbytes 4-bit
 
-The JSON holds `quantized_weight_mem_ratio` (quantized / unquantized weight memory), `method`,
+The JSON holds `quantized_weight_mem_ratio` (quantized / unquantized weight memory; bytes counted by
+`flmm_hf.quantization.weight_memory_bytes`), `method`,
 `measured_by`, both sizes in MB, and which linear layers transformers left unquantized.
 """
 
@@ -68,22 +69,6 @@ def quantization_config(method: str, dtype: str):
     return TorchAoConfig(Int8WeightOnlyConfig())
 
 
-def storage_bytes(model) -> int:
-    """Bytes of `model`'s parameters and buffers; a tensor subclass (torchao's quantized weights) counts the tensors
-    it is made of (`__tensor_flatten__`: int8 data, scales), not its logical shape at its logical dtype."""
-    import torch
-
-    def count(t) -> int:
-        if t is None:
-            return 0
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-            names, _ = t.__tensor_flatten__()
-            return sum(count(getattr(t, name)) for name in names)
-        return t.numel() * t.element_size()
-
-    return sum(count(t) for t in [*model.parameters(), *model.buffers()])
-
-
 def linear_layers(model) -> dict:
     """How many `nn.Linear` layers hold a quantized weight (a tensor subclass), and the names of those that do not."""
     import torch
@@ -98,6 +83,7 @@ def linear_layers(model) -> dict:
 def child_main(payload: dict, out_path: str) -> None:
     import torch
     from transformers import LlavaForConditionalGeneration
+    from flmm_hf.quantization import weight_memory_bytes
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -114,7 +100,7 @@ def child_main(payload: dict, out_path: str) -> None:
     config = quantization_config(method, spec.dtype)
     start = allocated()
     lmm = common.build_lmm(spec, device=device)
-    unquantized = dict(storage_bytes=storage_bytes(lmm), cuda_allocated_bytes=allocated() - start if cuda else None)
+    unquantized = dict(storage_bytes=weight_memory_bytes(lmm), cuda_allocated_bytes=allocated() - start if cuda else None)
     with tempfile.TemporaryDirectory(prefix="flmm-bench-", dir=payload.get("tmp_dir")) as folder:
         t0 = time.perf_counter()
         lmm.save_pretrained(folder, max_shard_size="2GB")  # shards bound the host memory of the copy
@@ -128,7 +114,7 @@ def child_main(payload: dict, out_path: str) -> None:
         quantized = LlavaForConditionalGeneration.from_pretrained(
             folder, quantization_config=config, dtype=getattr(torch, spec.dtype), device_map=device)
         load_s = time.perf_counter() - t0
-        quantized_bytes = dict(storage_bytes=storage_bytes(quantized), cuda_allocated_bytes=allocated() - start if cuda else None)
+        quantized_bytes = dict(storage_bytes=weight_memory_bytes(quantized), cuda_allocated_bytes=allocated() - start if cuda else None)
     common.write_child(out_path, dict(
         unquantized=unquantized, quantized=quantized_bytes, save_s=save_s, load_quantized_s=load_s,
         info_device=device_name, **linear_layers(quantized),

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .metrics import MaskIoUAccumulator, recall_curve
-from .quantization import RECORDED, model_quantization, parse_quantization_config
+from .quantization import QUANTIZATION_FLAG_HELP, RECORDED, model_quantization, parse_quantization_flag
 
 logger = logging.getLogger(__name__)
 
@@ -108,23 +108,6 @@ RECALL_PLOT_SIZE = (640, 480)
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
-QUANTIZATION_HELP = (
-    "How the frozen LMM is quantized: 'recorded' (default: as the saved model records it), 'none' (unquantized), or "
-    "a transformers quantization config as a JSON object, e.g. '{\"quant_method\": \"bitsandbytes\", "
-    "\"load_in_4bit\": true}'. Ignored for a model passed in memory."
-)
-
-
-def lmm_quantization(value: str) -> str | dict | None:
-    """A ``--quantization_config`` flag as ``FLMMForGrounding.from_pretrained`` takes it: ``"recorded"``, None
-    (the flag ``none``) or the JSON object as a dict (anything else is refused with a ValueError)."""
-    if value == RECORDED:
-        return RECORDED
-    if value.strip().lower() == "none":
-        return None
-    return parse_quantization_config(value)
-
-
 @dataclass
 class EvaluationArguments:
     """What to evaluate and how (``evaluate.py`` parses these with ``HfArgumentParser``)."""
@@ -169,7 +152,7 @@ class EvaluationArguments:
             "choices": list(LMM_DTYPES),
         },
     )
-    quantization_config: str = field(default=RECORDED, metadata={"help": QUANTIZATION_HELP})
+    quantization_config: str = field(default=RECORDED, metadata={"help": QUANTIZATION_FLAG_HELP})
     output_dir: str = field(default="eval_output", metadata={"help": "Where the JSON results and plots are written."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
     seed: int = field(
@@ -193,7 +176,7 @@ class EvaluationArguments:
             raise ValueError(f"sentence_field must be 'raw_sentences' or 'sentences', got {self.sentence_field!r}")
         if not self.protocols:
             raise ValueError(f"protocols is empty: RES would evaluate nothing; choose from {PROTOCOLS}")
-        lmm_quantization(self.quantization_config)  # refuse a malformed one before anything is loaded
+        parse_quantization_flag(self.quantization_config)  # refuse a malformed one before anything is loaded
         if self.datasets():
             self.selected_splits()  # refuse a bad --splits at parse time, before any model is loaded
 
@@ -795,7 +778,7 @@ def load_model_and_processor(args: EvaluationArguments):
         args.model_name_or_path,
         revision=args.model_revision,
         dtype=LMM_DTYPES[args.lmm_dtype],
-        quantization_config=lmm_quantization(args.quantization_config),
+        quantization_config=parse_quantization_flag(args.quantization_config),
     )
     processor_kwargs: dict[str, Any] = {"trust_remote_code": False}  # our class is imported: no remote code
     if args.processor_name_or_path is None and args.model_revision:

@@ -356,16 +356,16 @@ class _InstanceOf:
         return self._cls
 
 
-def save_custom_code(model: Any, save_directory: str | os.PathLike) -> None:
+def save_custom_code(model: Any, config: PreTrainedConfig, save_directory: str | os.PathLike) -> None:
     """Copy the model's Hub code (its module file and relative-import siblings) to `save_directory` and record
-    it in `model.config.auto_map`, for a model that FSDP2 wrapped: transformers' own copy would take FSDP2's
+    it in `config.auto_map` (the config about to be saved), for a model that FSDP2 wrapped: transformers' own copy would take FSDP2's
     wrapper class, i.e. torch's `_fsdp_*.py` files and an `auto_map` naming `_fsdp_init.FSDPFLMMForGrounding`
     (it is skipped for such models: `FrozenPartsMixin.is_remote_code`)."""
     from transformers.dynamic_module_utils import custom_object_save
 
     cls = fsdp_wrapped_class(type(model))
     if cls is not None and cls._auto_class is not None:
-        custom_object_save(_InstanceOf(cls), save_directory, config=model.config)
+        custom_object_save(_InstanceOf(cls), save_directory, config=config)
 
 
 def trained_state_dict(model: Any, state_dict: dict | None = None) -> dict:
@@ -403,10 +403,10 @@ def save_flmm(
     save_weights(save_directory, state_dict=state_dict, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
-    save_custom_code(model, save_directory)  # an FSDP2-wrapped model's (before the config records auto_map)
     # The saved config says how this folder was saved; the model's own config is left as it is.
     config = copy.deepcopy(model.config)
     config.save_mode = save_mode
+    save_custom_code(model, config, save_directory)  # an FSDP2-wrapped model's code and auto_map
     save_pipeline_code(config, save_directory)
     config.save_pretrained(save_directory)
     if save_mode == "adapter" and config.lmm_name_or_path and is_relative_folder(config.lmm_name_or_path):
@@ -620,7 +620,7 @@ def mark_initialized(module: nn.Module) -> None:
         m._is_hf_initialized = True
 
 
-def present_no_split_modules(model: nn.Module) -> set[str]:
+def present_no_split_modules(model: nn.Module) -> list[str]:
     """The `_no_split_modules` of `model` and of every `PreTrainedModel` inside it, keeping only the classes that are
     present in `model`.
 
@@ -634,7 +634,7 @@ def present_no_split_modules(model: nn.Module) -> set[str]:
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             listed.update(module._no_split_modules or ())
-    return listed & present
+    return sorted(listed & present)  # a list, as transformers declares it, in a fixed order
 
 
 def freeze_lmm(lmm: PreTrainedModel) -> PreTrainedModel:

@@ -168,3 +168,21 @@ def parse_quantization_config(value: str | dict | None) -> dict | None:
     if not isinstance(parsed, dict):
         raise ValueError(f"quantization_config must be a mapping (a transformers quantization config), got {parsed!r}")
     return parsed
+
+
+QUANTIZATION_FLAG_HELP = (
+    "How the frozen LMM is quantized: 'recorded' (default: as the saved model records it), 'none' (unquantized), or "
+    "a transformers quantization config as a JSON object, e.g. '{\"quant_method\": \"bitsandbytes\", "
+    "\"load_in_4bit\": true}'. Ignored for a model passed in memory."
+)
+
+
+def parse_quantization_flag(value: str) -> str | dict | None:
+    """A ``--quantization_config`` flag as ``FLMMForGrounding.from_pretrained`` takes it: ``"recorded"``, None
+    (the flag ``none``) or the JSON object as a dict (anything else is refused with a ValueError)."""
+    word = value.strip().lower()
+    if word == RECORDED:
+        return RECORDED
+    if word == "none":
+        return None
+    return parse_quantization_config(value)

@@ -55,8 +55,7 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .evaluation import QUANTIZATION_HELP, lmm_quantization
-from .quantization import RECORDED
+from .quantization import QUANTIZATION_FLAG_HELP, RECORDED, parse_quantization_flag
 from .visual_cot import VERSIONS, VisualCoTRecipe, resolve_recipe, visual_cot
 
 logger = logging.getLogger(__name__)
@@ -598,7 +597,7 @@ class VisCoTBenchmarkArguments:
         metadata={"help": "dtype of the frozen LMM (the original ran it in bf16), as evaluate.py's --lmm_dtype.",
                   "choices": ["bfloat16", "float16", "float32", "auto"]},
     )
-    quantization_config: str = field(default=RECORDED, metadata={"help": QUANTIZATION_HELP})
+    quantization_config: str = field(default=RECORDED, metadata={"help": QUANTIZATION_FLAG_HELP})
     device: str | None = field(default=None, metadata={"help": "Device of the model (default: cuda if available, else cpu)."})
     seed: int = field(default=0, metadata={"help": "Seed set before loading."})
     version: str = field(default="v1", metadata={"help": "VisCoT version: v1, v2 or baseline."})
@@ -626,7 +625,7 @@ class VisCoTBenchmarkArguments:
         if self.version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
         resolve_recipe(self.recipe)
-        lmm_quantization(self.quantization_config)
+        parse_quantization_flag(self.quantization_config)
         if self.judge not in (None, "gpt", "local"):
             raise ValueError(f"judge must be 'gpt' or 'local', got {self.judge!r}")
         if self.judge == "local" and not self.judge_model:

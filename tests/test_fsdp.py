@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -97,7 +98,15 @@ def cpu_fsdp_config(path: Path) -> Path:
     return path
 
 
-def _launch(config: Path, script: Path, out: Path, port: int, env: dict | None = None) -> subprocess.CompletedProcess:
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one collides with a rerun or a parallel session)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(config: Path, script: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    port = _free_port()
     args = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
         str(port), str(script), "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no",
@@ -111,11 +120,11 @@ def test_fsdp_two_cpu_processes_train_and_save_only_the_trained_head(tmp_path):
     driver.write_text(FSDP_DRIVER)
     report = tmp_path / "report"
     fsdp_out, ddp_out = tmp_path / "fsdp", tmp_path / "ddp"
-    result = _launch(cpu_fsdp_config(tmp_path / "fsdp_cpu.yaml"), driver, fsdp_out, 29571,
+    result = _launch(cpu_fsdp_config(tmp_path / "fsdp_cpu.yaml"), driver, fsdp_out,
                      {"FLMM_TEST_REPORT": str(report)})
     assert result.returncode == 0, result.stderr[-6000:]
     # The reference: the same run, data parallel (configs/accelerate/cpu_2proc.yaml, train.py itself).
-    reference = _launch(ACCELERATE_CONFIGS / "cpu_2proc.yaml", REPO_ROOT / "train.py", ddp_out, 29573)
+    reference = _launch(ACCELERATE_CONFIGS / "cpu_2proc.yaml", REPO_ROOT / "train.py", ddp_out)
     assert reference.returncode == 0, reference.stderr[-6000:]
 
     # FSDP2 ran on both ranks, with the frozen LMM's weights sharded and still frozen.

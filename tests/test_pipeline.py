@@ -71,7 +71,9 @@ def _check_entry(entry: dict, label: str, probabilities: torch.Tensor, threshold
     mask = torch.from_numpy(np.array(entry["mask"]))
     assert set(mask.unique().tolist()) <= {0, 255}
     expected = probabilities > threshold
-    assert torch.equal(mask == 255, expected)
+    # the same pixels, up to those within 1e-5 of the threshold (another process may round them differently)
+    differ = (mask == 255) != expected
+    assert not differ[(probabilities - threshold).abs() >= 1e-5].any()
     score = float(probabilities[expected].mean()) if expected.any() else 0.0
     assert 0.0 <= entry["score"] <= 1.0 and entry["score"] == pytest.approx(score, abs=1e-6)
 
