@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -171,6 +171,7 @@ def generate_with_attention(
     answer_prefix: str | None = None,
     stop_words: Sequence[str] = (),
     drop_last_token: bool = False,
+    ground_image: int | None = None,
     **generate_kwargs: Any,
 ) -> GeneratedAnswer:
     """
@@ -184,7 +185,8 @@ def generate_with_attention(
 
     Args:
         model: an `FLMMForGrounding`.
-        image: a PIL image or uint8 numpy array.
+        image: a PIL image or uint8 numpy array, or a list of them (several images in the prompt, e.g.
+            `[reference, target]`; the answer is grounded in image `ground_image`).
         question: the user turn (after the image, in the backbone's chat template).
         processor: the `FLMMProcessor` (default: `model.processor`).
         return_sam_inputs: also prepare SAM's input (`inputs["sam_pixel_values"]`), for the refiner.
@@ -201,6 +203,8 @@ def generate_with_attention(
             generated one, whatever it is (the stop word, EOS, or the `max_new_tokens`-th token), as the
             original's visual chain-of-thought does (`sequences[0, :-1]`). At most `max_new_tokens - 1`
             tokens are then kept.
+        ground_image: with a list of images, the index of the image the answer is grounded in (negative from the
+            end; default: the last). The processor's `ground_image`.
         generate_kwargs: passed to `generate` (`max_new_tokens` defaults to 128).
 
     Returns:
@@ -212,7 +216,8 @@ def generate_with_attention(
     if answer_prefix:
         texts = [answer_prefix if processor.mode == "reproduction" else answer_prefix.lstrip()]
     inputs = processor(
-        images=[image], texts=texts, question=question, return_sam_inputs=return_sam_inputs, encoding="joint"
+        images=[image], texts=texts, question=question, return_sam_inputs=return_sam_inputs,
+        encoding="joint", ground_image=ground_image,
     )
     device = model.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -475,7 +480,8 @@ def select_with_lmm(
     model: Any, image: Any, answer: str, processor: Any | None = None, max_new_tokens: int = 48
 ) -> tuple[list[tuple[int, int]], str]:
     """The keyword selector: ask the LMM which objects its `answer` mentions; spans of `answer` + the raw reply."""
-    reply = generate_text(model, [image], SELECTOR_QUESTION.format(answer=answer), processor, max_new_tokens=max_new_tokens)
+    reply = generate_text(model, _images(image), SELECTOR_QUESTION.format(answer=answer), processor,
+                          max_new_tokens=max_new_tokens)
     return parse_listed_objects(reply, answer), reply
 
 
@@ -617,6 +623,9 @@ def ground_generated_tokens(
     prompt_ids = inputs["input_ids"][0]
     full_ids = torch.cat([prompt_ids, answer.token_ids.to(prompt_ids)])[None]  # the sequence the LMM saw, [1, L]
     layout_inputs = dict(backbone_image_inputs(inputs), original_sizes=inputs["original_sizes"])
+    for key in ("num_images", "image_index"):  # several images: which block of image tokens the answer is laid on
+        if inputs.get(key) is not None:
+            layout_inputs[key] = inputs[key]
     maps = []
     for k in range(token_masks.shape[0]):
         selected = token_masks[k].to(answer.attentions.device)
@@ -631,8 +640,20 @@ def ground_generated_tokens(
     phrase_hidden = [[hidden[:, token_masks[k].to(device)] for k in range(token_masks.shape[0])]]
     sam_pixel_values = inputs.get("sam_pixel_values")
     if sam_pixel_values is None:
-        sam_pixel_values = sam_preprocess(to_rgb(image))[None]
+        sam_pixel_values = sam_preprocess(to_rgb(_grounded_image(image, inputs)))[None]
     return model.head.refined_logits(coarse, phrase_hidden, sam_pixel_values.to(device), inputs["original_sizes"])[0]
+
+
+def _images(image: Any) -> list[Any]:
+    """The images of one prompt: `image` itself when it is a list of images, else `[image]`."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _grounded_image(image: Any, inputs: Mapping[str, Any]) -> Any:
+    """The image of a prompt the answer is grounded in (`inputs["image_index"]` of a list of images)."""
+    images = _images(image)
+    index = inputs.get("image_index")
+    return images[int(index[0]) if index is not None else len(images) - 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,7 +684,7 @@ def select_phrases(
     nlp = _require_spacy() if selector == "noun_chunks" else load_spacy() if selector == "auto" else None
     if nlp is not None:
         return noun_chunk_spans(text, nlp), [], "noun_chunks", None
-    spans, reply = select_with_lmm(model, image, text, processor)
+    spans, reply = select_with_lmm(model, image, text, processor)  # a list of images: the LMM sees them all
     return spans, [], "lmm", reply
 
 
@@ -680,6 +701,7 @@ def chat(
     use_refiner: bool = True,
     on_missing: str = "raise",
     return_probabilities: bool = False,
+    ground_image: int | None = None,
     **generate_kwargs: Any,
 ) -> GroundedAnswer:
     """
@@ -687,7 +709,8 @@ def chat(
 
     Args:
         model: an `FLMMForGrounding`.
-        image: a PIL image or a uint8 numpy array.
+        image: a PIL image or a uint8 numpy array, or a list of them (several images in the prompt, one after the
+            other; the answer's phrases are grounded in image `ground_image`, the others are context).
         question: the user's question (put in the backbone's chat template after the image).
         phrases: phrases to ground, substrings of the answer (or `(start, end)` spans of it). `None`: chosen
             by `selector`.
@@ -700,10 +723,12 @@ def chat(
         on_missing: explicit phrases not in the answer: `"raise"` a [`PhraseNotFoundError`] (default) or
             `"skip"` them (listed in `GroundedAnswer.missing`).
         return_probabilities: also return the masks' foreground probabilities (`GroundedAnswer.probabilities`).
+        ground_image: with a list of images, the index of the image the masks are in (negative from the end;
+            default: the last image, the target after its references).
         generate_kwargs: passed to `generate` (`max_new_tokens` defaults to 128; greedy unless `do_sample=True`).
 
     Returns:
-        [`GroundedAnswer`] with `masks` of shape `[len(phrases), H, W]` at the original image size.
+        [`GroundedAnswer`] with `masks` of shape `[len(phrases), H, W]` at the original size of the grounded image.
     """
     if selector not in SELECTORS:
         raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
@@ -714,7 +739,8 @@ def chat(
     if phrases is None and selector == "noun_chunks":
         _require_spacy()  # fail before generating, not after
     refine = use_refiner and model.head.has_refiner
-    answer = generate_with_attention(model, image, question, processor, return_sam_inputs=refine, **generate_kwargs)
+    answer = generate_with_attention(model, image, question, processor, return_sam_inputs=refine,
+                                     ground_image=ground_image, **generate_kwargs)
 
     spans, missing, used, reply = select_phrases(model, image, answer.text, phrases, selector, processor, on_missing)
     logits = ground_generated(model, answer, spans, image, use_refiner=refine)

@@ -36,7 +36,8 @@ image), the per-image keys of :data:`PER_IMAGE_KEYS` hold one row per image of t
 example 0, then example 1, ...), and :meth:`ImageLayout.example_grids` finds the grounded image's block among the
 example's image blocks (:meth:`ImageLayout.image_blocks`, counted by the family's placeholder structure) and lays
 out that block alone; the other images' tokens stay in the sequence as context. Families whose blocks cannot be
-told apart yet (:func:`several_image_layouts` names those that can) refuse several images with a ValueError.
+told apart yet refuse several images with a ValueError (:func:`several_image_layouts` names the model types that
+accept them).
 
 Video as time x grid. Qwen2-VL and Qwen2.5-VL (:data:`VIDEO_GRID_MODEL_TYPES`) lay a video's tokens out as
 ``t`` temporal slices (each merging ``temporal_patch_size`` frames) of one ``(h / m) x (w / m)`` grid, from
@@ -62,6 +63,7 @@ its square-grid fallback is only for model types outside it.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -84,7 +86,7 @@ PER_EXAMPLE_KEYS = (
     "tile_grid",
     "image_merge_sizes",  # VideoLLaMA3: the spatial merge of each image (1 for images by default)
     "tile_fine_mask",  # Granite-Docling: the example's tiles take the fine connector path (4x the tokens)
-    "video_grid_thw",  # Qwen-VL videos: (t, h, w) of the example's one video (read only with video_frame)
+    "video_grid_thw",  # Qwen-VL videos: (t, h, w), one row per VIDEO; read only with video_frame (then one per example)
     "video_frame",  # the temporal slice (frame group) of that video the phrases are grounded in; -1: none
 )
 
@@ -238,16 +240,17 @@ def example_image_inputs(
         ``inputs["image_index"]``, default the last image), which :meth:`ImageLayout.example_grids` reads.
     """
     out = {}
+    skip = _unread_video_keys(inputs)
     if num_images is None:
         for key in PER_EXAMPLE_KEYS:
             value = inputs.get(key)
-            if value is not None:
+            if value is not None and key not in skip:
                 out[key] = torch.as_tensor(value)[index]
         return out
     start, n = sum(num_images[:index]), num_images[index]
     for key in PER_EXAMPLE_KEYS:
         value = inputs.get(key)
-        if value is not None:
+        if value is not None and key not in skip:
             value = torch.as_tensor(value)
             out[key] = value[start : start + n] if key in PER_IMAGE_KEYS else value[index]
     if inputs.get("video_frame") is not None:
@@ -258,6 +261,27 @@ def example_image_inputs(
         raise ValueError(f"example {index}: image_index {k} is out of range for its {n} image(s)")
     out["num_images"], out["image_index"] = torch.tensor(n), torch.tensor(k % n)
     return out
+
+
+def _unread_video_keys(inputs: Mapping[str, Any]) -> tuple[str, ...]:
+    """``("video_grid_thw",)`` when no example grounds in a video frame, else ``()`` after checking its rows.
+
+    The backbone gives ``video_grid_thw`` one row per VIDEO, not per example: without a ``video_frame`` >= 0 it is
+    never read (an example without a video would take another example's row); with one, every example must hold
+    exactly one video, so that row ``b`` is example ``b``'s.
+    """
+    grid, frames = inputs.get("video_grid_thw"), inputs.get("video_frame")
+    if grid is None:
+        return ()
+    frames = None if frames is None else torch.as_tensor(frames).reshape(-1)
+    if frames is None or not bool((frames >= 0).any()):
+        return ("video_grid_thw",)
+    if len(grid) != len(frames):
+        raise ValueError(
+            f"video_frame needs one video per example: video_grid_thw has {len(grid)} rows for {len(frames)} "
+            "examples. Fix: batch the examples grounded in a video frame apart, each with its one video."
+        )
+    return ()
 
 
 def _split_by_counts(pos: torch.Tensor, counts: Sequence[int], model_type: str) -> list[torch.Tensor]:
@@ -351,9 +375,21 @@ class ImageLayout:
         raise ValueError(
             f"{self.model_type}: an example with {num_images} images, but {type(self).__name__} cannot tell one "
             f"image's tokens from another's yet; only one image per example is supported for this family "
-            f"(several images: the families of {', '.join(several_image_layouts())}). Fix: give each example one "
-            "image."
+            f"(several images: {', '.join(several_image_layouts())}). Fix: give each example one image."
         )
+
+    def tells_images_apart(self) -> bool:
+        """Whether this layout finds each image's block in an example of several (overrides :meth:`image_blocks`)."""
+        return _overrides_image_blocks(type(self))
+
+    def _one_run_error(self, what: str) -> ValueError:
+        """The error for image tokens that are not one image's structure (``what``): several images, unannounced."""
+        if self.tells_images_apart():
+            fix = ("several images per example need num_images and image_index in the image inputs (FLMMProcessor "
+                   "gives them for images=[[reference, target], ...])")
+        else:
+            fix = f"{self.model_type} lays out one image per example (several images: {', '.join(several_image_layouts())})"
+        return ValueError(f"{self.model_type}: {what}: {fix}.")
 
     def stack(self, maps_per_grid: Sequence[torch.Tensor]) -> torch.Tensor:
         """:func:`stack_grids` at this layout's ``main_grid``: ``[K, num_grids*C, h, w]``."""
@@ -365,15 +401,36 @@ class ImageLayout:
         return f"{type(self).__name__}(model_type={self.model_type!r}, grids={self.grid_names}, main={self.main_grid})"
 
 
+def _overrides_image_blocks(cls: type) -> bool:
+    # resolved through the MRO: a subclass that resets image_blocks to the base's (LLaVA-OneVision) refuses
+    return cls.image_blocks is not ImageLayout.image_blocks
+
+
+def _factory_layout_classes(factory: LayoutFactory) -> tuple[type, ...]:
+    """The layout classes a family's factory may return: the class itself, or its return annotation's members."""
+    if isinstance(factory, type):
+        return (factory,)
+    try:
+        hint = typing.get_type_hints(factory).get("return")
+    except Exception:  # an unannotated or unresolvable factory (a lambda of register_family): unknown
+        return ()
+    members = typing.get_args(hint) or (hint,)
+    return tuple(m for m in members if isinstance(m, type)) if all(isinstance(m, type) for m in members) else ()
+
+
 def several_image_layouts() -> list[str]:
-    """Names of the layout classes that tell several images of one example apart (override ``image_blocks``)."""
-    found, todo = [], list(ImageLayout.__subclasses__())
-    while todo:
-        cls = todo.pop(0)
-        todo.extend(cls.__subclasses__())
-        if vars(cls).get("image_blocks") not in (None, ImageLayout.image_blocks):
-            found.append(cls.__name__)
-    return found
+    """Model types of the registered families that accept several images per example, sorted.
+
+    A family is listed when every layout class its factory may give resolves :meth:`ImageLayout.image_blocks` to an
+    override (so LLaVA-OneVision, whose layout resets it to the refusing base, is not); a factory whose classes cannot
+    be told (no return annotation) is not listed.
+    """
+    found = []
+    for model_type, family in FAMILIES.items():
+        classes = _factory_layout_classes(family.layout) if family.layout is not None else ()
+        if classes and all(_overrides_image_blocks(cls) for cls in classes):
+            found.append(model_type)
+    return sorted(found)
 
 
 class SquareLayout(ImageLayout):
@@ -399,8 +456,11 @@ class SquareLayout(ImageLayout):
         _check_count(self.model_type, pos.numel(), side * side + self.n_extra_leading,
                      f"a {side}x{side} grid" + (f" + {self.n_extra_leading} CLS" if self.n_extra_leading else ""))
         if _count_runs(input_ids, self.image_token_id) != 1:
-            raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is supported.")
+            raise self._one_run_error("image tokens are not contiguous")
         return [pos[self.n_extra_leading :].view(side, side)]
+
+    def tells_images_apart(self) -> bool:
+        return self.side is not None  # the generic fallback (side from the count) cannot cut the blocks
 
     def image_blocks(self, input_ids, image_inputs, num_images):
         # every image gives the same count, in order (LLaVA, Gemma3, PaliGemma: image blocks may even touch)
@@ -472,13 +532,13 @@ class LlavaNextLayout(ImageLayout):
 
     def grids(self, input_ids, image_inputs=None):
         if image_inputs is None or "image_sizes" not in image_inputs:
-            raise ValueError("llava_next: grids() needs image_inputs['image_sizes'] (the original H, W)")
+            raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_sizes'] (the original H, W)")
         hw = _row(image_inputs["image_sizes"])
         pos = _image_positions(input_ids, self.image_token_id)
         p = _llava_side(self.config)
         base = p * p
         if _count_runs(input_ids, self.image_token_id) != 1:
-            raise ValueError("llava_next: image tokens are not contiguous; only one image per example is supported.")
+            raise self._one_run_error("image tokens are not contiguous")
         if pos.numel() == base + 1:
             # pixel_values with the base crop only: the model appends one newline to the base
             grid = pos[:base].view(p, p)
@@ -560,7 +620,11 @@ class QwenVLLayout(ImageLayout):
             raise ValueError(f"{self.model_type}: grids() needs image_inputs['image_grid_thw']")
         t, h, w = _row(image_inputs["image_grid_thw"])
         if t != 1:
-            raise ValueError(f"{self.model_type}: image_grid_thw has t={t}; videos are not supported")
+            raise ValueError(
+                f"{self.model_type}: image_grid_thw has t={t}, a video's grid: images have t=1. Fix: pass a video as "
+                f"pixel_values_videos + video_grid_thw and ground one of its temporal slices with video_frame "
+                f"({', '.join(VIDEO_GRID_MODEL_TYPES)}), or pass the frame itself as an image."
+            )
         m = self.merge_size(image_inputs)
         return h // m, w // m
 
@@ -682,8 +746,7 @@ class PixtralGridLayout(ImageLayout):
             raise ValueError(f"{self.model_type}: expected {h} rows of image tokens separated by [IMG_BREAK], "
                              f"found {runs} runs")
         if not self.row_breaks and runs != 1:
-            raise ValueError(f"{self.model_type}: image tokens are not contiguous; only one image per example is "
-                             "supported.")
+            raise self._one_run_error("image tokens are not contiguous")
         return [pos.view(h, w)]
 
     def image_blocks(self, input_ids, image_inputs, num_images):
@@ -798,7 +861,7 @@ class InternVLLayout(TiledLayout):
     def grids(self, input_ids, image_inputs=None):
         # InternVL wraps all views of one image in a single <img> ... </img> run
         if _count_runs(input_ids, self.image_token_id) > 1:
-            raise ValueError("internvl: several runs of image tokens; only one image per example is supported.")
+            raise self._one_run_error("several runs of image tokens")
         return super().grids(input_ids, image_inputs)
 
     def image_blocks(self, input_ids, image_inputs, num_images):
@@ -817,7 +880,8 @@ class GraniteDoclingLayout(TiledLayout):
     has more than one tile, the global thumbnail; a single tile has no thumbnail. The connector
     pixel-shuffles each tile's ``P x P`` patches (``P = image_size // patch_size``) by
     ``scale_factor`` on the coarse path, ``s = P / scale_factor``, or by half of it on the fine
-    path (``tile_fine_mask`` in the processor output, with ``fine_route=True``), ``s = 2P / scale_factor``.
+    path (``tile_fine_mask`` present in the processor output, with ``fine_route=True``; as the model, its presence,
+    not its values, selects the path), ``s = 2P / scale_factor``.
     Its DeepStack features are added to the hidden states AT the image tokens, so they do not move
     them. The tile grid comes from ``rows`` / ``cols`` (the image processor's output; the processor
     drops them), else from ``original_sizes`` (see :class:`TiledLayout`).
@@ -831,8 +895,8 @@ class GraniteDoclingLayout(TiledLayout):
 
     def grids(self, input_ids, image_inputs=None):
         image_inputs = image_inputs or {}
-        fine = image_inputs.get("tile_fine_mask")
-        if fine is not None and bool(torch.as_tensor(fine).any()):
+        # the model takes the fine path for the whole batch when tile_fine_mask is PRESENT, whatever its values
+        if image_inputs.get("tile_fine_mask") is not None:
             if self.fine is None:
                 raise ValueError(f"{self.model_type}: tile_fine_mask asks for the fine connector path, but the config "
                                  "has vision_config.use_fine_route=False.")
@@ -878,8 +942,7 @@ class Ovis2Layout(ImageLayout):
         _check_count(self.model_type, pos.numel(), (n_tiles + 1) * self.seq_len,
                      f"a global view + {rows}x{cols} tiles of {self.seq_len} tokens each")
         if _count_runs(input_ids, self.image_token_id) != n_tiles + 1:
-            raise ValueError(f"{self.model_type}: image tokens are not one run per view; only one image per example "
-                             "is supported.")
+            raise self._one_run_error("image tokens are not one run per view")
         if n_tiles == 0:
             return [views[0], views[0]]
         return [_stitch(views[1:], rows, cols), views[0]]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -617,12 +618,17 @@ class FLMMProcessor:
     def build_prompt(self, question: str | None = None, num_images: int = 1) -> str:
         """The prompt up to and including the assistant's generation prompt (`prompt_template` or the chat template).
 
-        With `num_images` > 1 the images come one after the other where the one image would be (`{image}` of the
-        template becomes that many image tokens; the chat template gets that many image entries).
+        With `num_images` > 1 the images come one after the other where the one image would be: the chat template
+        gets that many image entries; in a `prompt_template`, `{image}` becomes that many image tokens, and when
+        `{image}` is wrapped (a `<...>` tag directly on both sides, as Qwen-VL's
+        `<|vision_start|>{image}<|vision_end|>`) the wrapper is repeated around each image, as the backbones' chat
+        templates do, so that each image gets its own vision block.
         """
         question = self.question if question is None else question
         if self.prompt_template is not None:
-            return self.prompt_template.format(image=self.image_token * num_images, question=question)
+            opening, closing = _image_wrapper(self.prompt_template)
+            image = (closing + opening).join([self.image_token] * num_images)  # the template's own wrapper closes
+            return self.prompt_template.format(image=image, question=question)
         images = [{"type": "image"} for _ in range(num_images)]
         messages = [{"role": "user", "content": images + [{"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -708,6 +714,9 @@ class FLMMProcessor:
         questions = _per_example_questions(question, len(images))
         pieces = _per_example_pieces(pieces, texts, len(images))
         images = [list(example) if isinstance(example, (list, tuple)) else [example] for example in images]
+        empty = [b for b, example in enumerate(images) if not example]
+        if empty:
+            raise ValueError(f"example {empty[0]}: an empty list of images; give each example at least one image")
         chosen = _ground_image_indices(ground_image, [len(example) for example in images])
         rgb_images, lmm_images, geometry = self._prepare_images(images, chosen)
         examples = [
@@ -1062,6 +1071,19 @@ def _batch_arguments(
     if phrases is None:
         phrases = [[] for _ in images]
     return images, texts, phrases, masks
+
+
+_TAG_BEFORE = re.compile(r"<[^<>\s{}]+>$")
+_TAG_AFTER = re.compile(r"^<[^<>\s{}]+>")
+
+
+def _image_wrapper(template: str) -> tuple[str, str]:
+    """The `<...>` tags directly around `{image}` in a prompt template (both or neither; `("", "")`: unwrapped)."""
+    before, _, after = template.partition("{image}")
+    opening, closing = _TAG_BEFORE.search(before), _TAG_AFTER.search(after)
+    if opening is None or closing is None:
+        return "", ""
+    return opening.group(0), closing.group(0)
 
 
 def _ground_image_indices(ground_image: Any, counts: list[int]) -> list[int]:

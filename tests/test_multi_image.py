@@ -11,8 +11,10 @@ import torch
 from test_image_layout import _cell_at, _deep_point, _identity_vision_encoder, _lm_input_embeds, _paint
 
 import tiny_models as tm
-from flmm_hf import FLMMForGrounding
+from flmm_hf import FLMMForGrounding, FLMMProcessor
+from flmm_hf.grounded_chat import generate_with_attention, ground_generated_tokens
 from flmm_hf.image_layout import (
+    FAMILIES,
     PER_IMAGE_KEYS,
     example_image_inputs,
     get_image_layout,
@@ -82,10 +84,9 @@ def test_painted_square_in_the_chosen_image_lands_in_its_cell(family: str):
             got = divmod(int(change[b, grid].argmax()), grid.shape[1])
             assert change[b, grid].max() > 0, f"{family} example {b}: grid {g} is not the painted image's block"
             assert got == (row, col), f"{family} example {b} grid {g}: expected cell {(row, col)}, got {got}"
-        # only the chosen image was painted: no token outside its block changes (LLaVA-NeXT's newlines aside)
+        # only the chosen image was painted: no image token outside its grids changes (LLaVA-NeXT's newlines too)
         other_images = (inputs["input_ids"][b] == tm.IMAGE_ID) & ~in_grids
-        if family != "llava_next":
-            assert change[b, other_images].max() == 0
+        assert change[b, other_images].max() == 0
 
 
 def _example_alone(family: str, inputs: dict, per_example, b: int) -> dict:
@@ -140,12 +141,12 @@ def test_family_without_image_blocks_refuses_several_images_and_bad_index():
     layout = get_image_layout(tm.tiny_config("idefics3"))
     with pytest.raises(ValueError, match="idefics3: an example with 2 images.*one image per example"):
         layout.example_grids(inputs["input_ids"][0], example_image_inputs(inputs, 0, [2]))
-    assert "Idefics3Layout" not in several_image_layouts() and "QwenVLLayout" in several_image_layouts()
+    assert "idefics3" not in several_image_layouts() and "qwen2_vl" in several_image_layouts()
     onevision = tm.build_inputs("llava_onevision", images=[tm.make_images([(40, 60), (60, 30)])])
     with pytest.raises(ValueError, match="llava_onevision: an example with 2 images"):
         get_image_layout(tm.tiny_config("llava_onevision")).example_grids(
             onevision["input_ids"][0], example_image_inputs(onevision, 0, [2]))
-    assert "LlavaOnevisionLayout" not in several_image_layouts()
+    assert "llava_onevision" not in several_image_layouts()
     qwen = tm.build_inputs("qwen2_vl", images=[tm.make_images([(40, 60), (60, 30)])])
     with pytest.raises(ValueError, match="image_index 2 is out of range for its 2 image"):
         example_image_inputs(dict(qwen, image_index=torch.tensor([2])), 0, [2])
@@ -265,3 +266,100 @@ def test_video_frames_are_refused_where_no_time_x_grid_is_written():
         layout.frame_grids(torch.tensor([VIDEO_ID] * 12), {"video_grid_thw": torch.tensor([3, 4, 4])}, 3)
     with pytest.raises(ValueError, match="one video per example"):
         layout.frame_grids(torch.tensor([VIDEO_ID] * 24), {"video_grid_thw": torch.tensor([3, 4, 4])}, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# review fixes: chat over several images, per-video rows, wrapped templates, messages, empty lists
+# --------------------------------------------------------------------------------------------
+def test_chat_grounds_in_the_chosen_image_of_several(fixtures_dir):
+    processor = tm.llava_flmm_processor(fixtures_dir)
+    model = tm.tiny_flmm(fixtures_dir)
+    reference, target = tm.make_images([(30, 50), (60, 40)], seed=1)
+    answer = generate_with_attention(model, [reference, target], "What is it?", processor, max_new_tokens=3,
+                                     ground_image=0)
+    assert answer.inputs["num_images"].tolist() == [2] and answer.inputs["image_index"].tolist() == [0]
+    assert answer.attentions.shape[-1] == 2 * 576  # both images' tokens are captured; image 0's are laid out
+    every_token = torch.ones(1, len(answer.token_ids), dtype=torch.bool)
+    coarse = ground_generated_tokens(model, answer, every_token, [reference, target], use_refiner=False)
+    assert coarse.shape[0] == 1 and coarse.shape[-2:] != (0, 0)
+    # without the processor's SAM inputs the refiner prepares the GROUNDED image (the reference), not the last
+    with_sam = generate_with_attention(model, [reference, target], "What is it?", processor, max_new_tokens=3,
+                                       ground_image=0, return_sam_inputs=True)
+    assert torch.equal(with_sam.token_ids, answer.token_ids)
+    fallback = ground_generated_tokens(model, answer, every_token, [reference, target], use_refiner=True)
+    given = ground_generated_tokens(model, with_sam, every_token, [reference, target], use_refiner=True)
+    assert fallback.shape == (1, 30, 50)
+    torch.testing.assert_close(fallback, given, rtol=1e-4, atol=1e-4)
+    start, end = next(span for span in answer.token_spans if span[1] > span[0])
+    result = model.chat([reference, target], "What is it?", phrases=[(start, end)], processor=processor,
+                        max_new_tokens=3, use_refiner=False, ground_image=0)
+    assert result.masks.shape == (1, 30, 50)  # the reference's size
+    assert model.chat([reference, target], "What is it?", phrases=[(start, end)], processor=processor,
+                      max_new_tokens=3, use_refiner=False).masks.shape == (1, 60, 40)  # default: the last image
+
+
+def test_video_grid_rows_are_per_video_not_per_example():
+    grid = torch.tensor([[3, 4, 4]])  # one video in a batch of two examples
+    with pytest.raises(ValueError, match="video_frame needs one video per example: video_grid_thw has 1 rows for 2"):
+        example_image_inputs({"video_grid_thw": grid, "video_frame": torch.tensor([0, -1])}, 1)
+    # no example grounded in a frame: the rows are never read, so an example without a video takes none
+    for frames in (None, torch.tensor([-1, -1])):
+        inputs = {"video_grid_thw": grid, "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 6]])}
+        if frames is not None:
+            inputs["video_frame"] = frames
+        assert "video_grid_thw" not in example_image_inputs(inputs, 1)
+    both = {"video_grid_thw": torch.tensor([[3, 4, 4], [2, 4, 6]]), "video_frame": torch.tensor([0, 1])}
+    assert example_image_inputs(both, 1)["video_grid_thw"].tolist() == [2, 4, 6]
+
+
+def test_wrapped_image_slot_of_a_prompt_template_is_repeated_per_image(fixtures_dir):
+    from transformers import AutoProcessor
+
+    backbone = AutoProcessor.from_pretrained(fixtures_dir / "tokenizers" / "llava-1.5-7b-hf")
+    wrapped = FLMMProcessor(backbone, prompt_template="<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}")
+    assert wrapped.build_prompt("Q", 2) == (
+        "<|im_start|>user\n<|vision_start|><image><|vision_end|><|vision_start|><image><|vision_end|>Q")
+    assert wrapped.build_prompt("Q") == "<|im_start|>user\n<|vision_start|><image><|vision_end|>Q"
+    # a tag on one side only is not a wrapper (Mistral's [INST], a turn header): the images are just repeated
+    for template, expected in (("USER: {image}\n{question} ASSISTANT:", "USER: <image><image>\nQ ASSISTANT:"),
+                               ("[INST]{image}{question}[/INST]", "[INST]<image><image>Q[/INST]"),
+                               ("<start_of_turn>user\n{image}{question}", "<start_of_turn>user\n<image><image>Q")):
+        assert FLMMProcessor(backbone, prompt_template=template).build_prompt("Q", 2) == expected
+
+
+def test_refusals_say_what_to_pass_and_name_model_types():
+    layout = get_image_layout(tm.tiny_config("llava_next_video"))
+    split = torch.tensor([tm.IMAGE_ID] * 5 + [5] + [tm.IMAGE_ID] * 5)
+    with pytest.raises(ValueError, match="^llava_next_video: image tokens are not contiguous: .*num_images and "
+                                         "image_index"):
+        layout.grids(split, {"image_sizes": torch.tensor([40, 60])})
+    internvl = tm.build_inputs("internvl", images=[tm.make_images([(40, 60), (60, 30)])])
+    with pytest.raises(ValueError, match="^internvl: several runs of image tokens: .*num_images and image_index"):
+        get_image_layout(tm.tiny_config("internvl")).grids(internvl["input_ids"][0], {})
+    with pytest.raises(ValueError, match="t=2, a video's grid.*video_grid_thw.*video_frame"):
+        get_image_layout(tm.tiny_config("qwen2_vl")).grids(torch.tensor([tm.IMAGE_ID] * 8),
+                                                          {"image_grid_thw": torch.tensor([2, 4, 4])})
+    supported = several_image_layouts()
+    assert set(supported) <= set(FAMILIES) and {"llava", "gemma3", "qwen2_vl", "internvl", "mistral3"} <= set(supported)
+    assert not {"llava_onevision", "granite_docling", "idefics3", "smolvlm", "aya_vision", "ovis2"} & set(supported)
+    with pytest.raises(ValueError, match=r"several images: .*\bqwen2_vl\b"):
+        get_image_layout(tm.tiny_config("idefics3")).image_blocks(torch.tensor([tm.IMAGE_ID]), {}, 2)
+
+
+def test_granite_docling_takes_the_fine_path_when_tile_fine_mask_is_present():
+    inputs = tm.build_inputs("granite_docling_fine")
+    inputs["original_sizes"] = torch.tensor(tm.image_sizes("granite_docling_fine"))
+    layout = get_image_layout(tm.tiny_config("granite_docling_fine"))
+    fine = layout.grids(inputs["input_ids"][0], example_image_inputs(inputs, 0))
+    inputs["tile_fine_mask"] = torch.zeros_like(inputs["tile_fine_mask"])  # the model reads presence, not values
+    grids = layout.grids(inputs["input_ids"][0], example_image_inputs(inputs, 0))
+    assert all(torch.equal(a, b) for a, b in zip(grids, fine))
+
+
+def test_an_empty_list_of_images_is_refused_with_its_example(fixtures_dir):
+    processor = tm.llava_flmm_processor(fixtures_dir)
+    (image,) = tm.make_images([(30, 50)])
+    with pytest.raises(ValueError, match="example 1: an empty list of images"):
+        processor(images=[[image], []], texts=["a", "b"], return_sam_inputs=False)
+    with pytest.raises(ValueError, match="example 0: an empty list of images"):
+        processor(images=[[]], texts=["a"])
