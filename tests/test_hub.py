@@ -135,12 +135,12 @@ def test_custom_code_is_flat_complete_and_hub_safe(saved):
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_flmm.FLMMProcessor"}
 
 
-CHILD = textwrap.dedent(
+WITHOUT_FLMM_HF = textwrap.dedent(
     """
     import json
     import sys
 
-    # The editable install of flmm_hf adds an import finder; remove it so that only the Hub code can be used.
+    # The editable install of flmm_hf adds an import finder; remove it so that only the folder's code can be used.
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
     try:
         import flmm_hf
@@ -148,7 +148,24 @@ CHILD = textwrap.dedent(
         pass
     else:
         raise SystemExit(f"flmm_hf is importable from {flmm_hf.__file__}")
+    """
+)
+"""The start of a child script that proves flmm_hf cannot be imported (only a saved folder's code can be used)."""
 
+
+def run_without_flmm_hf(script: str, args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Run `WITHOUT_FLMM_HF + script` with `args` in a fresh, isolated, offline interpreter, outside the repo."""
+    path = tmp_path / "child.py"
+    path.write_text(WITHOUT_FLMM_HF + script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    # -I: no PYTHONPATH, no user site, no script/cwd directory on sys.path; cwd is outside the repository.
+    return subprocess.run([sys.executable, "-I", str(path), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+CHILD = textwrap.dedent(
+    """
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -172,16 +189,9 @@ CHILD = textwrap.dedent(
 
 def test_fresh_process_without_flmm_hf_gives_identical_outputs(trained, processor, saved, image, tmp_path):
     """AutoModel / AutoProcessor with remote code, in a process where flmm_hf is not importable."""
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     out = tmp_path / "child.safetensors"
-    # -I: no PYTHONPATH, no user site, no script/cwd directory on sys.path; cwd is outside the repository.
-    result = subprocess.run(
-        [sys.executable, "-I", str(script), str(saved), str(image), str(out), json.dumps([TEXT, PHRASES])],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    result = run_without_flmm_hf(CHILD, [str(saved), str(image), str(out), json.dumps([TEXT, PHRASES])], tmp_path,
+                                 timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     module, model_class, processor_class = result.stdout.split()[-3:]
     assert module.startswith("transformers_modules.") and model_class == "FLMMForGrounding"

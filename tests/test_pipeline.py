@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -22,25 +20,13 @@ from transformers import pipeline
 
 from flmm_hf import ReferringSegmentationPipeline
 from flmm_hf.pipeline_flmm import CUSTOM_PIPELINE_ENTRY, TASK, segment_entry
-from test_hub import PHRASES, TEXT, bases, image, processor, saved, trained  # noqa: F401 (fixtures)
+from test_hub import PHRASES, TEXT, bases, image, processor, run_without_flmm_hf, saved, trained  # noqa: F401 (fixtures)
 
 QUESTION = "What is in the image?"
 NEW_TOKENS = 6
 
 CHILD = textwrap.dedent(
     """
-    import json
-    import sys
-
-    # The editable install of flmm_hf adds an import finder; remove it so that only the folder's code can be used.
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    try:
-        import flmm_hf
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit(f"flmm_hf is importable from {flmm_hf.__file__}")
-
     from transformers import pipeline
 
     folder, image, out, args = sys.argv[1:5]
@@ -103,18 +89,10 @@ def test_fresh_process_pipeline_from_folder_with_remote_code(trained, processor,
     """`pipeline("referring-segmentation", model=folder, trust_remote_code=True)` where flmm_hf is not importable
     gives the masks and scores of the in-process model, for a text's phrases and for a grounded answer."""
     answer_text, answer_phrase = answer
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     out = tmp_path / "out"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     args = json.dumps([TEXT, PHRASES, QUESTION, answer_phrase, NEW_TOKENS])
-    # -I: no PYTHONPATH, no user site, no script/cwd directory on sys.path; cwd is outside the repository.
-    result = subprocess.run(
-        [sys.executable, "-I", str(script), str(saved), str(image), str(out), args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-    )
+    result = run_without_flmm_hf(CHILD, [str(saved), str(image), str(out), args], tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     module, pipeline_class, model_class, processor_class = summary["classes"]

@@ -530,19 +530,26 @@ def _pixtral_rows(h: int, w: int) -> list[int]:
     return ids
 
 
+def _pixtral_grid_spec(config, longest_edge: int, stride: int, row_breaks: bool = True) -> FamilySpec:
+    """A Pixtral-tower family: the processor resizes to multiples of ``stride`` (patch size x merge), one token per
+    ``stride`` px cell, rows ended by [IMG_BREAK] / [IMG_END] or (``row_breaks=False``) one run of image tokens."""
+    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                                 patch_size={"height": stride, "width": stride})
+
+    def block(inp: dict, b: int) -> list[int]:
+        h, w = (int(v) // stride for v in inp["image_sizes"][b])
+        return _pixtral_rows(h, w) if row_breaks else [IMAGE_ID] * (h * w)
+
+    return FamilySpec(config, proc, FREE_SIZES, block)
+
+
 def _spec_mistral3() -> FamilySpec:
     vision = transformers.PixtralVisionConfig(**_SMALL_VISION, image_size=64, patch_size=4, head_dim=8)
     text = transformers.MistralConfig(**_SMALL_TEXT, head_dim=8)
     config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                                          spatial_merge_size=2, vision_feature_layer=-1)
     # Mistral3's processor resizes to multiples of patch_size * spatial_merge_size
-    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
-
-    def block(inp: dict, b: int) -> list[int]:
-        h, w = (int(v) // 8 for v in inp["image_sizes"][b])
-        return _pixtral_rows(h, w)
-
-    return FamilySpec(config, proc, FREE_SIZES, block)
+    return _pixtral_grid_spec(config, longest_edge=64, stride=8)
 
 
 def _spec_llava_pixtral() -> FamilySpec:
@@ -551,13 +558,7 @@ def _spec_llava_pixtral() -> FamilySpec:
     # a Pixtral tower has no CLS: "full" keeps every patch (the checkpoints' setting)
     config = transformers.LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE_ID,
                                       vision_feature_layer=-1, vision_feature_select_strategy="full")
-    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 4, "width": 4})
-
-    def block(inp: dict, b: int) -> list[int]:
-        h, w = (int(v) // 4 for v in inp["image_sizes"][b])
-        return _pixtral_rows(h, w)
-
-    return FamilySpec(config, proc, FREE_SIZES, block)
+    return _pixtral_grid_spec(config, longest_edge=32, stride=4)
 
 
 def _spec_lighton_ocr() -> FamilySpec:
@@ -566,15 +567,9 @@ def _spec_lighton_ocr() -> FamilySpec:
     text = dict(_SMALL_TEXT, model_type="qwen3", head_dim=8)
     config = transformers.LightOnOcrConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                                            spatial_merge_size=2)
-    # resized to multiples of patch_size * spatial_merge_size, as for Mistral3
-    proc = transformers.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
-
-    def block(inp: dict, b: int) -> list[int]:
-        # LightOnOcrProcessor.replace_image_token: (H // 8) * (W // 8) image tokens, one run
-        h, w = (int(v) // 8 for v in inp["image_sizes"][b])
-        return [IMAGE_ID] * (h * w)
-
-    return FamilySpec(config, proc, FREE_SIZES, block)
+    # resized to multiples of patch_size * spatial_merge_size, as for Mistral3; LightOnOcrProcessor's
+    # replace_image_token writes (H // 8) * (W // 8) image tokens as one run
+    return _pixtral_grid_spec(config, longest_edge=64, stride=8, row_breaks=False)
 
 
 def _spec_qianfan_ocr() -> FamilySpec:
